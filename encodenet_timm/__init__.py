@@ -1,0 +1,24 @@
+"""EncodeNet for timm classifiers: a converting autoencoder makes a classifier more accurate at the same size.
+
+Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...) in timm.
+"""
+from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
+from .config import DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
+from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
+from .representatives import Representatives
+from .wrapper import EncodeNetWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EncodeNetWrapper",
+    "EncodeNetConfig",
+    "StageConfig",
+    "RepresentativesConfig",
+    "DecoderConfig",
+    "Representatives",
+    "EncodeNetError",
+    "UnsupportedModelError",
+    "NonFiniteLossError",
+    "__version__",
+]

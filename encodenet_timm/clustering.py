@@ -1,0 +1,159 @@
+"""Per-class k-means on feature vectors with FAISS (GPU when available); the one module importing faiss."""
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import List, Union
+
+import numpy as np
+
+__all__ = ["ClassClusters", "cluster_per_class", "silhouette_score"]
+
+_logger = logging.getLogger(__name__)
+
+_SILHOUETTE_SAMPLE = 2000  # points per class used to score k when clusters_per_class="auto"
+
+
+@dataclass
+class ClassClusters:
+    """Result of `cluster_per_class`.
+
+    Attributes:
+        cluster_ids: (N,) int64, global cluster id of every sample; cluster ids of class c are
+            contiguous and never shared with another class.
+        cluster_labels: (M,) int64, the class of each of the M clusters.
+        k_per_class: (num_classes,) int64, clusters used for each class.
+    """
+    cluster_ids: np.ndarray
+    cluster_labels: np.ndarray
+    k_per_class: np.ndarray
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "encodenet_timm clusters with FAISS: `pip install faiss-cpu` (or a faiss-gpu build for CUDA); "
+            "see the README's install section") from e
+    return faiss
+
+
+def _use_gpu(faiss, mode: str) -> bool:
+    if mode not in ("auto", "never", "always"):
+        raise ValueError(f"representatives.faiss_gpu must be 'auto', 'never' or 'always', got {mode!r}")
+    n_gpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if mode == "always" and n_gpu == 0:
+        raise RuntimeError("representatives.faiss_gpu='always' but this FAISS build sees no GPU "
+                           "(install a faiss-gpu build, or set faiss_gpu='auto')")
+    return mode != "never" and n_gpu > 0
+
+
+def _kmeans(faiss, x: np.ndarray, k: int, niter: int, seed: int, gpu: bool, nredo: int = 1) -> np.ndarray:
+    """Assignments (n,) of FAISS k-means on x (n, d); every point is used (no subsampling); the best
+    of `nredo` random initialisations is kept."""
+    if k == 1:
+        return np.zeros(len(x), dtype=np.int64)
+    if k >= len(x):
+        return np.arange(len(x), dtype=np.int64)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, gpu=gpu, verbose=False,
+                      max_points_per_centroid=math.ceil(len(x) / k) + 1,  # FAISS would subsample beyond
+                      min_points_per_centroid=1)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0].astype(np.int64)
+
+
+def silhouette_score(x: np.ndarray, assign: np.ndarray) -> float:
+    """Mean silhouette (Euclidean) of points x (n, d) with cluster assignment (n,); O(n^2) memory."""
+    sq = (x * x).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))  # (n, n)
+    labels = np.unique(assign)
+    if len(labels) < 2:
+        return 0.0
+    member = assign[:, None] == labels[None, :]  # (n, k)
+    sums = dist @ member  # (n, k) summed distance to each cluster
+    counts = member.sum(0).astype(np.float64)
+    own = member.argmax(1)
+    own_count = counts[own] - 1
+    a = np.where(own_count > 0, sums[np.arange(len(x)), own] / np.maximum(own_count, 1), 0.0)
+    mean_other = sums / counts[None, :]
+    mean_other[np.arange(len(x)), own] = np.inf
+    b = mean_other.min(1)
+    s = np.where(own_count > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
+    return float(s.mean())
+
+
+def cluster_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                      clusters_per_class: Union[int, str] = 5, *, max_auto_clusters: int = 10,
+                      niter: int = 25, nredo: int = 3, seed: int = 0, faiss_gpu: str = "auto") -> ClassClusters:
+    """k-means inside each class separately, so no cluster ever mixes classes.
+
+    Args:
+        features: (N, D) float32 feature vectors.
+        labels: (N,) int class of each vector, in [0, num_classes).
+        clusters_per_class: k for every class, or "auto": per class, the k in [2, max_auto_clusters]
+            with the highest mean silhouette (on at most 2,000 points of the class, seeded).
+        niter, nredo, seed: k-means iterations, restarts (the lowest objective is kept) and seed (FAISS).
+        faiss_gpu: "auto", "never" or "always".
+
+    Raises:
+        ValueError: a class has no sample, bad k, or shapes that disagree.
+    """
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if features.ndim != 2 or labels.shape != (features.shape[0],):
+        raise ValueError(f"features must be (N, D) and labels (N,), got {features.shape} and {labels.shape}")
+    auto = clusters_per_class == "auto"
+    if not auto and (not isinstance(clusters_per_class, int) or isinstance(clusters_per_class, bool)
+                     or clusters_per_class < 1):
+        raise ValueError(f"clusters_per_class must be a positive int or 'auto', got {clusters_per_class!r}")
+    if auto and max_auto_clusters < 2:
+        raise ValueError(f"max_auto_clusters must be >= 2, got {max_auto_clusters}")
+    counts = np.bincount(labels, minlength=num_classes)
+    if labels.min(initial=0) < 0 or len(counts) > num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values {labels.min()}..{labels.max()}")
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(f"classes {empty} have no images in the training set; every class of the model's "
+                         f"{num_classes} needs at least one (check the dataset, or the model's num_classes)")
+    faiss = _import_faiss()
+    gpu = _use_gpu(faiss, faiss_gpu)
+    rng = np.random.default_rng(seed)
+    cluster_ids = np.empty(len(labels), dtype=np.int64)
+    k_per_class: List[int] = []
+    clipped = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        x = features[idx]
+        if auto:
+            k, assign = _auto_k(faiss, x, max_auto_clusters, niter, nredo, seed + c, gpu, rng)
+        else:
+            k = min(clusters_per_class, len(idx))
+            if k < clusters_per_class:
+                clipped.append((c, len(idx)))
+            assign = _kmeans(faiss, x, k, niter, seed + c, gpu, nredo)
+        # k-means may leave a cluster empty; renumber so ids are dense within the class
+        _, assign = np.unique(assign, return_inverse=True)
+        k = int(assign.max()) + 1
+        cluster_ids[idx] = sum(k_per_class) + assign
+        k_per_class.append(k)
+    if clipped:
+        warnings.warn(f"clusters_per_class={clusters_per_class} clipped to the image count for "
+                      + ", ".join(f"class {c} ({n} images)" for c, n in clipped), UserWarning, stacklevel=2)
+    cluster_labels = np.repeat(np.arange(num_classes), k_per_class)
+    return ClassClusters(cluster_ids, cluster_labels, np.asarray(k_per_class, dtype=np.int64))
+
+
+def _auto_k(faiss, x, max_k, niter, nredo, seed, gpu, rng):
+    n = len(x)
+    if n < 3:
+        return 1, np.zeros(n, dtype=np.int64)
+    sample = rng.choice(n, size=min(n, _SILHOUETTE_SAMPLE), replace=False)
+    best = None
+    for k in range(2, min(max_k, n - 1) + 1):
+        assign = _kmeans(faiss, x, k, niter, seed, gpu, nredo)
+        score = silhouette_score(x[sample], assign[sample])
+        if best is None or score > best[0]:
+            best = (score, k, assign)
+    return best[1], best[2]

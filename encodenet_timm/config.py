@@ -1,0 +1,171 @@
+"""Configuration: plain dataclasses that round-trip through YAML (``yaml.safe_load`` only).
+
+Every documented default is the dataclass default. Keys are dotted paths (``transfer.lr``), the
+same in Python, in YAML and on the command line.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import yaml
+
+__all__ = ["StageConfig", "RepresentativesConfig", "DecoderConfig", "EncodeNetConfig"]
+
+
+@dataclass
+class StageConfig:
+    """One training stage (baseline, autoencoder or transfer); all run through the same loop."""
+    epochs: int = 10                 # passes over the training loader; 0 skips the stage
+    lr: float = 0.05                 # peak learning rate
+    opt: str = "sgd"                 # any timm optimizer name (timm.optim.create_optimizer_v2)
+    momentum: float = 0.9            # used by optimizers that take it (sgd, rmsprop, ...)
+    weight_decay: float = 5e-4       # timm skips it on biases and norm weights
+    sched: str = "cosine"            # any timm scheduler name (create_scheduler_v2), or "none"
+    warmup_epochs: int = 0           # linear warm-up, part of `epochs`
+    clip_grad: Optional[float] = None  # max gradient norm; None disables clipping
+    smoothing: float = 0.0           # label smoothing (classification stages only)
+
+
+@dataclass
+class RepresentativesConfig:
+    """Per-class clustering of pre-logits features and the pick of each cluster's representative."""
+    clusters_per_class: Union[int, str] = 5  # k per class, or "auto" (silhouette, 2..max_auto_clusters)
+    max_auto_clusters: int = 10      # upper bound on k when clusters_per_class is "auto"
+    niter: int = 25                  # k-means iterations (FAISS)
+    nredo: int = 3                   # k-means restarts; the lowest objective is kept
+    faiss_gpu: str = "auto"          # "auto" (GPU when FAISS has one), "never", "always"
+    batch_size: int = 256            # batch size for the feature pass over the training set
+
+
+@dataclass
+class DecoderConfig:
+    """The mirrored decoder built from the encoder's traced shape trail."""
+    width: float = 1.0               # multiplier on the mirrored channel widths (shrunk to fit the FLOPs cap)
+    min_channels: int = 8            # no decoder layer is narrower than this
+    max_flops_ratio: float = 1.0     # decoder FLOPs <= this x encoder FLOPs at the input size
+
+
+def _stage(**kw) -> Any:
+    return field(default_factory=lambda: StageConfig(**kw))
+
+
+@dataclass
+class EncodeNetConfig:
+    """Everything `EncodeNetWrapper` needs; the defaults run the method as the paper describes it."""
+    seed: int = 0                    # one seed for torch, data order and FAISS
+    device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    amp: str = "none"                # autocast dtype on CUDA: "none", "bf16", "fp16"
+    channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
+    input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
+    progress: bool = True            # tqdm bar per epoch
+    baseline: StageConfig = _stage(epochs=0)  # 0: the model passed in is already trained
+    representatives: RepresentativesConfig = field(default_factory=RepresentativesConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    autoencoder: StageConfig = _stage(epochs=10, lr=1e-3, opt="adamw", weight_decay=0.0)
+    transfer: StageConfig = _stage(epochs=10, lr=0.01)
+
+    @property
+    def baseline_epochs(self) -> int:
+        """Shorthand for ``baseline.epochs`` (0: no baseline training in `fit`)."""
+        return self.baseline.epochs
+
+    @baseline_epochs.setter
+    def baseline_epochs(self, value: int) -> None:
+        self.baseline.epochs = value
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (lists for tuples), safe for YAML and JSON."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
+        """YAML text of the full config; also written to `path` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "EncodeNetConfig":
+        """Build from a (possibly partial) nested dict; unknown keys and wrong types raise ValueError."""
+        return _from_dict(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, text_or_path: Union[str, Path]) -> "EncodeNetConfig":
+        """Build from YAML text or a path to a YAML file (read with ``yaml.safe_load``)."""
+        if isinstance(text_or_path, Path) or (
+                isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
+            text_or_path = Path(text_or_path).read_text()
+        data = yaml.safe_load(text_or_path)
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"config YAML must be a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data or {})
+
+    def override(self, dotted: Dict[str, Any]) -> "EncodeNetConfig":
+        """A copy with dotted keys replaced, e.g. ``{"transfer.lr": 0.1}``."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            node, parts = data, key.split(".")
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ValueError(f"unknown config key {key!r}")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+            node[parts[-1]] = value
+        return type(self).from_dict(data)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_dict(cls: type, data: Dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in names:
+            raise ValueError(f"unknown config key {path!r}; valid keys: {', '.join(prefix + n for n in names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, path + ".")
+        else:
+            kwargs[key] = _check_type(value, hint, path)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    """Return `value` coerced to `hint` (list -> tuple, int -> float), or raise ValueError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        for arg in args:
+            try:
+                return _check_type(value, arg, path)
+            except ValueError:
+                pass
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
+            item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+            return tuple(_check_type(v, t, path) for v, t in zip(value, item_types))
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    raise ValueError(f"config key {path!r} must be {name}, got {value!r}")

@@ -1,0 +1,36 @@
+"""Exception types raised by encodenet_timm.
+
+Bad user input raises the built-in ``ValueError`` / ``TypeError``; these classes are for the
+cases the built-ins do not describe: a model we cannot handle and a training stage that diverged.
+"""
+
+__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError"]
+
+
+class EncodeNetError(Exception):
+    """Base class of every error specific to encodenet_timm."""
+
+
+class UnsupportedModelError(EncodeNetError, TypeError):
+    """The model is a timm-style classifier, but one part of the method cannot handle it.
+
+    The message names the model class and the reason (e.g. the encoder output layout).
+    """
+
+
+class NonFiniteLossError(EncodeNetError, FloatingPointError):
+    """A training stage produced a NaN or infinite loss.
+
+    Attributes:
+        stage: name of the stage (``"baseline"``, ``"autoencoder"``, ``"transfer"``).
+        epoch: 0-based epoch in which it happened.
+        step: 0-based step within the epoch.
+    """
+
+    def __init__(self, stage: str, epoch: int, step: int, value: float):
+        self.stage, self.epoch, self.step, self.value = stage, epoch, step, value
+        super().__init__(
+            f"{stage} stage: loss became {value} at epoch {epoch}, step {step}. "
+            f"Lower the {stage} learning rate (config.{stage}.lr), set config.{stage}.clip_grad, "
+            f"or check the inputs for NaN/inf values."
+        )

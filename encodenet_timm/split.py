@@ -1,0 +1,179 @@
+"""Check the timm classifier contract and split a model into encoder and head.
+
+A timm classifier computes ``forward_head(forward_features(x))``. The encoder is every part used
+by ``forward_features``; the head is every part used by ``forward_head``. Both are views: they
+hold the model's own submodules and parameters (no copies), so training either trains the model.
+"""
+import logging
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .errors import UnsupportedModelError
+
+__all__ = ["check_timm_classifier", "split_model", "Encoder", "Head", "model_input_size"]
+
+_logger = logging.getLogger(__name__)
+
+_REQUIRED = ("forward_features", "forward_head", "get_classifier", "reset_classifier")
+
+
+def check_timm_classifier(model: object) -> nn.Module:
+    """Raise `TypeError` unless `model` follows timm's classifier contract; return it unchanged."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"EncodeNet needs a timm classifier (an nn.Module from timm.create_model), got {type(model).__name__}. "
+            f"Create one with timm.create_model('<name>', num_classes=N).")
+    missing = [m for m in _REQUIRED if not callable(getattr(model, m, None))]
+    if missing or not isinstance(getattr(model, "num_classes", None), int):
+        what = ", ".join(missing) if missing else "an int `num_classes` attribute"
+        raise TypeError(
+            f"{type(model).__name__} is not a timm-style classifier: it lacks {what}. EncodeNet needs "
+            f"forward_features(x) -> features and forward_head(features, pre_logits=False) -> logits; "
+            f"wrap your network so it provides them, or use a model from timm.create_model().")
+    if model.num_classes < 2:
+        raise ValueError(
+            f"{type(model).__name__} has num_classes={model.num_classes}; EncodeNet needs a classifier head "
+            f"with at least 2 classes (timm.create_model(name, num_classes=N)).")
+    return model
+
+
+def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """The (C, H, W) the model was built for: patch-embed image size if fixed, else `pretrained_cfg`."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    c = getattr(model, "in_chans", None) or _first_conv_in_channels(model) or c
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return int(c), int(h), int(w)
+
+
+def _first_conv_in_channels(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def _part_names(model: nn.Module) -> List[str]:
+    """Top-level parts: named children, then parameters and buffers set directly on the model."""
+    names = [n for n, _ in model.named_children()]
+    names += [n for n, _ in model.named_parameters(recurse=False)]
+    names += [n for n, _ in model.named_buffers(recurse=False)]
+    return names
+
+
+def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[List[str], List[str]]:
+    """Find which top-level parts `forward_features` and `forward_head` use.
+
+    Ownership is read from autograd on one eval-mode pass of a random (2, C, H, W) input: a part whose
+    parameters receive gradient from ``forward_features`` belongs to the encoder; one whose parameters
+    receive gradient only from ``forward_head`` belongs to the head. Parts without parameters (pools,
+    activations) and unused parts go to the side whose code path calls them, or to the encoder if none.
+
+    Returns:
+        (encoder_parts, head_parts): names of top-level children/parameters/buffers of `model`.
+
+    Raises:
+        UnsupportedModelError: a part is used by both sides, or the forward fails at this input size.
+    """
+    parts = _part_names(model)
+    params = dict(model.named_parameters())
+    part_of = {n: n.split(".")[0] for n in params}
+    saved_grad = {n: p.requires_grad for n, p in params.items()}
+    was_training = model.training
+    called: Dict[str, set] = {"encoder": set(), "head": set()}
+    side = ["encoder"]
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: called[side[0]].add(name))
+             for name, m in model.named_children()]
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        model.eval()
+        x = torch.randn(2, *input_size, device=_device_of(model))
+        feats = model.forward_features(x)
+        if not isinstance(feats, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}.forward_features returned {type(feats).__name__}, not a tensor; "
+                f"EncodeNet needs a single feature tensor.")
+        enc_grads = torch.autograd.grad(feats.float().square().sum(), list(params.values()), allow_unused=True)
+        side[0] = "head"
+        out = model.forward_head(feats.detach().requires_grad_(True))
+        head_grads = torch.autograd.grad(out.float().square().sum(), list(params.values()), allow_unused=True)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # a forward failing here is a model/input-size problem, say which
+        raise UnsupportedModelError(
+            f"{type(model).__name__} failed a forward pass at input size {tuple(input_size)}: "
+            f"{type(e).__name__}: {e}. Set config.input_size to a size this model accepts.") from e
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(saved_grad[n])
+        model.train(was_training)
+
+    enc_parts = {part_of[n] for n, g in zip(params, enc_grads) if g is not None}
+    head_parts = {part_of[n] for n, g in zip(params, head_grads) if g is not None}
+    both = enc_parts & head_parts
+    if both:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: parts {sorted(both)} are used by both forward_features and forward_head; "
+            f"EncodeNet needs each parameter on exactly one side.")
+    encoder, head = [], []
+    for name in parts:
+        if name in enc_parts:
+            encoder.append(name)
+        elif name in head_parts or (name in called["head"] and name not in called["encoder"]):
+            head.append(name)
+        else:
+            encoder.append(name)  # parameter-free or unused: the feature side by default
+    if not head_parts:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: forward_head uses no parameters; EncodeNet needs a trainable classifier.")
+    return encoder, head
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class _ModelView(nn.Module):
+    """Registers a subset of a model's top-level parts under their own names (shared, not copied)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: the view owns only `names`
+        children = dict(model.named_children())
+        for name in names:
+            if name in children:
+                self.add_module(name, children[name])
+            elif name in model._parameters:
+                self.register_parameter(name, model._parameters[name])
+            else:
+                self.register_buffer(name, model._buffers[name], persistent=name not in model._non_persistent_buffers_set)
+        self.part_names = list(names)
+
+    def train(self, mode: bool = True) -> "_ModelView":
+        """Set the mode of the owned parts and the model's own flag (timm reads ``self.training`` there)."""
+        super().train(mode)
+        self._model.training = mode
+        return self
+
+
+class Encoder(_ModelView):
+    """The model's feature extractor: ``(B, C, H, W) -> model.forward_features(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model.forward_features(x)
+
+
+class Head(_ModelView):
+    """The model's classifier: ``forward_features`` output -> logits (B, num_classes)."""
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._model.forward_head(x, pre_logits=pre_logits)

@@ -1,0 +1,276 @@
+"""EncodeNetWrapper: the EncodeNet stages, in order, as plain code.
+
+baseline (optional) -> representatives -> converting autoencoder -> transfer -> export.
+"""
+import logging
+from copy import deepcopy as _deepcopy
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.task import ClassificationTask
+from torch.utils.data import DataLoader, Dataset
+
+from .clustering import cluster_per_class
+from .config import EncodeNetConfig
+from .decoder import MirroredDecoder, build_decoder
+from .representatives import Representatives, pick_representatives, softmax_entropy
+from .split import Encoder, Head, check_timm_classifier, model_input_size, split_model
+from .tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier
+from .training import (check_batch, check_loader, evaluate, make_loader, predict, resolve_device,
+                       seed_everything, train_stage)
+
+__all__ = ["EncodeNetWrapper"]
+
+_logger = logging.getLogger(__name__)
+
+# offsets keep each stage's random stream distinct but fixed by the one config seed
+_SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3}
+
+
+class _ClusterTargets(Dataset):
+    """(image, label) dataset -> (image, cluster id of that index)."""
+
+    def __init__(self, dataset: Dataset, cluster_ids: torch.Tensor):
+        self.dataset, self.cluster_ids = dataset, cluster_ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], self.cluster_ids[i]
+
+
+class EncodeNetWrapper:
+    """Apply EncodeNet to a timm classifier.
+
+    The wrapper works on a copy of `model` (pass ``copy=False`` to train it in place). `encoder` and
+    `head` are views of that copy: every parameter belongs to exactly one of them, and
+    ``head(encoder(x)) == model(x)``. `export()` returns the result as a plain timm model.
+
+    Args:
+        model: a timm classifier (``timm.create_model(name, num_classes=N)``).
+        config: `EncodeNetConfig`; defaults when None.
+        copy: work on a deep copy of `model` (default) rather than on `model` itself.
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[EncodeNetConfig] = None, *, copy: bool = True):
+        check_timm_classifier(model)
+        if config is None:
+            config = EncodeNetConfig()
+        if not isinstance(config, EncodeNetConfig):
+            raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = (_deepcopy(model) if copy else model).to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.num_classes: int = self.model.num_classes
+        self.input_size: Tuple[int, int, int] = tuple(config.input_size or model_input_size(self.model))
+        enc_names, head_names = split_model(self.model, self.input_size)
+        self.encoder = Encoder(self.model, enc_names)
+        self.head = Head(self.model, head_names)
+        self._decoder: Optional[MirroredDecoder] = None
+        self._decoder_trained = False
+        self.representatives: Optional[Representatives] = None
+        self.history: Dict[str, Any] = {}
+
+    # ---- parts -------------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> MirroredDecoder:
+        """The mirrored decoder, built on first use at `input_size`."""
+        if self._decoder is None:
+            self._decoder = build_decoder(self.model, self.input_size, self.config.decoder).to(self.device)
+        return self._decoder
+
+    def _match_input_size(self, x: torch.Tensor) -> None:
+        """Rebuild the (still untrained) decoder if the data's (H, W) differs from `input_size`."""
+        size = (self.input_size[0], *x.shape[2:])
+        if tuple(size) == tuple(self.input_size) or x.shape[1] != self.input_size[0]:
+            return
+        if self._decoder_trained:
+            raise ValueError(f"images are {tuple(x.shape[1:])} but the trained decoder expects {self.input_size}")
+        _logger.info("data is %s, not %s: building the decoder for the data's size", tuple(size), self.input_size)
+        self.input_size, self._decoder = tuple(size), None
+
+    def flops(self) -> Dict[str, float]:
+        """FLOPs of one image through encoder and decoder at `input_size`, and their ratio."""
+        d = self.decoder
+        return {"encoder": d.encoder_flops, "decoder": d.flops, "ratio": d.flops / d.encoder_flops}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of the wrapped model for images (B, C, H, W)."""
+        return self.model(x)
+
+    def _check(self, image_size: Optional[Tuple[int, int]] = None, labels: bool = True):
+        def check(x, y):
+            check_batch(x, y if labels else torch.zeros(len(x), dtype=torch.long), num_classes=self.num_classes,
+                        in_chans=self.input_size[0], image_size=image_size)
+        return check
+
+    def _train_kwargs(self) -> Dict[str, Any]:
+        c = self.config
+        return dict(device=self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress)
+
+    def _val_fn(self, val_loader: Optional[DataLoader]):
+        if val_loader is None:
+            return None
+        check_loader(val_loader, "val_loader")
+        return lambda: self.evaluate(val_loader)
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def fit(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None, *,
+            plain_loader: Optional[DataLoader] = None) -> Dict[str, Any]:
+        """Run every stage: baseline (if ``config.baseline.epochs > 0``) -> representatives ->
+        autoencoder -> transfer.
+
+        Args:
+            train_loader: (images (B, C, H, W), labels (B,)) over a map-style dataset; may augment.
+            val_loader: optional, evaluated after every epoch of the classification stages.
+            plain_loader: the training set without random augmentation, same order and length as
+                `train_loader`'s dataset, for the feature pass and the representative images;
+                `train_loader` is used when None.
+
+        Returns:
+            The history: per stage, a list of per-epoch dicts (loss, accuracy where defined, seconds, ...).
+        """
+        check_loader(train_loader, "train_loader", map_style=True)
+        if self.config.baseline.epochs > 0:
+            self.fit_baseline(train_loader, val_loader)
+        self.select_representatives(plain_loader or train_loader)
+        self.fit_autoencoder(train_loader, self.representatives)
+        self.fit_transfer(train_loader, val_loader)
+        return self.history
+
+    def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
+        """Ordinary supervised training of the whole model (``config.baseline``)."""
+        check_loader(train_loader, "train_loader")
+        cfg = self.config.baseline
+        seed_everything(self.config.seed + _SEED_OFFSET["baseline"])
+        self.model.requires_grad_(True)
+        task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
+                                  device=self.device, verbose=False)
+        hist = train_stage(task, train_loader, cfg, stage="baseline", check=self._check(),
+                           val_fn=self._val_fn(val_loader), **self._train_kwargs())
+        self.history["baseline"] = hist
+        return hist
+
+    def select_representatives(self, train_loader: DataLoader) -> Representatives:
+        """Cluster each class's pre-logits features and pick each cluster's lowest-entropy image.
+
+        The model runs in eval mode over ``train_loader.dataset`` in dataset order (a fresh,
+        unshuffled loader with the same workers). Use a loader without random augmentation.
+        """
+        check_loader(train_loader, "train_loader", map_style=True)
+        cfg = self.config.representatives
+        start = time.perf_counter()
+        seed_everything(self.config.seed + _SEED_OFFSET["representatives"])
+        dataset = train_loader.dataset
+        _warn_if_random_transform(dataset)
+        ordered = make_loader(dataset, train_loader, shuffle=False, seed=self.config.seed,
+                              batch_size=cfg.batch_size)
+        feats, logits, labels = predict(self.model, ordered, self.device, check=self._check(),
+                                        channels_last=self.config.channels_last, progress=self.config.progress)
+        entropy = softmax_entropy(logits)
+        clusters = cluster_per_class(feats.numpy(), labels.numpy(), self.num_classes, cfg.clusters_per_class,
+                                     max_auto_clusters=cfg.max_auto_clusters, niter=cfg.niter, nredo=cfg.nredo,
+                                     seed=self.config.seed, faiss_gpu=cfg.faiss_gpu)
+        cluster_ids = torch.from_numpy(clusters.cluster_ids)
+        rep_indices = pick_representatives(cluster_ids, entropy, len(clusters.cluster_labels))
+        images = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in rep_indices]).float()
+        self.representatives = Representatives(labels=labels, cluster_ids=cluster_ids, entropy=entropy,
+                                               rep_indices=rep_indices,
+                                               cluster_labels=torch.from_numpy(clusters.cluster_labels),
+                                               images=images)
+        self.history["representatives"] = {"seconds": time.perf_counter() - start,
+                                           "num_clusters": self.representatives.num_clusters,
+                                           "k_per_class": clusters.k_per_class.tolist()}
+        _logger.info("representatives: %d clusters over %d images", self.representatives.num_clusters, len(labels))
+        return self.representatives
+
+    def fit_autoencoder(self, train_loader: DataLoader, reps: Optional[Representatives] = None) -> List[Dict]:
+        """Train encoder (from the current model) + decoder to map each image to its representative.
+
+        Loss: MSE between decoder output and the representative, both in the normalised input space.
+        `reps` are computed with `select_representatives(train_loader)` when not given.
+        """
+        check_loader(train_loader, "train_loader", map_style=True)
+        reps = reps or self.representatives or self.select_representatives(train_loader)
+        dataset = train_loader.dataset
+        if reps.cluster_ids.numel() != len(dataset):
+            raise ValueError(f"representatives cover {reps.cluster_ids.numel()} images but the training set "
+                             f"has {len(dataset)}; select them on this training set")
+        self._match_input_size(reps.images)
+        cfg = self.config.autoencoder
+        seed_everything(self.config.seed + _SEED_OFFSET["autoencoder"])
+        loader = make_loader(_ClusterTargets(dataset, reps.cluster_ids), train_loader, shuffle=True,
+                             seed=self.config.seed + _SEED_OFFSET["autoencoder"])
+        decoder = self.decoder
+        if self.config.channels_last:
+            decoder.to(memory_format=torch.channels_last)
+        self.encoder.requires_grad_(True)
+        decoder.requires_grad_(True)
+        task = ConvertingAutoencoderTask(ConvertingAutoencoder(self.encoder, decoder), reps.images,
+                                         device=self.device)
+        hist = train_stage(task, loader, cfg, stage="autoencoder",
+                           check=self._check(image_size=self.input_size[1:], labels=False), **self._train_kwargs())
+        self._decoder_trained = True
+        self.history["autoencoder"] = hist
+        return hist
+
+    def fit_transfer(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
+        """Freeze the encoder (no gradient, BatchNorm statistics fixed) and retrain the head."""
+        check_loader(train_loader, "train_loader")
+        cfg = self.config.transfer
+        seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
+        frozen = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
+        task = ClassificationTask(frozen, criterion_kwargs=dict(smoothing=cfg.smoothing),
+                                  device=self.device, verbose=False)
+        try:
+            hist = train_stage(task, train_loader, cfg, stage="transfer", check=self._check(),
+                               val_fn=self._val_fn(val_loader), **self._train_kwargs())
+        finally:
+            self.encoder.requires_grad_(True)
+        self.history["transfer"] = hist
+        return hist
+
+    # ---- use ---------------------------------------------------------------------------------------
+    def evaluate(self, loader: DataLoader) -> Dict[str, float]:
+        """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of the current model on `loader`."""
+        check_loader(loader, "loader")
+        return evaluate(self.model, loader, self.device, check=self._check(),
+                        channels_last=self.config.channels_last)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Autoencoder output for images (B, C, H, W) -> (B, C, H, W), eval mode, on x's device."""
+        check_batch(x, torch.zeros(len(x), dtype=torch.long), num_classes=self.num_classes,
+                    in_chans=self.input_size[0])
+        self._match_input_size(x)
+        ae = ConvertingAutoencoder(self.encoder, self.decoder)
+        was_training = self.model.training, self.decoder.training
+        ae.eval()
+        try:
+            out = ae(x.to(self.device))
+        finally:
+            self.model.train(was_training[0])
+            self.decoder.train(was_training[1])
+        return out.to(x.device)
+
+    def export(self) -> nn.Module:
+        """The trained classifier as a plain timm model (a deep copy, on CPU, eval mode).
+
+        Same class and parameter count as the model passed in; it holds no encodenet_timm object.
+        """
+        plain = _deepcopy(self.model).cpu().eval()
+        plain.requires_grad_(True)
+        return plain.to(memory_format=torch.contiguous_format)
+
+
+def _warn_if_random_transform(dataset: Dataset) -> None:
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and "Random" in repr(transform):
+        _logger.warning("the dataset's transform looks random (%s): features and representative images are "
+                        "read through it. Pass a loader without augmentation (fit(..., plain_loader=...)).",
+                        type(transform).__name__)

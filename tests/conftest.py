@@ -1,0 +1,40 @@
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from encodenet_timm.datasets import digits_datasets
+
+# (timm name, create kwargs for a 32x32 input, same for 64x64): the families the core must cover
+FAMILIES = {
+    "resnet18": ({}, {}),
+    "resnet10t": ({}, {}),
+    "vgg11": ({}, {}),
+    "convnext_atto": ({}, {}),
+    "efficientnet_b0": ({}, {}),
+    "mobilenetv3_small_100": ({}, {}),
+    "vit_tiny_patch16_224": (dict(img_size=32, patch_size=4), dict(img_size=64, patch_size=8)),
+    "swin_tiny_patch4_window7_224": (dict(img_size=32, window_size=4), dict(img_size=64, window_size=4)),
+}
+
+
+def make_model(name: str, size: int = 32, num_classes: int = 10, **kw) -> torch.nn.Module:
+    """A randomly initialised timm model for `size` x `size` inputs (no download)."""
+    kwargs = dict(FAMILIES.get(name, ({}, {}))[0 if size == 32 else 1])
+    kwargs.update(kw)
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """(train, test) TensorDatasets of real digits at 3x32x32."""
+    return digits_datasets(size=32, in_chans=3, seed=0)
+
+
+@pytest.fixture
+def digits_loaders(digits):
+    train, test = digits
+    g = torch.Generator().manual_seed(0)
+    return (DataLoader(train, batch_size=64, shuffle=True, generator=g),
+            DataLoader(test, batch_size=256))

@@ -1,0 +1,235 @@
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
+
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError, StageConfig
+
+from conftest import make_model
+
+
+def _cfg(**stages):
+    cfg = EncodeNetConfig(progress=False)
+    cfg.baseline.epochs, cfg.autoencoder.epochs, cfg.transfer.epochs = 0, 1, 1
+    for name, epochs in stages.items():
+        getattr(cfg, name).epochs = epochs
+    return cfg
+
+
+def _small(digits, n=200, batch_size=50):
+    train, _ = digits
+    sub = Subset(train, list(range(n)))
+    return DataLoader(sub, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    """resnet10t trained end to end on real digits (train 1,347 / test 450 images)."""
+    train, test = digits
+    torch.manual_seed(0)
+    train_loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    test_loader = DataLoader(test, batch_size=256)
+    model = make_model("resnet10t")
+    cfg = _cfg(baseline=5, autoencoder=2, transfer=2)
+    wrapper = EncodeNetWrapper(model, cfg)
+    history = wrapper.fit(train_loader, test_loader)
+    return model, wrapper, history, test_loader
+
+
+def test_end_to_end_on_real_digits_beats_chance(fitted):
+    model, wrapper, history, test_loader = fitted
+    assert set(history) == {"baseline", "representatives", "autoencoder", "transfer"}
+    assert [len(history[s]) for s in ("baseline", "autoencoder", "transfer")] == [5, 2, 2]
+    for stage in ("baseline", "transfer"):
+        assert {"loss", "accuracy", "seconds", "val_accuracy", "val_loss"} <= set(history[stage][-1])
+    assert "accuracy" not in history["autoencoder"][0] and history["autoencoder"][0]["seconds"] > 0
+    assert history["autoencoder"][1]["loss"] < history["autoencoder"][0]["loss"]
+    result = wrapper.evaluate(test_loader)
+    assert set(result) == {"accuracy", "loss"}
+    assert result["accuracy"] > 0.8  # chance is 0.1
+    assert history["representatives"]["num_clusters"] == 50
+
+
+def test_wrapper_leaves_the_users_model_untouched(fitted):
+    model, wrapper, _, _ = fitted
+    fresh = make_model("resnet10t")
+    for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_export_is_a_plain_timm_model_with_the_same_predictions(fitted, tmp_path):
+    model, wrapper, _, test_loader = fitted
+    plain = wrapper.export()
+    assert type(plain) is type(model)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in model.parameters())
+    assert not [m for m in plain.modules() if type(m).__module__.startswith("encodenet_timm")]
+    x, _ = next(iter(test_loader))
+    with torch.no_grad():
+        wrapper.model.eval()
+        torch.testing.assert_close(plain(x), wrapper(x).cpu())
+    # loads with timm alone, through safetensors
+    from safetensors.torch import load_file, save_file
+    save_file(plain.state_dict(), str(tmp_path / "m.safetensors"))
+    again = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), plain(x))
+
+
+def test_reconstruct_and_flops(fitted):
+    _, wrapper, _, test_loader = fitted
+    x, _ = next(iter(test_loader))
+    out = wrapper.reconstruct(x[:5])
+    assert out.shape == x[:5].shape and torch.isfinite(out).all()
+    flops = wrapper.flops()
+    assert 0 < flops["decoder"] <= flops["encoder"] and flops["ratio"] <= 1.0
+    assert isinstance(wrapper.encoder, torch.nn.Module) and isinstance(wrapper.head, torch.nn.Module)
+
+
+def test_representatives_are_min_entropy_members_of_their_cluster(fitted):
+    _, wrapper, _, _ = fitted
+    reps = wrapper.representatives
+    for c in range(reps.num_clusters):
+        members = torch.nonzero(reps.cluster_ids == c).flatten()
+        assert reps.rep_indices[c] == members[reps.entropy[members].argmin()]
+        assert (reps.labels[members] == reps.cluster_labels[c]).all()
+    train = wrapper_dataset = None  # noqa: F841 (images are the dataset's own)
+
+
+def test_transfer_freezes_the_encoder_bitwise(digits):
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(transfer=2))
+    loader = _small(digits)
+    enc_before = {k: v.clone() for k, v in wrapper.encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in wrapper.head.state_dict().items()}
+    assert any("running_mean" in k for k in enc_before)  # BatchNorm statistics are covered
+    wrapper.fit_transfer(loader)
+    for k, v in wrapper.encoder.state_dict().items():
+        assert torch.equal(v, enc_before[k]), k
+    assert any(not torch.equal(v, head_before[k]) for k, v in wrapper.head.state_dict().items())
+    assert all(p.requires_grad for p in wrapper.model.parameters())  # unfrozen again afterwards
+
+
+def test_autoencoder_trains_encoder_and_decoder_not_head(digits):
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(autoencoder=1))
+    loader = _small(digits)
+    head_before = {k: v.clone() for k, v in wrapper.head.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in wrapper.encoder.state_dict().items()}
+    wrapper.fit_autoencoder(loader)  # representatives computed on the way
+    assert wrapper.representatives is not None
+    assert all(torch.equal(v, head_before[k]) for k, v in wrapper.head.state_dict().items())
+    assert any(not torch.equal(v, enc_before[k]) for k, v in wrapper.encoder.state_dict().items())
+
+
+def test_same_seed_same_result(digits):
+    results = []
+    for _ in range(2):
+        wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1, autoencoder=1, transfer=1))
+        history = wrapper.fit(_small(digits, n=120, batch_size=40))
+        results.append((history, wrapper.model.state_dict()))
+    (h1, s1), (h2, s2) = results
+    for stage in ("baseline", "autoencoder", "transfer"):
+        assert [r["loss"] for r in h1[stage]] == [r["loss"] for r in h2[stage]]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_fewer_images_than_clusters_clips_k(digits):
+    train, _ = digits
+    idx = [i for i in range(len(train)) if int(train[i][1]) != 3][:150]
+    idx += [i for i in range(len(train)) if int(train[i][1]) == 3][:2]  # class 3 has 2 images
+    loader = DataLoader(Subset(train, idx), batch_size=50)
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
+    with pytest.warns(UserWarning, match="class 3 \\(2 images\\)"):
+        reps = wrapper.select_representatives(loader)
+    assert (reps.cluster_labels == 3).sum() == 2
+
+
+# ---- bad input: clear errors before compute is spent ------------------------------------------------
+def _tensor_loader(x, y, batch_size=8):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_labels_out_of_range(digits):
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
+    loader = _tensor_loader(torch.randn(16, 3, 32, 32), torch.full((16,), 12))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        wrapper.fit_baseline(loader)
+
+
+def test_class_without_images(digits):
+    train, _ = digits
+    idx = [i for i in range(300) if int(train[i][1]) != 7]
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
+    with pytest.raises(ValueError, match=r"classes \[7\] have no images"):
+        wrapper.select_representatives(DataLoader(Subset(train, idx), batch_size=64))
+
+
+def test_wrong_channel_count():
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
+    with pytest.raises(ValueError, match="1 channels but the model takes 3"):
+        wrapper.fit_baseline(_tensor_loader(torch.randn(16, 1, 32, 32), torch.zeros(16, dtype=torch.long)))
+
+
+def test_nan_inputs():
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
+    x = torch.randn(16, 3, 32, 32)
+    x[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        wrapper.fit_baseline(_tensor_loader(x, torch.zeros(16, dtype=torch.long)))
+
+
+def test_nan_loss_names_stage_and_epoch():
+    cfg = _cfg(baseline=1)
+    cfg.baseline.lr, cfg.baseline.sched = 1e30, "none"  # the first update blows the weights up
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), cfg)
+    loader = _tensor_loader(torch.randn(32, 3, 32, 32), torch.arange(32) % 10, batch_size=4)
+    with pytest.raises(NonFiniteLossError, match="baseline stage: loss became .* at epoch 0, step [1-7]"):
+        wrapper.fit_baseline(loader)
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        for _ in range(4):
+            yield torch.randn(3, 32, 32), 0
+
+
+def test_iterable_dataset_is_rejected_for_the_autoencoder():
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
+    with pytest.raises(TypeError, match="map-style"):
+        wrapper.fit_autoencoder(DataLoader(_Stream(), batch_size=2))
+
+
+def test_empty_loader_and_non_loader():
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
+    with pytest.raises(ValueError, match="empty"):
+        wrapper.fit_baseline(_tensor_loader(torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(TypeError, match="DataLoader"):
+        wrapper.fit_baseline([(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
+
+
+def test_not_a_timm_model_or_config():
+    with pytest.raises(TypeError, match="timm"):
+        EncodeNetWrapper(torch.nn.Linear(4, 2))
+    with pytest.raises(TypeError, match="EncodeNetConfig"):
+        EncodeNetWrapper(make_model("resnet10t"), {"seed": 1})
+
+
+def test_decoder_size_follows_data_until_trained(digits):
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
+    assert wrapper.input_size == (3, 176, 176)  # resnet10t's default cfg
+    wrapper.reconstruct(torch.randn(2, 3, 32, 32))
+    assert wrapper.input_size == (3, 32, 32) and wrapper.decoder.shape_trail.input_size == (3, 32, 32)
+    wrapper.fit_autoencoder(_small(digits, n=100))
+    with pytest.raises(ValueError, match="trained decoder"):
+        wrapper.reconstruct(torch.randn(2, 3, 64, 64))
+
+
+def test_other_families_run_every_stage(digits):
+    """A token model and an NHWC model through all stages (one short epoch each)."""
+    loader = _small(digits, n=100)
+    for name in ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"):
+        cfg = _cfg(autoencoder=1, transfer=1)
+        cfg.representatives.clusters_per_class = 2
+        wrapper = EncodeNetWrapper(make_model(name), cfg)
+        history = wrapper.fit(loader)
+        assert history["transfer"][0]["loss"] > 0
+        assert wrapper.reconstruct(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
