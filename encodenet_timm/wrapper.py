@@ -100,8 +100,8 @@ class EncodeNetWrapper:
         return {"encoder": d.encoder_flops, "decoder": d.flops, "ratio": d.flops / d.encoder_flops}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) of the wrapped model for images (B, C, H, W)."""
-        return self.model(x)
+        """Logits (B, num_classes) of the wrapped model for images (B, C, H, W), on x's device."""
+        return self.model(x.to(self.device)).to(x.device)
 
     def _check(self, image_size: Optional[Tuple[int, int]] = None, labels: bool = True):
         def check(x, y):

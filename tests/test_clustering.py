@@ -118,3 +118,25 @@ def test_missing_faiss_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         clustering._import_faiss()
+
+
+def _faiss_gpus() -> int:
+    import faiss
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="needs a FAISS build that sees a GPU")
+def test_gpu_clustering_matches_cpu_partition():
+    feats, labels, blob_ids = _blobs(num_classes=3, blobs=3, per_blob=200)
+    gpu = cluster_per_class(feats, labels, 3, 3, seed=0, faiss_gpu="always")
+    cpu = cluster_per_class(feats, labels, 3, 3, seed=0, faiss_gpu="never")
+    for res in (gpu, cpu):
+        assert len(set(zip(res.cluster_ids.tolist(), blob_ids.tolist()))) == 9
+
+
+@pytest.mark.skipif(_faiss_gpus() > 0, reason="this FAISS build has a GPU")
+def test_faiss_gpu_always_without_gpu_is_a_clear_error():
+    feats, labels, _ = _blobs(num_classes=1)
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        cluster_per_class(feats, labels, 1, 2, faiss_gpu="always")

@@ -120,10 +120,12 @@ def test_autoencoder_trains_encoder_and_decoder_not_head(digits):
     assert any(not torch.equal(v, enc_before[k]) for k, v in wrapper.encoder.state_dict().items())
 
 
-def test_same_seed_same_result(digits):
+def test_same_seed_same_result_on_cpu(digits):
     results = []
     for _ in range(2):
-        wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1, autoencoder=1, transfer=1))
+        cfg = _cfg(baseline=1, autoencoder=1, transfer=1)
+        cfg.device = "cpu"  # CUDA kernels (cuDNN) are not bitwise repeatable by default
+        wrapper = EncodeNetWrapper(make_model("resnet10t"), cfg)
         history = wrapper.fit(_small(digits, n=120, batch_size=40))
         results.append((history, wrapper.model.state_dict()))
     (h1, s1), (h2, s2) = results
@@ -233,3 +235,16 @@ def test_other_families_run_every_stage(digits):
         history = wrapper.fit(loader)
         assert history["transfer"][0]["loss"] > 0
         assert wrapper.reconstruct(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fit_with_bf16_and_channels_last(digits):
+    train, test = digits
+    cfg = _cfg(baseline=3, autoencoder=1, transfer=1)
+    cfg.device, cfg.amp, cfg.channels_last = "cuda", "bf16", True
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), cfg)
+    wrapper.fit(DataLoader(train, batch_size=64, shuffle=True), DataLoader(test, batch_size=256))
+    assert next(wrapper.model.parameters()).is_cuda and wrapper.decoder.to_image.weight.is_cuda
+    assert wrapper.evaluate(DataLoader(test, batch_size=256))["accuracy"] > 0.5
+    assert wrapper.reconstruct(test[:4][0]).device.type == "cpu"
