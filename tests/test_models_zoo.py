@@ -1,6 +1,7 @@
 """The CIFAR zoo (encodenet_timm.models) against timm's model contract and the literature's sizes."""
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -161,3 +162,28 @@ def test_bad_layouts_raise_value_error():
         CifarResNet(layers=(3, 3), channels=(16, 32, 64))
     with pytest.raises(ValueError, match='5 non-empty stages'):
         CifarVgg(cfg=((64,), (128,)))
+
+
+_HEAVY = {'resnet32_cifar', 'resnet50_cifar', 'resnet110_cifar', 'vgg16_bn_cifar', 'vgg13_bn_cifar', 'vgg11_bn_cifar', 'resnet56_cifar'}
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in ZOO])
+def test_full_encodenet_fit_on_real_digits(name, digits):
+    """Every zoo model goes through all EncodeNet stages on a small real subset (the heavy ones under -m slow)."""
+    from torch.utils.data import DataLoader, Subset
+    from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
+    train, test = digits
+    cfg = EncodeNetConfig(progress=False, device='cpu', input_size=(3, 32, 32))
+    cfg.baseline.epochs = cfg.autoencoder.epochs = cfg.transfer.epochs = 1
+    cfg.representatives.clusters_per_class = 2
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    wrapper = EncodeNetWrapper(model, cfg)
+    loader = DataLoader(Subset(train, range(160)), batch_size=40, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    history = wrapper.fit(loader, DataLoader(Subset(test, range(80)), batch_size=80))
+    assert all(np.isfinite(h['loss']) for stage in ('baseline', 'autoencoder', 'transfer') for h in history[stage])
+    assert wrapper.flops()['ratio'] <= 1.0
+    plain = wrapper.export()
+    assert type(plain) is type(model)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in model.parameters())
