@@ -3,6 +3,7 @@
 Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...) in timm.
 """
 from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
+from .coverage import check_model
 from .config import DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
 from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
 from .representatives import Representatives
@@ -17,6 +18,7 @@ __all__ = [
     "RepresentativesConfig",
     "DecoderConfig",
     "Representatives",
+    "check_model",
     "EncodeNetError",
     "UnsupportedModelError",
     "NonFiniteLossError",

@@ -18,9 +18,7 @@ from .representatives import Representatives
 from .split import model_input_size
 from .wrapper import EncodeNetWrapper
 
-__all__ = ["check_model", "CHECK_STEPS"]
-
-CHECK_STEPS = ("create", "split", "decoder", "autoencoder", "transfer", "export")
+__all__ = ["check_model"]
 
 
 class _CheckFailed(AssertionError):
@@ -59,12 +57,18 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         batch_size: images per synthetic batch (one batch per training step).
         seed: seeds the synthetic data and the wrapper.
 
+    Raises:
+        TypeError: `model_or_name` is neither an nn.Module nor a str (any later failure is recorded).
+
     Returns:
         A dict: model, params, input_size, layout ("NCHW", "NHWC", "NLC" tokens, "NC"), trace_path
         ("fx" or "hooks"), trail, encoder_flops, decoder_flops, flops_ratio, ae_loss, transfer_loss,
-        status ("pass" or "fail"), step (the failing check), error_type, reason, clean (True when the
-        failure is an `EncodeNetError`, i.e. the package said why), seconds.
+        status ("pass" or "fail"), step (the failing check), error_type (the exception's class name;
+        "CheckFailed" when a check on the package's own output failed), reason (one line), clean (True
+        when the failure is an `EncodeNetError`, i.e. the package said why), seconds.
     """
+    if not isinstance(model_or_name, (str, nn.Module)):
+        raise TypeError(f"check_model needs a timm model or a timm model name, got {type(model_or_name).__name__}")
     start = time.perf_counter()
     record: Dict[str, Any] = {
         "model": model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__,
@@ -129,7 +133,7 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         _expect(n_out == n_params, f"export() has {n_out:,} parameters, the model {n_params:,}")
         record.update(status="pass", step=None)
     except Exception as e:  # recorded, not raised: the record says where and why
-        record.update(step=step, error_type=type(e).__name__, reason=_one_line(e),
+        record.update(step=step, error_type=type(e).__name__.lstrip("_"), reason=_one_line(e),
                       clean=isinstance(e, EncodeNetError))
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
@@ -143,7 +147,9 @@ def _check_split(wrapper: EncodeNetWrapper, input_size: Tuple[int, int, int], ba
     all_ids = {id(p) for p in model.parameters()}
     _expect(not enc_ids & head_ids, f"{len(enc_ids & head_ids)} parameters are on both sides")
     _expect(enc_ids | head_ids == all_ids, f"{len(all_ids - enc_ids - head_ids)} parameters are on neither side")
-    _expect(all(id(p) in head_ids for p in model.get_classifier().parameters()),
+    classifier = model.get_classifier()  # distilled models return (head, head_dist)
+    classifiers = classifier if isinstance(classifier, (tuple, list)) else [classifier]
+    _expect(all(id(p) in head_ids for c in classifiers for p in c.parameters()),
             "the classifier (get_classifier()) is not on the head side")
     x = torch.randn(batch_size, *input_size)
     model.eval()

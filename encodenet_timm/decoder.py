@@ -3,10 +3,11 @@
 The encoder (``model.forward_features``) is traced with torch.fx using timm's own leaf modules and
 autowrapped functions (the settings of ``timm.models._features_fx``); shapes are propagated with
 ``torch.fx.passes.shape_prop.ShapeProp``. Where tracing fails, forward hooks on every submodule
-record the same shapes. The outputs of its layers (module calls; dropouts
-and softmax excepted, as they also run on attention maps) that read as a downsampled image map give the trail:
-one entry ``(C, H, W)`` per resolution, with the channels of the last layer at that resolution; the decoder
-has one upsampling block per entry, from the deepest back to the input size.
+record the same shapes. The outputs of its layers (module calls; dropouts and softmax excepted, as they
+also run on attention maps) that read as a downsampled image map, no larger than the first such map (the
+stem; a larger one is an attention map), give the trail: one entry ``(C, H, W)`` per resolution, with the
+channels of the last layer at that resolution; the decoder has one upsampling block per entry, from the
+deepest back to the input size.
 """
 import logging
 import math
@@ -154,10 +155,16 @@ def trace_shape_trail(model: nn.Module, input_size: Tuple[int, int, int]) -> Sha
     out_shape = tuple(out.shape)
 
     by_res: Dict[Tuple[int, int], int] = {}  # (H, W) -> channels of the last activation at that size
+    first_area = None  # the first map (the stem): nothing on the downsampling path is larger
     for shape in shapes:
         m = _as_map(shape, (h_in, w_in), prefer_nhwc)
-        if m is not None:
-            by_res[m[1:]] = m[0]
+        if m is None:
+            continue
+        if first_area is None:
+            first_area = m[1] * m[2]
+        elif m[1] * m[2] > first_area:
+            continue  # e.g. a (B, N, N, heads) attention map through a Linear (CaiT's talking heads)
+        by_res[m[1:]] = m[0]
 
     prefix = 0
     if len(out_shape) == 4:
@@ -302,8 +309,13 @@ def _plan(trail: List[Tuple[int, int, int]], hw: Tuple[int, int]) -> List[Tuple[
 
 
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """FLOPs of ``fn(x)`` counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn(x)`` (forward only) counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Runs with grad enabled: under ``no_grad`` the mode's module tracker fails on a submodule whose
+    input is a parameter (PiT and CaiT pass their class token to a submodule) with "Expected gradient
+    function to be set". Nothing is backpropagated, so only forward FLOPs are counted.
+    """
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         fn(x)
     return int(counter.get_total_flops())
 
