@@ -8,7 +8,8 @@
 * ``resnet50_cifar``: the ImageNet ResNet-50 bottleneck layout (3, 4, 6, 3 blocks; 64..512 x4 channels) with
   a single 3x3 stride-1 stem conv and no max-pool, as commonly used on CIFAR (e.g. kuangliu/pytorch-cifar).
 
-Both are one model class, ``CifarResNet``, built from timm's own ``BasicBlock`` / ``Bottleneck``. timm's
+Both are one model class, ``CifarResNet``, built from timm's own ``BasicBlock`` / ``Bottleneck``; the head and
+the rest of timm's model contract come from ``_CifarClassifier`` (``_cifar.py``), shared with ``CifarVgg``. timm's
 ``ResNet`` class is not reused: it hard-codes a 64-channel stride-2 stem followed by a stride-2 max-pool
 (``make_blocks`` assumes a stride-4 stem in ``feature_info``) and exactly four stages ``layer1..layer4``.
 Module names follow timm's ``ResNet`` (``conv1``, ``bn1``, ``layer1``.., ``fc``), so ``resnet50_cifar`` state
@@ -17,21 +18,18 @@ dicts line up with timm's ``resnet50`` except for the stem conv's shape.
 No pretrained weights exist for these models; their pretrained cfgs carry no url or hub id, so timm never
 tries to download anything.
 """
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import DropPath, LayerType, create_classifier, get_act_layer, get_device_dtype, get_norm_layer
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices  # not re-exported by timm.models; timm's own files use it
+from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ['CifarResNet', 'CIFAR10_MEAN', 'CIFAR10_STD']  # register_model appends each entry point name
+from ._cifar import CIFAR10_MEAN, CIFAR10_STD, _cifar_cfg, _CifarClassifier
 
-# Per-channel statistics of the CIFAR-10 training set (pixel values in [0, 1]).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# CIFAR10_MEAN / CIFAR10_STD are re-exported for code that imported them from here.
+__all__ = ['CifarResNet', 'CIFAR10_MEAN', 'CIFAR10_STD']  # register_model appends each entry point name
 
 
 def _downsample(
@@ -50,7 +48,7 @@ def _downsample(
     )
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(_CifarClassifier):
     """ResNet for 32x32 inputs: a stride-1 3x3 stem, no max-pool, stride 2 at every stage after the first.
 
     With 32x32 inputs the last stage's map is ``32 / 2 ** (len(layers) - 1)`` pixels wide (8 for the
@@ -59,6 +57,7 @@ class CifarResNet(nn.Module):
     Feature taps (``feature_info``): the stem (``act1``, reduction 1) and the output of every stage
     (``layer1`` .. ``layerN``, reduction ``2 ** (i - 1)``).
     """
+    stem_is_tap = True
 
     def __init__(
             self,
@@ -96,15 +95,11 @@ class CifarResNet(nn.Module):
         Raises:
             ValueError: if ``layers`` and ``channels`` differ in length or are empty.
         """
-        super().__init__()
+        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
         dd = {'device': device, 'dtype': dtype}
         if len(layers) == 0 or len(layers) != len(channels):
             raise ValueError(
                 f'layers and channels need one entry per stage, got layers={layers} and channels={channels}')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
 
@@ -148,8 +143,7 @@ class CifarResNet(nn.Module):
 
         # Head: global pool + linear, the way timm's ResNet builds it.
         self.num_features = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._create_head(global_pool, **dd)
 
         self.init_weights(zero_init_last=zero_init_last)
 
@@ -167,150 +161,18 @@ class CifarResNet(nn.Module):
     def _stages(self) -> List[nn.Module]:
         return [getattr(self, n) for n in self.stage_names]
 
+    def _truncate_stages(self, num_stages: int) -> None:
+        for name in self.stage_names[num_stages:]:
+            setattr(self, name, nn.Sequential())  # empty, so forward_features still iterates it
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
         """Regexes grouping parameters into the stem and per-stage (coarse) or per-block blocks."""
         return dict(stem=r'^(?:conv1|bn1)\.', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every residual block in ``forward_features`` when ``enable``."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        """The classifier module, or its attribute name ``'fc'`` when ``name_only``."""
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh one.
-
-        Args:
-            num_classes: classifier outputs; 0 removes the classifier.
-            global_pool: new pooling type; None keeps the current one, '' disables pooling.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward through the trunk, also returning the maps at the ``feature_info`` taps.
-
-        Args:
-            x: (B, C_in, H, W) images.
-            indices: taps to return (0 = stem, i = stage i): last n if int, all if None, else the listed ones.
-            norm: unused (the trunk has no final norm); kept for timm's interface.
-            stop_early: stop after the last requested tap.
-            output_fmt: only 'NCHW'.
-            intermediates_only: return only the list of intermediate maps.
-
-        Returns:
-            ``(features, intermediates)``: features (B, num_features, H', W') as ``forward_features``,
-            intermediates a list of (B, C_i, H / r_i, W / r_i) maps; or only the list.
-
-        Raises:
-            ValueError: if ``output_fmt`` is not 'NCHW'.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-
-        x = self.act1(self.bn1(self.conv1(x)))  # (B, 3, H, W) -> (B, stem_width, H, W)
-        if 0 in take_indices:
-            intermediates.append(x)
-        stages = self._stages()
-        if stop_early:
-            stages = stages[:max_index]
-        for feat_idx, stage in enumerate(stages, start=1):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(x)
-
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) that the requested taps do not need.
-
-        Args:
-            indices: taps to keep, as in ``forward_intermediates``.
-            prune_norm: unused (no final norm).
-            prune_head: remove the classifier and pooling.
-
-        Returns:
-            The absolute indices of the kept taps.
-        """
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        for name in self.stage_names[max_index:]:
-            setattr(self, name, nn.Sequential())  # empty, so forward_features still iterates it
-        prune_end = max_index < len(self.feature_info) - 1
-        if prune_end:
-            # features now end at the last kept tap; the head was sized for the final features
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk without the head.
-
-        Args:
-            x: (B, C_in, H, W) images.
-
-        Returns:
-            (B, num_features, H / 2 ** (num_stages - 1), W / 2 ** (num_stages - 1)) feature map.
-        """
-        x = self.act1(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, stem_width, H, W)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self._stages(), x, flatten=True)
-        else:
-            for stage in self._stages():
-                x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global pool, dropout and classifier.
-
-        Args:
-            x: (B, num_features, H', W') map from ``forward_features``.
-            pre_logits: stop before the classifier.
-
-        Returns:
-            (B, num_classes) logits, or (B, head_hidden_size) pooled features when ``pre_logits``.
-        """
-        x = self.global_pool(x)  # (B, C, H', W') -> (B, C)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) images -> (B, num_classes) logits."""
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) images -> (B, stem_width, H, W) stem output."""
+        return self.act1(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, stem_width, H, W)
 
 
 def _create_resnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
@@ -324,15 +186,8 @@ def _create_resnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> Ci
     )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR10_MEAN, 'std': CIFAR10_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'paper_ids': 'arXiv:1512.03385',
-        **kwargs,
-    }
+def _cfg(pool_size: Tuple[int, int] = (8, 8), **kwargs) -> Dict[str, Any]:
+    return _cifar_cfg(pool_size=pool_size, first_conv='conv1', paper_ids='arXiv:1512.03385', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

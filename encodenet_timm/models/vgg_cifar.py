@@ -8,19 +8,18 @@ inputs, chosen at run time from the input size; here the layout is fixed, so lar
 final maps, which the global pool absorbs.) Convs keep their bias, as in RepDistiller, so parameter counts
 match it: ``vgg16_bn_cifar`` has ~14.7M parameters for 10 classes.
 
-Variants differ only in the per-stage conv widths in ``cfgs``. No pretrained weights exist; the pretrained
-cfgs carry no url or hub id, so timm never tries to download anything.
+Variants differ only in the per-stage conv widths in ``cfgs``. The head and the rest of timm's model contract
+come from ``_CifarClassifier`` (``_cifar.py``), shared with ``CifarResNet``. No pretrained weights exist; the
+pretrained cfgs carry no url or hub id, so timm never tries to download anything.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import ConvNormAct, LayerType, create_classifier, get_act_layer, get_device_dtype, get_norm_layer
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices  # not re-exported by timm.models; timm's own files use it
+from timm.layers import ConvNormAct, LayerType, get_act_layer, get_norm_layer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .resnet_cifar import CIFAR10_MEAN, CIFAR10_STD
+from ._cifar import _cifar_cfg, _CifarClassifier
 
 __all__ = ['CifarVgg']  # register_model appends each entry point name
 
@@ -36,7 +35,7 @@ cfgs: Dict[str, Tuple[Tuple[int, ...], ...]] = {
 _POOLED_STAGES = (1, 2, 3)
 
 
-class CifarVgg(nn.Module):
+class CifarVgg(_CifarClassifier):
     """VGG-BN for 32x32 inputs: ``stages`` of conv-BN-ReLU, global average pool, linear classifier.
 
     Feature taps (``feature_info``): the output of each stage ``stages.i``, at reductions 1, 2, 4, 8, 8.
@@ -68,14 +67,10 @@ class CifarVgg(nn.Module):
         Raises:
             ValueError: if ``cfg`` does not have 5 non-empty stages.
         """
-        super().__init__()
+        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
         dd = {'device': device, 'dtype': dtype}
         if len(cfg) != 5 or any(len(stage) == 0 for stage in cfg):
             raise ValueError(f'cfg needs 5 non-empty stages of conv widths (see cfgs), got {cfg}')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
 
@@ -98,8 +93,7 @@ class CifarVgg(nn.Module):
 
         # Head: global pool + linear, the way timm's ResNet builds it.
         self.num_features = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._create_head(global_pool, **dd)
 
         self.init_weights()
 
@@ -115,141 +109,16 @@ class CifarVgg(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def _stages(self) -> List[nn.Module]:
+        return list(self.stages)
+
+    def _truncate_stages(self, num_stages: int) -> None:
+        self.stages = self.stages[:num_stages]
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
         """Regexes grouping parameters into the first conv (stem) and per-stage (coarse) or per-conv blocks."""
         return dict(stem=r'^stages\.0\.0\.', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every conv-BN-ReLU in ``forward_features`` when ``enable``."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        """The classifier module, or its attribute name ``'fc'`` when ``name_only``."""
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh one.
-
-        Args:
-            num_classes: classifier outputs; 0 removes the classifier.
-            global_pool: new pooling type; None keeps the current one, '' disables pooling.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward through the stages, also returning the maps at the ``feature_info`` taps.
-
-        Args:
-            x: (B, C_in, H, W) images.
-            indices: stages to return: last n if int, all if None, else the listed ones.
-            norm: unused (no final norm); kept for timm's interface.
-            stop_early: stop after the last requested stage.
-            output_fmt: only 'NCHW'.
-            intermediates_only: return only the list of intermediate maps.
-
-        Returns:
-            ``(features, intermediates)``: features (B, 512, H / 8, W / 8) as ``forward_features``,
-            intermediates a list of (B, C_i, H / r_i, W / r_i) maps; or only the list.
-
-        Raises:
-            ValueError: if ``output_fmt`` is not 'NCHW'.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(x)
-
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) that the requested taps do not need.
-
-        Args:
-            indices: taps to keep, as in ``forward_intermediates``.
-            prune_norm: unused (no final norm).
-            prune_head: remove the classifier and pooling.
-
-        Returns:
-            The absolute indices of the kept taps.
-        """
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        prune_end = max_index < len(self.feature_info) - 1
-        if prune_end:
-            # features now end at the last kept tap; the head was sized for the final features
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stages without the head.
-
-        Args:
-            x: (B, C_in, H, W) images.
-
-        Returns:
-            (B, 512, H / 8, W / 8) feature map.
-        """
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x, flatten=True)
-        else:
-            x = self.stages(x)  # (B, C_in, H, W) -> (B, 512, H / 8, W / 8)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global pool, dropout and classifier.
-
-        Args:
-            x: (B, num_features, H', W') map from ``forward_features``.
-            pre_logits: stop before the classifier.
-
-        Returns:
-            (B, num_classes) logits, or (B, head_hidden_size) pooled features when ``pre_logits``.
-        """
-        x = self.global_pool(x)  # (B, C, H', W') -> (B, C)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) images -> (B, num_classes) logits."""
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
 
 
 def _create_vgg_cifar(variant: str, pretrained: bool = False, **kwargs) -> CifarVgg:
@@ -262,15 +131,8 @@ def _create_vgg_cifar(variant: str, pretrained: bool = False, **kwargs) -> Cifar
     )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (4, 4),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR10_MEAN, 'std': CIFAR10_STD,
-        'first_conv': 'stages.0.0.conv', 'classifier': 'fc',
-        'paper_ids': 'arXiv:1409.1556',
-        **kwargs,
-    }
+def _cfg(pool_size: Tuple[int, int] = (4, 4), **kwargs) -> Dict[str, Any]:
+    return _cifar_cfg(pool_size=pool_size, first_conv='stages.0.0.conv', paper_ids='arXiv:1409.1556', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
