@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -73,6 +74,8 @@ class Profile:
     autoencoder: StageConfig         # EncodeNet's converting autoencoder (encoder + decoder)
     transfer: StageConfig            # EncodeNet's transfer (frozen encoder, head retrained)
     finetune: StageConfig            # kd and baseline_continued from the trained baseline; epochs from FLOPs
+    eval_every: int = 1              # test-set evaluation every k epochs of baseline / baseline_equal (and
+                                     # at their last epoch); every epoch of kd, transfer, continued
     clusters_per_class: int = 5      # EncodeNet's k per class (the package default)
     kd_temperature: float = 4.0      # timm's LogitDistillationTask example values:
     kd_task_loss_weight: float = 0.3  # loss = 0.3 * CE + 0.7 * T^2 * KL(teacher || student)
@@ -93,11 +96,12 @@ PROFILES: Dict[str, Profile] = {
         channels_last=False, baseline=_sgd(1, 0.05), autoencoder=_adamw(1), transfer=_sgd(1, 0.01),
         finetune=_sgd(0, 0.01), clusters_per_class=2),
     "quick": Profile(
-        description="2 CPU cores, <= 25 min per seed for the four methods: 10k-image stratified training "
-                    "subset, full 10k test set, 15 baseline epochs",
-        train_per_class=1000, test_per_class=None, batch_size=128, eval_batch_size=500, num_workers=0,
-        amp="none", channels_last=True, baseline=_sgd(15, 0.1), autoencoder=_adamw(4), transfer=_sgd(4, 0.01),
-        finetune=_sgd(0, 0.01)),
+        description="2 shared CPU cores, <= 25 min per seed for the four methods: 4k-image stratified training "
+                    "subset (400 per class), full 10k test set, 10 baseline epochs, 2 autoencoder + 3 transfer "
+                    "epochs; baseline / baseline_equal evaluated every 5th epoch and at the last",
+        train_per_class=400, test_per_class=None, batch_size=128, eval_batch_size=500, num_workers=0,
+        amp="none", channels_last=True, baseline=_sgd(10, 0.1), autoencoder=_adamw(2), transfer=_sgd(3, 0.01),
+        finetune=_sgd(0, 0.01), eval_every=5),
     "gpu": Profile(
         description="one H100, <= 10 min per seed: full 50k training set, 30 baseline epochs, bf16",
         train_per_class=None, test_per_class=None, batch_size=256, eval_batch_size=1024, num_workers=8,
@@ -138,7 +142,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (cuda fails without a GPU)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/<dataset>-<model>-<profile>")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="train nothing: aggregate the finished runs under --out-dir (e.g. after an interruption)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -153,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     bench = setup(args)
     count_flops(bench)
-    for seed in args.seeds:              # seeds outside: an interrupted run leaves whole seeds behind
+    for seed in [] if args.aggregate_only else args.seeds:  # seeds outside: an interruption leaves whole seeds
         for method in ("baseline", *[m for m in args.methods if m != "baseline"]):
             run_cached(bench, method, seed)
     return report(bench)
@@ -161,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def setup(args: argparse.Namespace) -> Bench:
     device = resolve_device(args.device)  # ValueError for cuda without a GPU
+    if args.threads:
+        torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     data = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=not args.no_download)
     test_idx = stratified_subset(data.test_labels, profile.test_per_class, seed=0)  # fixed across seeds
@@ -178,7 +188,7 @@ def _loader(dataset, profile: Profile, batch_size: int, seed: Optional[int]) -> 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=seed is not None, generator=generator,
                       num_workers=profile.num_workers, persistent_workers=profile.num_workers > 0,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=profile.num_workers > 0 and torch.cuda.is_available())
 
 
 def train_data(bench: Bench, seed: int):
@@ -228,7 +238,7 @@ def count_flops(bench: Bench) -> None:
     f["autoencoder_step"] = _step_flops(lambda: ae(x, torch.arange(b, device=dev))["loss"].backward(), b)
     frozen = ClassificationTask(FrozenEncoderClassifier(wrapper.encoder, wrapper.head), device=dev, verbose=False)
     f["transfer_step"] = _step_flops(lambda: frozen(x, y)["loss"].backward(), b)
-    n = p.train_per_class * bench.num_classes if p.train_per_class else len(bench.data.train_labels)
+    n = len(stratified_subset(bench.data.train_labels, p.train_per_class, seed=0))  # the same size for every seed
     extra = n * (f["feature_pass"] + p.autoencoder.epochs * f["autoencoder_step"]
                  + p.transfer.epochs * f["transfer_step"])
     train_epoch = n * f["train_step"]
@@ -238,7 +248,8 @@ def count_flops(bench: Bench) -> None:
         "extra_epochs": max(1, round(extra / train_epoch)),                # baseline_equal: E + this
         "kd_epochs": max(1, round(extra / (n * f["kd_step"]))),             # kd: this many epochs
         "note": "FlopCounterMode counts matmul/conv FLOPs (forward + backward) of one batch per kind of step; "
-                "test-set evaluation is not counted; epochs are rounded to the nearest integer",
+                "test-set evaluation and the k-means itself (FAISS, < 0.1% of a supervised epoch here) are not "
+                "counted; epochs are rounded to the nearest integer",
     }
     _logger.info("FLOPs per image: %s", ", ".join(f"{k}={v / 1e6:.1f}M" for k, v in f.items()))
     _logger.info("EncodeNet extra cost = %.2f supervised epochs -> baseline_equal trains %d + %d epochs, kd %d epochs",
@@ -275,28 +286,37 @@ def run_cached(bench: Bench, method: str, seed: int) -> Dict:
     record = RUNNERS[method](bench, seed)
     record.update(method=method, seed=seed, fingerprint=fingerprint(bench),
                   wall_seconds=time.perf_counter() - start, compute_epochs=method_epochs(bench, method))
-    accs = [e["test_accuracy"] for e in record["epochs"]]
-    record.update(best=max(accs), best_epoch=int(np.argmax(accs)), last=accs[-1])
+    tested = [e for e in record["epochs"] if e["test_accuracy"] is not None]
+    best = max(tested, key=lambda e: e["test_accuracy"])
+    record.update(best=best["test_accuracy"], best_epoch=best["epoch"], last=tested[-1]["test_accuracy"])
     path.write_text(json.dumps(record, indent=1))
     _logger.info("%s seed %d: best %.4f, last %.4f (%.0f s)", method, seed, record["best"], record["last"],
                  record["wall_seconds"])
     return record
 
 
-def _supervised(bench: Bench, task, model, loader, cfg: StageConfig, stage: str, seed: int) -> Dict:
-    """One stage through the package's loop, with test accuracy after every epoch."""
+def _supervised(bench: Bench, task, model, loader, cfg: StageConfig, stage: str, seed: int,
+                every: int = 1) -> Dict:
+    """One stage through the package's loop, with test accuracy every `every` epochs and at the last."""
     seed_everything(seed)
+    epochs_done = iter(range(1, cfg.epochs + 1))
+
+    def test() -> Dict[str, float]:
+        epoch = next(epochs_done)
+        if epoch % every and epoch != cfg.epochs:
+            return {}
+        return evaluate(model, bench.test_loader, bench.device, channels_last=bench.profile.channels_last)
+
     start = time.perf_counter()
     hist = train_stage(task, loader, cfg, stage=stage, device=bench.device, amp=bench.profile.amp,
-                       channels_last=bench.profile.channels_last, progress=False,
-                       val_fn=lambda: evaluate(model, bench.test_loader, bench.device,
-                                               channels_last=bench.profile.channels_last))
+                       channels_last=bench.profile.channels_last, progress=False, val_fn=test)
     return {"epochs": _epochs(hist), "stages": {stage: time.perf_counter() - start}}
 
 
 def _epochs(hist: List[Dict]) -> List[Dict]:
+    """Per-epoch records; test_accuracy / test_loss are None on epochs without a test evaluation."""
     return [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h.get("accuracy"),
-             "test_accuracy": h["val_accuracy"], "test_loss": h["val_loss"], "lr": h["lr"],
+             "test_accuracy": h.get("val_accuracy"), "test_loss": h.get("val_loss"), "lr": h["lr"],
              "train_seconds": h["seconds"]} for h in hist]
 
 
@@ -309,7 +329,7 @@ def run_baseline(bench: Bench, seed: int, epochs: Optional[int] = None) -> Dict:
     model = new_model(bench, seed)
     loader, _ = train_data(bench, seed)
     task = ClassificationTask(model, device=bench.device, verbose=False)
-    record = _supervised(bench, task, model, loader, cfg, "baseline", seed)
+    record = _supervised(bench, task, model, loader, cfg, "baseline", seed, every=bench.profile.eval_every)
     if epochs is None:
         _checkpoint(bench, seed).parent.mkdir(exist_ok=True)
         torch.save(model.state_dict(), _checkpoint(bench, seed))
@@ -359,7 +379,6 @@ def run_encodenet(bench: Bench, seed: int) -> Dict:
                           autoencoder=p.autoencoder, transfer=p.transfer)
     wrapper = EncodeNetWrapper(trained_baseline(bench, seed), cfg, copy=False)
     loader, plain = train_data(bench, seed)
-    start_acc = wrapper.evaluate(bench.test_loader)["accuracy"]
     stages, t = {}, time.perf_counter()
     reps = wrapper.select_representatives(plain)
     stages["representatives"], t = time.perf_counter() - t, time.perf_counter()
@@ -368,7 +387,7 @@ def run_encodenet(bench: Bench, seed: int) -> Dict:
     transfer = wrapper.fit_transfer(loader, bench.test_loader)
     stages["transfer"] = time.perf_counter() - t
     save_encodenet_pictures(bench, wrapper, plain.dataset, seed)
-    return {"epochs": _epochs(transfer), "stages": stages, "start_accuracy": start_acc,
+    return {"epochs": _epochs(transfer), "stages": stages,
             "autoencoder_loss": [h["loss"] for h in ae], "num_clusters": reps.num_clusters,
             "decoder_flops_ratio": wrapper.flops()["ratio"]}
 
@@ -431,13 +450,14 @@ def save_curves(bench: Bench, runs: Dict[str, Dict[int, Dict]]) -> None:
     for i, (method, seeds) in enumerate(runs.items()):
         if method == "baseline" or method == "baseline_equal":
             start, step = 0.0, 1.0
-        elif method == "encodenet":
-            start = E + fl["encodenet_extra_in_epochs"] - bench.profile.transfer.epochs * per["transfer_step"] / per["train_step"]
+        elif method == "encodenet":  # the transfer epochs come last
             step = per["transfer_step"] / per["train_step"]
+            start = E + fl["encodenet_extra_in_epochs"] - bench.profile.transfer.epochs * step
         else:  # kd, baseline_continued: from the trained baseline
             start, step = E, per["kd_step"] / per["train_step"] if method == "kd" else 1.0
-        curves = [[e["test_accuracy"] for e in r["epochs"]] for r in seeds.values()]
-        xs = start + step * np.arange(1, len(curves[0]) + 1)
+        tested = [e["epoch"] for e in next(iter(seeds.values()))["epochs"] if e["test_accuracy"] is not None]
+        curves = [[e["test_accuracy"] for e in r["epochs"] if e["test_accuracy"] is not None] for r in seeds.values()]
+        xs = start + step * (np.asarray(tested) + 1)
         for c in curves:
             ax.plot(xs, c, color=f"C{i}", alpha=0.25, lw=0.8)
         ax.plot(xs, np.mean(curves, 0), color=f"C{i}", marker="." if len(xs) < 30 else None,
@@ -481,7 +501,10 @@ def report(bench: Bench) -> Dict:
         for seed in args.seeds:
             path = bench.out_dir / "runs" / f"{method}-seed{seed}.json"
             if path.is_file():
-                runs.setdefault(method, {})[seed] = json.loads(path.read_text())
+                record = json.loads(path.read_text())
+                if record["fingerprint"] != fingerprint(bench):
+                    raise ValueError(f"{path} was made with another config; delete it or pass another --out-dir")
+                runs.setdefault(method, {})[seed] = record
     summary = {m: {"best": _mean_std([r["best"] for r in s.values()]),
                    "last": _mean_std([r["last"] for r in s.values()]),
                    "seeds": sorted(s), "compute_epochs": method_epochs(bench, m)} for m, s in runs.items()}
@@ -494,8 +517,8 @@ def report(bench: Bench) -> Dict:
                                    for k in ("last", "best")}}
     complete = all(len(runs.get(m, {})) == len(args.seeds) for m in args.methods)
     results = {
-        "command": " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]]),
-        "argv": sys.argv, "dataset": args.dataset, "model": args.model, "profile": args.profile,
+        "command": " ".join(["python", "benchmarks/cifar.py", *[a if " " not in a else repr(a) for a in args.argv]]),
+        "argv": args.argv, "dataset": args.dataset, "model": args.model, "profile": args.profile,
         "profile_config": _plain(dataclasses.asdict(bench.profile)), "seeds": args.seeds, "methods": args.methods,
         "complete": complete, "flops": bench.flops, "versions": versions(), "machine": machine(bench.device),
         "summary": summary, "comparisons": comparisons,
@@ -521,8 +544,8 @@ def markdown(bench: Bench, results: Dict, runs: Dict[str, Dict[int, Dict]]) -> s
              f"`{results['command']}`", "", f"Profile: {p.description}.", ""]
     if not results["complete"]:
         lines += ["**Partial results:** not every (method, seed) finished; the table holds those that did.", ""]
-    lines += ["Test accuracy (%) on the full test set" if p.test_per_class is None else "Test accuracy (%)",
-              "; mean ± std over seeds (best epoch / last epoch; *best* is picked on the test set and is "
+    lines += [("Test accuracy (%) on the full test set" if p.test_per_class is None else "Test accuracy (%)")
+              + "; mean ± std over seeds (best epoch / last epoch; *best* is picked on the test set and is "
               "optimistic, *last* is the honest number).", "",
               "| method | compute (supervised epochs) | best | last | last per seed |", "|---|---|---|---|---|"]
     for m, s in results["summary"].items():
@@ -531,7 +554,8 @@ def markdown(bench: Bench, results: Dict, runs: Dict[str, Dict[int, Dict]]) -> s
                      f"| {_pct(s['last']['mean'])} ± {_pct(s['last']['std'])} | {per_seed} |")
     lines += ["", "Paired differences over seeds (percentage points; t: paired t statistic, p: two-sided). "
               "With 3 seeds this is weak evidence either way.", "",
-              "| comparison | last: mean diff | last: per seed | t | p | best: mean diff |", "|---|---|---|---|---|---|"]
+              "| comparison | last: mean diff | last: per seed | t | p | best: mean diff |",
+              "|---|---|---|---|---|---|"]
     for name, c in results["comparisons"].items():
         last, best = c["last"], c["best"]
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
@@ -539,7 +563,8 @@ def markdown(bench: Bench, results: Dict, runs: Dict[str, Dict[int, Dict]]) -> s
                      f"| {fmt(last['t'])} | {fmt(last['p'])} | {100 * best['mean']:+.2f} |")
     per = fl["per_image"]
     lines += ["", "Equal compute (FLOPs per training image, forward + backward, FlopCounterMode): "
-              f"supervised step {per['train_step'] / 1e6:.1f} M, autoencoder step {per['autoencoder_step'] / 1e6:.1f} M, "
+              f"supervised step {per['train_step'] / 1e6:.1f} M, "
+              f"autoencoder step {per['autoencoder_step'] / 1e6:.1f} M, "
               f"transfer step {per['transfer_step'] / 1e6:.1f} M, KD step {per['kd_step'] / 1e6:.1f} M, "
               f"feature pass {per['feature_pass'] / 1e6:.1f} M. EncodeNet's extra stages (feature pass + "
               f"{p.autoencoder.epochs} autoencoder + {p.transfer.epochs} transfer epochs) cost "
@@ -565,8 +590,8 @@ def versions() -> Dict[str, str]:
 
 
 def machine(device: torch.device) -> Dict:
-    import os
     return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "torch_threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 

@@ -191,7 +191,8 @@ class CifarDataset(Dataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.size = images.shape[1:3]
         self.augment, self.pad = augment, pad
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        x = x.permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
         self.images = F.pad(x, (pad, pad, pad, pad)) if augment else x  # (N, 3, H + 2p, W + 2p) when augmenting
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
