@@ -342,7 +342,7 @@ def trained_baseline(bench: Bench, seed: int) -> torch.nn.Module:
         _logger.info("no baseline checkpoint for seed %d: training it again", seed)
         run_baseline(bench, seed)
     model = new_model(bench, seed)
-    model.load_state_dict(torch.load(_checkpoint(bench, seed), map_location=bench.device))
+    model.load_state_dict(torch.load(_checkpoint(bench, seed), map_location=bench.device, weights_only=True))
     return model
 
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .clustering import cluster_per_class
 from .config import EncodeNetConfig
@@ -178,7 +178,10 @@ class EncodeNetWrapper:
                                      seed=self.config.seed, faiss_gpu=cfg.faiss_gpu)
         cluster_ids = torch.from_numpy(clusters.cluster_ids)
         rep_indices = pick_representatives(cluster_ids, entropy, len(clusters.cluster_labels))
-        images = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in rep_indices]).float()
+        # read through the loader's collate_fn, so the targets are exactly what the model is fed
+        rep_loader = make_loader(Subset(dataset, rep_indices.tolist()), train_loader, shuffle=False,
+                                 seed=self.config.seed, batch_size=cfg.batch_size)
+        images = torch.cat([x for x, _ in rep_loader]).float().contiguous()  # (M, C, H, W)
         self.representatives = Representatives(labels=labels, cluster_ids=cluster_ids, entropy=entropy,
                                                rep_indices=rep_indices,
                                                cluster_labels=torch.from_numpy(clusters.cluster_labels),

@@ -248,3 +248,19 @@ def test_gpu_fit_with_bf16_and_channels_last(digits):
     assert next(wrapper.model.parameters()).is_cuda and wrapper.decoder.to_image.weight.is_cuda
     assert wrapper.evaluate(DataLoader(test, batch_size=256))["accuracy"] > 0.5
     assert wrapper.reconstruct(test[:4][0]).device.type == "cpu"
+
+
+def test_representative_images_go_through_the_loaders_collate_fn(digits):
+    """A dataset of raw uint8 images normalised in collate_fn: targets must be in the model's input space."""
+    train, _ = digits
+    raw = [((train[i][0] * 40 + 120).clamp(0, 255).to(torch.uint8), train[i][1]) for i in range(150)]
+
+    def collate(batch):
+        x = torch.stack([b[0] for b in batch]).float()
+        return (x - 120.0) / 40.0, torch.stack([torch.as_tensor(b[1]) for b in batch])
+
+    loader = DataLoader(raw, batch_size=50, collate_fn=collate)
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
+    reps = wrapper.select_representatives(loader)
+    expected = collate([raw[int(i)] for i in reps.rep_indices])[0]
+    torch.testing.assert_close(reps.images, expected)
