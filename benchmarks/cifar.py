@@ -29,8 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import platform
 import sys
 import time
 from copy import deepcopy
@@ -45,8 +43,8 @@ from timm.task import ClassificationTask, LogitDistillationTask
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-import encodenet_timm
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, RepresentativesConfig, StageConfig
+from encodenet_timm._env import machine, versions
 from encodenet_timm.cifar import DATASETS, CifarDataset, load_cifar, stratified_subset
 from encodenet_timm.tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier
 from encodenet_timm.training import evaluate, resolve_device, seed_everything, train_stage
@@ -576,24 +574,6 @@ def markdown(bench: Bench, results: Dict, runs: Dict[str, Dict[int, Dict]]) -> s
               "Wall time per run (s, mean over seeds): " + ", ".join(
                   f"{m} {np.mean([r['wall_seconds'] for r in s.values()]):.0f}" for m, s in runs.items()) + ".", ""]
     return "\n".join(lines)
-
-
-def versions() -> Dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-           "numpy": np.__version__, "encodenet_timm": encodenet_timm.__version__}
-    try:
-        import faiss
-        out["faiss"] = faiss.__version__
-    except ImportError:
-        out["faiss"] = None
-    return out
-
-
-def machine(device: torch.device) -> Dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "torch_threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def _plain(value):

@@ -24,7 +24,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import signal
 import sys
 import time
@@ -37,6 +36,7 @@ import timm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import encodenet_timm  # registers the CIFAR zoo in timm
+from encodenet_timm._env import machine, versions
 from encodenet_timm.coverage import check_model
 
 SIZES = (32, 64, 96, 128)  # tried in order before the model's default size
@@ -187,10 +187,8 @@ def _environment(argv: Sequence[str]) -> Dict[str, Any]:
     command = " ".join(["python", "benchmarks/coverage.py", *argv])
     return {
         "command": (f"OMP_NUM_THREADS={threads} " if threads else "") + command,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "encodenet_timm": encodenet_timm.__version__},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "versions": versions(),
+        "machine": machine(),
     }
 
 

@@ -345,8 +345,7 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
     while True:
         decoder = MirroredDecoder(trail, width=width, min_channels=cfg.min_channels).to(device).eval()
         dec_flops = count_flops(decoder, z)
-        at_floor = all(m.out_channels <= cfg.min_channels for m in decoder.modules()
-                       if isinstance(m, nn.Conv2d) and m is not decoder.to_image and m.kernel_size == (3, 3))
+        at_floor = all(round(c * width) <= cfg.min_channels for c, _, _ in decoder.plan)  # every block at min
         if dec_flops <= cfg.max_flops_ratio * enc_flops or at_floor:
             break
         width /= 2
