@@ -11,7 +11,10 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ["StageConfig", "RepresentativesConfig", "DecoderConfig", "EncodeNetConfig"]
+__all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "EncodeNetConfig"]
+
+SPLIT_FEATURES = "features"
+REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
 
 
 @dataclass
@@ -29,6 +32,13 @@ class StageConfig:
 
 
 @dataclass
+class AutoencoderConfig(StageConfig):
+    """The converting-autoencoder stage: a `StageConfig` plus its objective."""
+    ce_weight: float = 0.0           # + ce_weight x cross-entropy of the head on the encoder's features
+                                     # (0: the paper's pure MSE to the representative)
+
+
+@dataclass
 class RepresentativesConfig:
     """Per-class clustering of pre-logits features and the pick of each cluster's representative."""
     clusters_per_class: Union[int, str] = 5  # k per class, or "auto" (silhouette, 2..max_auto_clusters)
@@ -37,6 +47,13 @@ class RepresentativesConfig:
     nredo: int = 3                   # k-means restarts; the lowest objective is kept
     faiss_gpu: str = "auto"          # "auto" (GPU when FAISS has one), "never", "always"
     batch_size: int = 256            # batch size for the feature pass over the training set
+    rule: str = "min_entropy"        # "min_entropy" (paper: lowest softmax entropy in the cluster) or
+                                     # "nearest_centroid" (the member nearest the cluster mean, pre-logits space)
+
+    def __post_init__(self):
+        if self.rule not in REPRESENTATIVE_RULES:
+            raise ValueError(f"config key 'representatives.rule' must be one of {REPRESENTATIVE_RULES}, "
+                             f"got {self.rule!r}")
 
 
 @dataclass
@@ -47,8 +64,8 @@ class DecoderConfig:
     max_flops_ratio: float = 1.0     # decoder FLOPs <= this x encoder FLOPs at the input size
 
 
-def _stage(**kw) -> Any:
-    return field(default_factory=lambda: StageConfig(**kw))
+def _stage(cls: type = StageConfig, **kw) -> Any:
+    return field(default_factory=lambda: cls(**kw))
 
 
 @dataclass
@@ -60,11 +77,32 @@ class EncodeNetConfig:
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
     progress: bool = True            # tqdm bar per epoch
+    split: str = SPLIT_FEATURES      # "features" (paper: forward_features | forward_head), or a stage module
+                                     # named in the model's feature_info (e.g. "layer3", "stages.2"): the
+                                     # stages after it restart from the baseline's weights and are retrained
+                                     # with the head in the transfer stage
     baseline: StageConfig = _stage(epochs=0)  # 0: the model passed in is already trained
     representatives: RepresentativesConfig = field(default_factory=RepresentativesConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    autoencoder: StageConfig = _stage(epochs=10, lr=1e-3, opt="adamw", weight_decay=0.0)
+    autoencoder: AutoencoderConfig = _stage(AutoencoderConfig, epochs=10, lr=1e-3, opt="adamw", weight_decay=0.0)
     transfer: StageConfig = _stage(epochs=10, lr=0.01)
+    finetune: StageConfig = _stage(epochs=0, lr=1e-3)  # after transfer: every weight trained at a low lr
+                                                       # (0 epochs: skipped, as in the paper)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "EncodeNetConfig":
+        """The method exactly as the paper describes it: split at forward_features, 5 clusters per class,
+        lowest-entropy representatives, pure-MSE autoencoder, frozen encoder, no final fine-tune.
+
+        `overrides` are dotted keys (``paper(**{"transfer.epochs": 5})``) or top-level fields.
+        """
+        base = cls()
+        plain = {"split": SPLIT_FEATURES, "representatives.clusters_per_class": 5,
+                 "representatives.rule": "min_entropy", "autoencoder.ce_weight": 0.0,
+                 "autoencoder.epochs": 10, "autoencoder.lr": 1e-3, "transfer.epochs": 10, "transfer.lr": 0.01,
+                 "finetune.epochs": 0}
+        plain.update(overrides)
+        return base.override(plain)
 
     @property
     def baseline_epochs(self) -> int:

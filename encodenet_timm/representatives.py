@@ -7,7 +7,7 @@ from typing import Union
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["softmax_entropy", "pick_representatives", "Representatives"]
+__all__ = ["softmax_entropy", "centroid_distance", "pick_representatives", "Representatives"]
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -16,12 +16,25 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(1)
 
 
+def centroid_distance(features: torch.Tensor, cluster_ids: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Squared Euclidean distance of every sample to the mean of its cluster: (N, D), (N,) -> (N,) float64.
+
+    With it as the score, `pick_representatives` returns each cluster's member nearest its centroid.
+    """
+    x = features.double().flatten(1)
+    ids = cluster_ids.long()
+    sums = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype).index_add_(0, ids, x)
+    counts = torch.bincount(ids, minlength=num_clusters).clamp_min(1).to(x.dtype)
+    return (x - (sums / counts[:, None])[ids]).square().sum(1)
+
+
 def pick_representatives(cluster_ids: torch.Tensor, entropy: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """Index of the lowest-entropy member of every cluster (ties: the lowest index).
+    """Index of the lowest-scoring member of every cluster (ties: the lowest index).
 
     Args:
         cluster_ids: (N,) int64 cluster of each sample, in [0, num_clusters).
-        entropy: (N,) float entropy of each sample.
+        entropy: (N,) float score of each sample: softmax entropy (the paper's rule), or
+            `centroid_distance` (the member nearest the cluster mean).
 
     Returns:
         (num_clusters,) int64 sample indices.

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["check_timm_classifier", "split_model", "Encoder", "Head", "model_input_size"]
+__all__ = ["check_timm_classifier", "split_model", "Encoder", "Head", "model_input_size", "stage_names",
+           "modules_after"]
 
 _logger = logging.getLogger(__name__)
 
@@ -134,6 +135,51 @@ def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[Lis
         raise UnsupportedModelError(
             f"{type(model).__name__}: forward_head uses no parameters; EncodeNet needs a trainable classifier.")
     return encoder, head
+
+
+def stage_names(model: nn.Module) -> List[str]:
+    """Module names of the model's stages from timm's ``feature_info`` (e.g. ["act1", "layer1", ...])."""
+    info = getattr(model, "feature_info", None) or []
+    names = [f.get("module") for f in info if isinstance(f, dict)] if isinstance(info, list) else []
+    return [n for n in names if n]
+
+
+def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]) -> List[str]:
+    """Qualified names of the modules `forward_features` starts only after module `stage` has returned.
+
+    Read from forward hooks on one eval-mode pass of a random (1, C, H, W) input. With
+    ``stage="features"`` (the paper's split) the list is empty.
+
+    Raises:
+        ValueError: `stage` is neither "features" nor a module of the model's ``feature_info``.
+    """
+    if stage == "features":
+        return []
+    valid = stage_names(model)
+    if stage not in valid:
+        raise ValueError(f"split={stage!r} is not a stage of {type(model).__name__}; use 'features' or one of "
+                         f"its feature_info modules: {valid}")
+    modules = dict(model.named_modules())
+    order: List[str] = []
+    done: List[int] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: order.append(name))
+             for name, m in modules.items() if name]
+    hooks.append(modules[stage].register_forward_hook(lambda mod, inp, out: done.append(len(order))))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model.forward_features(torch.randn(1, *input_size, device=_device_of(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not done:
+        raise ValueError(f"split={stage!r}: forward_features of {type(model).__name__} never calls it")
+    after = set(order[done[-1]:])
+    # a module counts only if it is not also called before the stage ends (shared modules stay frozen)
+    after -= set(order[:done[-1]])
+    return [n for n in modules if n in after]
 
 
 def _device_of(model: nn.Module) -> torch.device:

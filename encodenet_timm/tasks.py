@@ -3,26 +3,36 @@
 Baseline and transfer use timm's own `ClassificationTask`; the converting autoencoder uses
 `ConvertingAutoencoderTask` below. The training loop only calls ``task(x, y)["loss"]``.
 """
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import TrainingTask
 
-__all__ = ["ConvertingAutoencoder", "ConvertingAutoencoderTask", "FrozenEncoderClassifier"]
+__all__ = ["ConvertingAutoencoder", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
+           "PartlyFrozenClassifier"]
 
 
 class ConvertingAutoencoder(nn.Module):
-    """Encoder + mirrored decoder: (B, C, H, W) -> (B, C, H, W)."""
+    """Encoder + mirrored decoder: (B, C, H, W) -> (B, C, H, W).
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module):
+    With a `head`, ``forward(x, with_logits=True)`` also returns the head's logits on the same features
+    (for the autoencoder objective with a classification term).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: Optional[nn.Module] = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+    def forward(self, x: torch.Tensor, with_logits: bool = False):
+        """(B, C, H, W) -> reconstruction (B, C, H, W), or (reconstruction, logits (B, K)) with_logits."""
+        z = self.encoder(x)
+        if with_logits:
+            return self.decoder(z), self.head(z)
+        return self.decoder(z)
 
 
 class FrozenEncoderClassifier(nn.Module):
@@ -46,22 +56,70 @@ class FrozenEncoderClassifier(nn.Module):
         return self.head(feats)
 
 
+class PartlyFrozenClassifier(nn.Module):
+    """The whole model, trained only in the modules named `trainable` (and their submodules).
+
+    Every other parameter gets no gradient and every other module stays in eval mode (BatchNorm
+    statistics, dropout) even when this module is put in train mode. Used when the split point lies
+    inside ``forward_features``: the stages after it are retrained with the head.
+    """
+
+    def __init__(self, model: nn.Module, trainable: Sequence[str]):
+        super().__init__()
+        self.model = model
+        names = list(trainable)
+
+        def is_trainable(n: str) -> bool:
+            return any(n == t or n.startswith(t + ".") for t in names)
+
+        def is_ancestor(n: str) -> bool:
+            return not n or any(t.startswith(n + ".") for t in names)
+
+        self._frozen = [m for n, m in model.named_modules() if not is_trainable(n) and not is_ancestor(n)]
+        model.requires_grad_(False)
+        for n, m in model.named_modules():
+            if is_trainable(n):
+                m.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "PartlyFrozenClassifier":
+        self.training = mode
+        self.model.train(mode)
+        for m in self._frozen:
+            m.training = False
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 class ConvertingAutoencoderTask(TrainingTask):
     """Train encoder + decoder to turn each image into its cluster's representative.
 
     The target passed to ``forward`` is the cluster id of each image; the task looks up the
     representative image in its `rep_images` buffer, so data loaders stay (image, int) pairs.
+    Loss: ``MSE(decoder(encoder(x)), representative)``, plus ``ce_weight x CE(head(encoder(x)), class)``
+    when `ce_weight` > 0 (the class of an image is the class of its cluster).
 
     Args:
-        autoencoder: `ConvertingAutoencoder` (the trainable module).
+        autoencoder: `ConvertingAutoencoder` (the trainable module; with a head when ce_weight > 0).
         rep_images: (M, C, H, W) representative images, normalised as the model's inputs.
+        cluster_labels: (M,) int64 class of each cluster; needed when ce_weight > 0.
+        ce_weight: weight of the classification term (0: the paper's pure MSE).
     """
 
-    def __init__(self, autoencoder: nn.Module, rep_images: torch.Tensor,
-                 device: Optional[torch.device] = None, verbose: bool = False):
+    def __init__(self, autoencoder: ConvertingAutoencoder, rep_images: torch.Tensor,
+                 device: Optional[torch.device] = None, verbose: bool = False, *,
+                 cluster_labels: Optional[torch.Tensor] = None, ce_weight: float = 0.0):
         super().__init__(device=device, verbose=verbose)
+        if ce_weight < 0:
+            raise ValueError(f"autoencoder.ce_weight must be >= 0, got {ce_weight}")
+        if ce_weight > 0 and (autoencoder.head is None or cluster_labels is None):
+            raise ValueError("ce_weight > 0 needs the autoencoder's head and the clusters' labels")
         self.trainable_module = autoencoder
+        self.ce_weight = float(ce_weight)
         self.register_buffer("rep_images", rep_images.to(self.device), persistent=False)
+        labels = cluster_labels if cluster_labels is not None else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("cluster_labels", labels.long().to(self.device), persistent=False)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "ConvertingAutoencoderTask":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -69,8 +127,17 @@ class ConvertingAutoencoderTask(TrainingTask):
         return self
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """input: (B, C, H, W) images; target: (B,) int64 cluster ids -> {"loss", "output": (B, C, H, W)}."""
-        output = self.trainable_module(input)
+        """input: (B, C, H, W) images; target: (B,) int64 cluster ids
+        -> {"loss", "mse", "output": (B, C, H, W)} (+ "ce", "logits" (B, K) when ce_weight > 0)."""
+        logits = None
+        if self.ce_weight > 0:
+            output, logits = self.trainable_module(input, with_logits=True)
+        else:
+            output = self.trainable_module(input)
         goal = self.rep_images[target].to(dtype=output.dtype, memory_format=torch.contiguous_format)
-        loss = F.mse_loss(output.float(), goal.float())
-        return {"loss": loss, "output": output}
+        mse = F.mse_loss(output.float(), goal.float())
+        result = {"loss": mse, "mse": mse.detach(), "output": output}
+        if logits is not None:
+            ce = F.cross_entropy(logits.float(), self.cluster_labels[target])
+            result.update(loss=mse + self.ce_weight * ce, ce=ce.detach(), logits=logits)
+        return result

@@ -1,6 +1,6 @@
 """EncodeNetWrapper: the EncodeNet stages, in order, as plain code.
 
-baseline (optional) -> representatives -> converting autoencoder -> transfer -> export.
+baseline (optional) -> representatives -> converting autoencoder -> transfer -> finetune (optional) -> export.
 """
 import logging
 from copy import deepcopy as _deepcopy
@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .clustering import cluster_per_class
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .representatives import Representatives, pick_representatives, softmax_entropy
-from .split import Encoder, Head, check_timm_classifier, model_input_size, split_model
-from .tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier
+from .representatives import Representatives, centroid_distance, pick_representatives, softmax_entropy
+from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
+from .tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier, PartlyFrozenClassifier
 from .training import (check_batch, check_loader, evaluate, make_loader, predict, resolve_device,
                        seed_everything, train_stage)
 
@@ -26,7 +26,7 @@ __all__ = ["EncodeNetWrapper"]
 _logger = logging.getLogger(__name__)
 
 # offsets keep each stage's random stream distinct but fixed by the one config seed
-_SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3}
+_SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3, "finetune": 4}
 
 
 class _ClusterTargets(Dataset):
@@ -71,6 +71,10 @@ class EncodeNetWrapper:
         enc_names, head_names = split_model(self.model, self.input_size)
         self.encoder = Encoder(self.model, enc_names)
         self.head = Head(self.model, head_names)
+        # split inside forward_features: these encoder modules restart from the baseline's weights and are
+        # retrained with the head in transfer (empty for the paper's split="features")
+        self.tail: List[str] = modules_after(self.model, config.split, self.input_size)
+        self._tail_snapshot: Optional[Dict[str, torch.Tensor]] = None
         self._decoder: Optional[MirroredDecoder] = None
         self._decoder_trained = False
         self.representatives: Optional[Representatives] = None
@@ -123,7 +127,7 @@ class EncodeNetWrapper:
     def fit(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None, *,
             plain_loader: Optional[DataLoader] = None) -> Dict[str, Any]:
         """Run every stage: baseline (if ``config.baseline.epochs > 0``) -> representatives ->
-        autoencoder -> transfer.
+        autoencoder -> transfer -> finetune (if ``config.finetune.epochs > 0``).
 
         Args:
             train_loader: (images (B, C, H, W), labels (B,)) over a map-style dataset; may augment.
@@ -141,6 +145,8 @@ class EncodeNetWrapper:
         self.select_representatives(plain_loader or train_loader)
         self.fit_autoencoder(train_loader, self.representatives)
         self.fit_transfer(train_loader, val_loader)
+        if self.config.finetune.epochs > 0:
+            self.fit_finetune(train_loader, val_loader)
         return self.history
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
@@ -157,7 +163,9 @@ class EncodeNetWrapper:
         return hist
 
     def select_representatives(self, train_loader: DataLoader) -> Representatives:
-        """Cluster each class's pre-logits features and pick each cluster's lowest-entropy image.
+        """Cluster each class's pre-logits features and pick each cluster's representative: its
+        lowest-entropy image (``representatives.rule="min_entropy"``, the paper's) or the image nearest
+        its centroid (``"nearest_centroid"``).
 
         The model runs in eval mode over ``train_loader.dataset`` in dataset order (a fresh,
         unshuffled loader with the same workers). Use a loader without random augmentation.
@@ -177,7 +185,9 @@ class EncodeNetWrapper:
                                      max_auto_clusters=cfg.max_auto_clusters, niter=cfg.niter, nredo=cfg.nredo,
                                      seed=self.config.seed, faiss_gpu=cfg.faiss_gpu)
         cluster_ids = torch.from_numpy(clusters.cluster_ids)
-        rep_indices = pick_representatives(cluster_ids, entropy, len(clusters.cluster_labels))
+        num_clusters = len(clusters.cluster_labels)
+        score = entropy if cfg.rule == "min_entropy" else centroid_distance(feats, cluster_ids, num_clusters)
+        rep_indices = pick_representatives(cluster_ids, score, num_clusters)
         # read through the loader's collate_fn, so the targets are exactly what the model is fed
         rep_loader = make_loader(Subset(dataset, rep_indices.tolist()), train_loader, shuffle=False,
                                  seed=self.config.seed, batch_size=cfg.batch_size)
@@ -195,8 +205,10 @@ class EncodeNetWrapper:
     def fit_autoencoder(self, train_loader: DataLoader, reps: Optional[Representatives] = None) -> List[Dict]:
         """Train encoder (from the current model) + decoder to map each image to its representative.
 
-        Loss: MSE between decoder output and the representative, both in the normalised input space.
-        `reps` are computed with `select_representatives(train_loader)` when not given.
+        Loss: MSE between decoder output and the representative, both in the normalised input space,
+        plus ``autoencoder.ce_weight`` x cross-entropy of the head on the encoder's features (the head
+        trains too) when that weight is > 0. `reps` are computed with `select_representatives(train_loader)`
+        when not given.
         """
         check_loader(train_loader, "train_loader", map_style=True)
         reps = reps or self.representatives or self.select_representatives(train_loader)
@@ -212,31 +224,78 @@ class EncodeNetWrapper:
         decoder = self.decoder
         if self.config.channels_last:
             decoder.to(memory_format=torch.channels_last)
+        self._snapshot_tail()
         self.encoder.requires_grad_(True)
         decoder.requires_grad_(True)
-        task = ConvertingAutoencoderTask(ConvertingAutoencoder(self.encoder, decoder), reps.images,
-                                         device=self.device)
+        head = self.head.requires_grad_(True) if cfg.ce_weight > 0 else None
+        task = ConvertingAutoencoderTask(ConvertingAutoencoder(self.encoder, decoder, head), reps.images,
+                                         device=self.device, cluster_labels=reps.cluster_labels,
+                                         ce_weight=cfg.ce_weight)
         hist = train_stage(task, loader, cfg, stage="autoencoder",
-                           check=self._check(image_size=self.input_size[1:], labels=False), **self._train_kwargs())
+                           check=self._check(image_size=self.input_size[1:], labels=False),
+                           **self._train_kwargs()) if cfg.epochs > 0 else []
         self._decoder_trained = True
         self.history["autoencoder"] = hist
         return hist
 
     def fit_transfer(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
-        """Freeze the encoder (no gradient, BatchNorm statistics fixed) and retrain the head."""
+        """Freeze the encoder (no gradient, BatchNorm statistics fixed) and retrain the head.
+
+        With ``config.split`` inside the encoder, the stages after the split (`tail`) first return to
+        the weights they had before the autoencoder (the baseline's) and are retrained with the head.
+        """
         check_loader(train_loader, "train_loader")
         cfg = self.config.transfer
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
-        frozen = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
-        task = ClassificationTask(frozen, criterion_kwargs=dict(smoothing=cfg.smoothing),
+        if self.tail:
+            self._restore_tail()
+            trainable = PartlyFrozenClassifier(self.model, self.tail + self.head.part_names)
+        else:
+            trainable = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
+        task = ClassificationTask(trainable, criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
         try:
             hist = train_stage(task, train_loader, cfg, stage="transfer", check=self._check(),
                                val_fn=self._val_fn(val_loader), **self._train_kwargs())
         finally:
-            self.encoder.requires_grad_(True)
+            self.model.requires_grad_(True)
         self.history["transfer"] = hist
         return hist
+
+    def fit_finetune(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
+        """Train every weight of the model (``config.finetune``, a short low-lr schedule) after transfer."""
+        check_loader(train_loader, "train_loader")
+        cfg = self.config.finetune
+        seed_everything(self.config.seed + _SEED_OFFSET["finetune"])
+        self.model.requires_grad_(True)
+        task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
+                                  device=self.device, verbose=False)
+        hist = train_stage(task, train_loader, cfg, stage="finetune", check=self._check(),
+                           val_fn=self._val_fn(val_loader), **self._train_kwargs())
+        self.history["finetune"] = hist
+        return hist
+
+    def _tail_state(self) -> Dict[str, torch.Tensor]:
+        """The tail's own parameters and buffers, by qualified name in the model (live tensors)."""
+        modules = dict(self.model.named_modules())
+        state = {}
+        for name in self.tail:
+            for key, t in list(modules[name].named_parameters(recurse=False)) + list(
+                    modules[name].named_buffers(recurse=False)):
+                state[f"{name}.{key}"] = t
+        return state
+
+    def _snapshot_tail(self) -> None:
+        """Remember the tail's weights before the autoencoder changes them (once: the baseline's)."""
+        if self.tail and self._tail_snapshot is None:
+            self._tail_snapshot = {k: t.detach().clone() for k, t in self._tail_state().items()}
+
+    def _restore_tail(self) -> None:
+        if self._tail_snapshot is None:
+            return  # no autoencoder ran: the tail still holds the baseline's weights
+        with torch.no_grad():
+            for key, t in self._tail_state().items():
+                t.copy_(self._tail_snapshot[key])
 
     # ---- use ---------------------------------------------------------------------------------------
     def evaluate(self, loader: DataLoader) -> Dict[str, float]:
