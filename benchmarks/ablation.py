@@ -36,7 +36,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 from timm.task import ClassificationTask, LogitDistillationTask
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,19 +72,26 @@ def _sgd(epochs: int, lr: float) -> StageConfig:
     return StageConfig(epochs=epochs, lr=lr, opt="sgd", momentum=0.9, weight_decay=5e-4, sched="cosine")
 
 
+def _cpu_regime(baseline_epochs: int, what: str) -> Regime:
+    """500 images per class (450 train + 50 validation); autoencoder 2, transfer 3, fine-tune 2 epochs."""
+    return Regime(description=f"2 CPU cores{what}: 500 images per class drawn with the seed (450 train + 50 "
+                              f"validation), {baseline_epochs} baseline epochs; autoencoder 2, transfer 3, "
+                              f"fine-tune 2 epochs",
+                  per_class=500, val_fraction=0.1, batch_size=128, baseline=_sgd(baseline_epochs, 0.1),
+                  autoencoder=StageConfig(epochs=2, lr=1e-3, opt="adamw", weight_decay=0.0, sched="cosine"),
+                  transfer=_sgd(3, 0.01), finetune=_sgd(2, 0.01))
+
+
 REGIMES = {
-    "short": Regime(
-        description="2 CPU cores: 500 images per class drawn with the seed (450 train + 50 validation), "
-                    "12 baseline epochs; autoencoder 2, transfer 3, fine-tune 2 epochs",
-        per_class=500, val_fraction=0.1, batch_size=128, baseline=_sgd(12, 0.1),
-        autoencoder=StageConfig(epochs=2, lr=1e-3, opt="adamw", weight_decay=0.0, sched="cosine"),
-        transfer=_sgd(3, 0.01), finetune=_sgd(2, 0.01)),
+    "short": _cpu_regime(12, ""),
+    "long": _cpu_regime(30, ", nearer convergence"),
     "smoke": Regime(
         description="pipeline check (tests): 20 images per class, 1 epoch per stage; numbers mean nothing",
         per_class=20, val_fraction=0.2, batch_size=50, baseline=_sgd(1, 0.05),
         autoencoder=StageConfig(epochs=1, lr=1e-3, opt="adamw", weight_decay=0.0, sched="cosine"),
         transfer=_sgd(1, 0.01), finetune=_sgd(1, 0.01)),
 }
+
 
 # variant name -> (description, overrides on the paper preset); "<last>" is the model's second-to-last
 # feature_info stage (the last stage and the head are retrained in transfer)
@@ -256,7 +263,7 @@ def _record_path(ctx, row: str, seed: int) -> Path:
 
 
 def validate(ctx) -> None:
-    rows = ["baseline", *VARIANTS, "baseline_equal", "baseline_continued", "kd"]
+    rows = ["baseline", *ctx["variants"], "baseline_equal", "baseline_continued", "kd"]
     for seed in ctx["args"].seeds:
         data = None
         for row in rows:
@@ -412,15 +419,22 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--phase", choices=("validate", "test", "report", "all"), default="all")
     p.add_argument("--name", default=None, help="results folder name (default ablation-<regime>)")
+    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<name>)")
+    p.add_argument("--cache-dir", default=None, help="decoded cifar10-jpeg cache (default ~/.cache/encodenet_timm)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated variant rows to train (default: all; 'paper' is always included)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("encodenet_timm").setLevel(logging.WARNING)
-    arrays = load_cifar(args.dataset, args.data_dir, download=False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arrays = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=False)
     regime = REGIMES[args.regime]
     num_classes = len(arrays.classes)
-    out = Path(__file__).parent / "results" / (args.name or f"ablation-{args.regime}")
+    out = Path(args.out_dir or Path(__file__).parent / "results" / (args.name or f"ablation-{args.regime}"))
     out.mkdir(parents=True, exist_ok=True)
     compute_path = out / "compute.json"
     if compute_path.is_file():
@@ -431,7 +445,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     _logger.info("extra compute (epochs): %s; controls get X=%d, kd %d epochs",
                  {k: round(v["extra_epochs"], 2) for k, v in compute["variants"].items()},
                  compute["control_extra_epochs"], compute["kd_epochs"])
-    ctx = {"args": args, "regime": regime, "arrays": arrays, "num_classes": num_classes, "out": out,
+    variants = list(dict.fromkeys(["paper", *[v.strip() for v in args.variants.split(",") if v.strip()]]))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    ctx = {"args": args, "regime": regime, "variants": variants, "arrays": arrays, "num_classes": num_classes, "out": out,
            "device": resolve_device(args.device), "compute": compute,
            "fingerprint": {"dataset": args.dataset, "model": args.model, "regime": _plain(dataclasses.asdict(regime)),
                            "variants": _plain(VARIANTS), "X": compute["control_extra_epochs"]}}

@@ -1,13 +1,12 @@
 """Per-class k-means on feature vectors with FAISS (GPU when available); the one module importing faiss."""
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from typing import List, Union
 
 import numpy as np
 
-__all__ = ["ClassClusters", "cluster_per_class", "silhouette_score"]
+__all__ = ["ClassClusters", "check_class_counts", "cluster_per_class", "silhouette_score"]
 
 _logger = logging.getLogger(__name__)
 
@@ -84,6 +83,40 @@ def silhouette_score(x: np.ndarray, assign: np.ndarray) -> float:
     return float(s.mean())
 
 
+def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class: Union[int, str]) -> np.ndarray:
+    """Images per class, (num_classes,) int64, after checking that clustering can run on them.
+
+    Args:
+        labels: (N,) int class of every image.
+        clusters_per_class: k for every class, or "auto".
+
+    Raises:
+        ValueError: a label outside [0, num_classes), a class without images, a class with fewer
+            images than `clusters_per_class`, or a bad `clusters_per_class`.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    auto = clusters_per_class == "auto"
+    if not auto and (not isinstance(clusters_per_class, int) or isinstance(clusters_per_class, bool)
+                     or clusters_per_class < 1):
+        raise ValueError(f"clusters_per_class must be a positive int or 'auto', got {clusters_per_class!r}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), found "
+                         f"{labels.min()}..{labels.max()}")
+    counts = np.bincount(labels, minlength=num_classes)
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(f"classes {empty} have no images in the training set; every class of the model's "
+                         f"{num_classes} needs at least one (check the dataset, or the model's num_classes)")
+    if not auto:
+        few = np.flatnonzero(counts < clusters_per_class).tolist()
+        if few:
+            raise ValueError(
+                f"representatives.clusters_per_class={clusters_per_class} needs at least {clusters_per_class} images "
+                f"per class, but " + ", ".join(f"class {c} has {counts[c]}" for c in few) + "; lower "
+                f"representatives.clusters_per_class to at most {counts.min()}, or set it to 'auto'")
+    return counts
+
+
 def cluster_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int,
                       clusters_per_class: Union[int, str] = 5, *, max_auto_clusters: int = 10,
                       niter: int = 25, nredo: int = 3, seed: int = 0, faiss_gpu: str = "auto") -> ClassClusters:
@@ -98,49 +131,34 @@ def cluster_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int
         faiss_gpu: "auto", "never" or "always".
 
     Raises:
-        ValueError: a class has no sample, bad k, or shapes that disagree.
+        ValueError: a class has no sample or fewer samples than `clusters_per_class` (`check_class_counts`),
+            bad k, or shapes that disagree.
     """
     features = np.ascontiguousarray(features, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     if features.ndim != 2 or labels.shape != (features.shape[0],):
         raise ValueError(f"features must be (N, D) and labels (N,), got {features.shape} and {labels.shape}")
     auto = clusters_per_class == "auto"
-    if not auto and (not isinstance(clusters_per_class, int) or isinstance(clusters_per_class, bool)
-                     or clusters_per_class < 1):
-        raise ValueError(f"clusters_per_class must be a positive int or 'auto', got {clusters_per_class!r}")
     if auto and max_auto_clusters < 2:
         raise ValueError(f"max_auto_clusters must be >= 2, got {max_auto_clusters}")
-    counts = np.bincount(labels, minlength=num_classes)
-    if labels.min(initial=0) < 0 or len(counts) > num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values {labels.min()}..{labels.max()}")
-    empty = np.flatnonzero(counts == 0).tolist()
-    if empty:
-        raise ValueError(f"classes {empty} have no images in the training set; every class of the model's "
-                         f"{num_classes} needs at least one (check the dataset, or the model's num_classes)")
+    check_class_counts(labels, num_classes, clusters_per_class)
     faiss = _import_faiss()
     gpu = _use_gpu(faiss, faiss_gpu)
     rng = np.random.default_rng(seed)
     cluster_ids = np.empty(len(labels), dtype=np.int64)
     k_per_class: List[int] = []
-    clipped = []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         x = features[idx]
         if auto:
             k, assign = _auto_k(faiss, x, max_auto_clusters, niter, nredo, seed + c, gpu, rng)
         else:
-            k = min(clusters_per_class, len(idx))
-            if k < clusters_per_class:
-                clipped.append((c, len(idx)))
-            assign = _kmeans(faiss, x, k, niter, seed + c, gpu, nredo)
+            assign = _kmeans(faiss, x, clusters_per_class, niter, seed + c, gpu, nredo)
         # k-means may leave a cluster empty; renumber so ids are dense within the class
         _, assign = np.unique(assign, return_inverse=True)
         k = int(assign.max()) + 1
         cluster_ids[idx] = sum(k_per_class) + assign
         k_per_class.append(k)
-    if clipped:
-        warnings.warn(f"clusters_per_class={clusters_per_class} clipped to the image count for "
-                      + ", ".join(f"class {c} ({n} images)" for c, n in clipped), UserWarning, stacklevel=2)
     cluster_labels = np.repeat(np.arange(num_classes), k_per_class)
     return ClassClusters(cluster_ids, cluster_labels, np.asarray(k_per_class, dtype=np.int64))
 

@@ -77,10 +77,10 @@ class EncodeNetConfig:
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
     progress: bool = True            # tqdm bar per epoch
-    split: str = SPLIT_FEATURES      # "features" (paper: forward_features | forward_head), or a stage module
-                                     # named in the model's feature_info (e.g. "layer3", "stages.2"): the
-                                     # stages after it restart from the baseline's weights and are retrained
-                                     # with the head in the transfer stage
+    split: str = SPLIT_FEATURES      # "features" (paper: forward_features | forward_head); "last_stage" (before
+                                     # the last feature_info stage); or a stage module named in the model's
+                                     # feature_info ("layer3", "stages.2"): the modules after it restart from
+                                     # the baseline's weights and are retrained with the head in transfer
     baseline: StageConfig = _stage(epochs=0)  # 0: the model passed in is already trained
     representatives: RepresentativesConfig = field(default_factory=RepresentativesConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -148,17 +148,23 @@ def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]
     """Qualified names of the modules `forward_features` starts only after module `stage` has returned.
 
     Read from forward hooks on one eval-mode pass of a random (1, C, H, W) input. With
-    ``stage="features"`` (the paper's split) the list is empty.
+    ``stage="features"`` (the paper's split) the list is empty; ``"last_stage"`` splits before the
+    model's last ``feature_info`` stage (the second-to-last stage's name).
 
     Raises:
-        ValueError: `stage` is neither "features" nor a module of the model's ``feature_info``.
+        ValueError: `stage` is not "features", "last_stage" or a module of the model's ``feature_info``.
     """
     if stage == "features":
         return []
     valid = stage_names(model)
+    if stage == "last_stage":
+        if len(valid) < 2:
+            raise ValueError(f"split='last_stage' needs at least two feature_info stages; "
+                             f"{type(model).__name__} has {valid}. Use split='features'.")
+        stage = valid[-2]
     if stage not in valid:
-        raise ValueError(f"split={stage!r} is not a stage of {type(model).__name__}; use 'features' or one of "
-                         f"its feature_info modules: {valid}")
+        raise ValueError(f"split={stage!r} is not a stage of {type(model).__name__}; use 'features', "
+                         f"'last_stage' or one of its feature_info modules: {valid}")
     modules = dict(model.named_modules())
     order: List[str] = []
     done: List[int] = []

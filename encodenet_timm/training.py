@@ -7,7 +7,8 @@ import logging
 import random
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,14 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from .clustering import check_class_counts
 from .config import StageConfig
 from .errors import NonFiniteLossError
 
-__all__ = ["seed_everything", "resolve_device", "check_loader", "make_loader", "check_batch",
-           "train_stage", "evaluate", "predict"]
+__all__ = ["seed_everything", "epoch_seed", "resolve_device", "check_loader", "make_loader", "dataset_targets",
+           "check_batch", "check_data", "TrainState", "train_stage", "evaluate", "predict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +36,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed fixed by (seed, epoch) alone: a resumed epoch draws what the uninterrupted run drew."""
+    return int(np.random.SeedSequence([seed % 2 ** 64, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
+
+
+def _reseed_loader(loader: DataLoader, seed: int) -> None:
+    """Re-seed the torch.Generators the loader shuffles with (its own and its sampler's), in place.
+
+    A loader without one draws its order from the global torch RNG, which `seed_everything` covers.
+    """
+    sampler = getattr(loader.batch_sampler, "sampler", None)
+    found = {id(g): g for g in (loader.generator, getattr(loader.sampler, "generator", None),
+                                getattr(sampler, "generator", None)) if isinstance(g, torch.Generator)}
+    for g in found.values():
+        g.manual_seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,6 +92,27 @@ def make_loader(dataset: Dataset, like: DataLoader, *, shuffle: bool, seed: int,
                       persistent_workers=like.persistent_workers and like.num_workers > 0)
 
 
+def dataset_targets(dataset: Dataset) -> Optional[np.ndarray]:
+    """The (N,) int64 labels of a map-style dataset without reading its images, when it exposes them.
+
+    Read from ``.targets`` (torchvision ImageFolder, CIFAR, MNIST), the label tensor of a two-tensor
+    `TensorDataset`, or through a `Subset`'s indices; None otherwise.
+    """
+    if isinstance(dataset, Subset):
+        inner = dataset_targets(dataset.dataset)
+        return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        labels = dataset.tensors[1]
+    else:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        return None
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    return labels.astype(np.int64)
+
+
 def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans: int,
                 image_size: Optional[Tuple[int, int]] = None) -> None:
     """Raise ValueError for a batch the model cannot train on: wrong shape, labels out of range, NaN/inf."""
@@ -95,6 +135,39 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans:
                          f"{int(y.min())}..{int(y.max())}")
 
 
+def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in_chans: int,
+               clusters_per_class: Union[int, str]) -> None:
+    """Raise ValueError, before any training, for data `model` cannot be trained on with EncodeNet.
+
+    Checks the dataset's class names (``.classes``) against ``model.num_classes``; its labels, when
+    `dataset_targets` can read them, with `check_class_counts`; and the first sample (through the
+    loader's collate_fn) with `check_batch` and one eval-mode forward of the model.
+    """
+    dataset, num_classes = loader.dataset, model.num_classes
+    root = dataset
+    while isinstance(root, Subset):
+        root = root.dataset
+    classes = getattr(root, "classes", None)
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"the dataset has {len(classes)} classes but the model has num_classes={num_classes}; "
+                         f"create it with timm.create_model(name, num_classes={len(classes)})")
+    targets = dataset_targets(dataset)
+    if targets is not None:
+        check_class_counts(targets, num_classes, clusters_per_class)
+    x, y = next(iter(DataLoader(Subset(dataset, [0]), batch_size=1, collate_fn=loader.collate_fn)))
+    check_batch(x, y, num_classes=num_classes, in_chans=in_chans)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x.to(device))
+    except Exception as e:  # whatever the model raises for a size it cannot take
+        raise ValueError(f"the model cannot take images of size {tuple(x.shape[1:])} ({type(e).__name__}: {e}); "
+                         f"resize the images to the size the model was built for") from e
+    finally:
+        model.train(was_training)
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "none" or device.type != "cuda":
         return nullcontext()
@@ -104,11 +177,31 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type="cuda", dtype=dtypes[amp])
 
 
+@dataclass
+class TrainState:
+    """Where a stage stands after `epoch` complete epochs: what `train_stage` needs to go on exactly.
+
+    Attributes:
+        epoch: epochs complete; training goes on with epoch index `epoch`.
+        num_updates: optimizer steps taken so far (drives the per-update schedule).
+        history: the per-epoch records so far.
+        optimizer, scheduler, scaler: their ``state_dict()`` (scheduler/scaler None when unused).
+    """
+    epoch: int
+    num_updates: int
+    history: List[Dict[str, float]]
+    optimizer: Dict[str, Any]
+    scheduler: Optional[Dict[str, Any]] = None
+    scaler: Optional[Dict[str, Any]] = None
+
+
 def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage: str, device: torch.device,
                 amp: str = "none", channels_last: bool = False, progress: bool = True,
                 target_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                 check: Optional[BatchCheck] = None,
-                val_fn: Optional[Callable[[], Dict[str, float]]] = None) -> List[Dict[str, float]]:
+                val_fn: Optional[Callable[[], Dict[str, float]]] = None,
+                seed: Optional[int] = None, resume: Optional[TrainState] = None,
+                on_epoch_end: Optional[Callable[[TrainState], None]] = None) -> List[Dict[str, float]]:
     """Train ``task.get_trainable_module()`` for ``cfg.epochs`` epochs; the loss is ``task(x, y)["loss"]``.
 
     Args:
@@ -116,6 +209,11 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         loader: yields (x (B, C, H, W), y (B,)) batches; `target_fn(y, x)` may map y to the task's target.
         check: called on every raw batch before compute (bad input -> ValueError).
         val_fn: called after each epoch; its metrics are added to the epoch record with a ``val_`` prefix.
+        seed: when given, every epoch starts by re-seeding the global RNGs and the loader's shuffle
+            generators from ``epoch_seed(seed, epoch)``, so an epoch's randomness does not depend on
+            the epochs before it (exact resume).
+        resume: continue after ``resume.epoch`` epochs; the module must already hold that epoch's weights.
+        on_epoch_end: called with the `TrainState` after every epoch (to write a checkpoint).
 
     Returns:
         One dict per epoch: epoch, loss, accuracy (classification outputs only), lr, seconds, val_*.
@@ -136,9 +234,20 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
                                            updates_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    history = []
+    history: List[Dict[str, float]] = []
     num_updates = 0
-    for epoch in range(cfg.epochs):
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        if scheduler is not None and resume.scheduler is not None:
+            scheduler.load_state_dict(resume.scheduler)
+        if scaler is not None and resume.scaler is not None:
+            scaler.load_state_dict(resume.scaler)
+        history, num_updates = [dict(r) for r in resume.history], resume.num_updates
+        _logger.info("%s: resuming after epoch %d/%d (%d updates)", stage, resume.epoch, cfg.epochs, num_updates)
+    for epoch in range(resume.epoch if resume is not None else 0, cfg.epochs):
+        if seed is not None:
+            seed_everything(epoch_seed(seed, epoch))
+            _reseed_loader(loader, epoch_seed(seed, epoch))
         task.train()
         start = time.perf_counter()
         loss_sum, correct, seen, classifies = 0.0, 0, 0, False
@@ -190,6 +299,10 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         history.append(record)
         _logger.info("%s epoch %d/%d: %s", stage, epoch + 1, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        if on_epoch_end is not None:
+            on_epoch_end(TrainState(epoch + 1, num_updates, history, optimizer.state_dict(),
+                                    scheduler.state_dict() if scheduler is not None else None,
+                                    scaler.state_dict() if scaler is not None else None))
     return history
 
 

@@ -4,22 +4,25 @@ baseline (optional) -> representatives -> converting autoencoder -> transfer -> 
 """
 import logging
 from copy import deepcopy as _deepcopy
+from pathlib import Path
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ._env import machine, versions
+from .checkpoint import Checkpoint, RunDir, load_model_file, load_state_into, model_fingerprint
 from .clustering import cluster_per_class
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .representatives import Representatives, centroid_distance, pick_representatives, softmax_entropy
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier, PartlyFrozenClassifier
-from .training import (check_batch, check_loader, evaluate, make_loader, predict, resolve_device,
-                       seed_everything, train_stage)
+from .training import (TrainState, check_batch, check_data, check_loader, evaluate, make_loader, predict,
+                       resolve_device, seed_everything, train_stage)
 
 __all__ = ["EncodeNetWrapper"]
 
@@ -27,6 +30,8 @@ _logger = logging.getLogger(__name__)
 
 # offsets keep each stage's random stream distinct but fixed by the one config seed
 _SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3, "finetune": 4}
+# what a run directory checkpoints, in order; "initial" is the model as passed in
+RUN_STAGES = ("initial", "baseline", "representatives", "autoencoder", "transfer", "finetune")
 
 
 class _ClusterTargets(Dataset):
@@ -61,7 +66,9 @@ class EncodeNetWrapper:
             config = EncodeNetConfig()
         if not isinstance(config, EncodeNetConfig):
             raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
-        self.config = config
+        # a validated copy: a value of the wrong type set by hand -> ValueError, and a plain StageConfig
+        # given for a stage with more options (autoencoder) gets their defaults
+        config = self.config = type(config).from_dict(config.to_dict())
         self.device = resolve_device(config.device)
         self.model = (_deepcopy(model) if copy else model).to(self.device)
         if config.channels_last:
@@ -79,6 +86,8 @@ class EncodeNetWrapper:
         self._decoder_trained = False
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
+        self._run: Optional[RunDir] = None  # set while fit(run_dir=...) runs
+        self._resume: Dict[str, TrainState] = {}  # stage -> loop state to continue it from
 
     # ---- parts -------------------------------------------------------------------------------------
     @property
@@ -113,9 +122,12 @@ class EncodeNetWrapper:
                         in_chans=self.input_size[0], image_size=image_size)
         return check
 
-    def _train_kwargs(self) -> Dict[str, Any]:
+    def _train_kwargs(self, stage: str) -> Dict[str, Any]:
         c = self.config
-        return dict(device=self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress)
+        epochs = getattr(c, stage).epochs
+        return dict(device=self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
+                    seed=c.seed + _SEED_OFFSET[stage], resume=self._resume.pop(stage, None),
+                    on_epoch_end=lambda state: self._checkpoint(stage, state.epoch, epochs, state))
 
     def _val_fn(self, val_loader: Optional[DataLoader]):
         if val_loader is None:
@@ -125,7 +137,8 @@ class EncodeNetWrapper:
 
     # ---- stages ------------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None, *,
-            plain_loader: Optional[DataLoader] = None) -> Dict[str, Any]:
+            plain_loader: Optional[DataLoader] = None, run_dir: Optional[Union[str, Path]] = None,
+            resume: bool = False) -> Dict[str, Any]:
         """Run every stage: baseline (if ``config.baseline.epochs > 0``) -> representatives ->
         autoencoder -> transfer -> finetune (if ``config.finetune.epochs > 0``).
 
@@ -135,19 +148,101 @@ class EncodeNetWrapper:
             plain_loader: the training set without random augmentation, same order and length as
                 `train_loader`'s dataset, for the feature pass and the representative images;
                 `train_loader` is used when None.
+            run_dir: write config.yaml, run.json, a checkpoint at every epoch end and, at the end,
+                model.safetensors there (layout: `encodenet_timm.checkpoint`).
+            resume: continue the run in `run_dir` from the last complete epoch of its last stage.
 
         Returns:
             The history: per stage, a list of per-epoch dicts (loss, accuracy where defined, seconds, ...).
+
+        Raises:
+            ValueError: bad data (checked before any training), or a `run_dir` that cannot be used
+                (see `RunDir.begin`).
         """
         check_loader(train_loader, "train_loader", map_style=True)
-        if self.config.baseline.epochs > 0:
-            self.fit_baseline(train_loader, val_loader)
-        self.select_representatives(plain_loader or train_loader)
-        self.fit_autoencoder(train_loader, self.representatives)
-        self.fit_transfer(train_loader, val_loader)
-        if self.config.finetune.epochs > 0:
-            self.fit_finetune(train_loader, val_loader)
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs the run_dir of the run to continue")
+        check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
+                   clusters_per_class=self.config.representatives.clusters_per_class)
+        done: Tuple[str, ...] = ()
+        if run_dir is not None:
+            self._run = RunDir(run_dir, RUN_STAGES)
+            self._run.begin(self.config.to_dict(), {"model": model_fingerprint(self.model), "seed": self.config.seed,
+                                                    "versions": versions(), "machine": machine(self.device)}, resume)
+            if resume:
+                done = self._restore(self._run)
+            else:
+                self._checkpoint("initial", 0, 0)
+        c = self.config
+        plan = (("baseline", c.baseline.epochs > 0, lambda: self.fit_baseline(train_loader, val_loader)),
+                ("representatives", True, lambda: self.select_representatives(plain_loader or train_loader)),
+                ("autoencoder", True, lambda: self.fit_autoencoder(train_loader, self.representatives)),
+                ("transfer", True, lambda: self.fit_transfer(train_loader, val_loader)),
+                ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
+        run = self._run
+        try:
+            for stage, enabled, run_stage in plan:
+                if stage in done:
+                    continue
+                if not enabled:
+                    if run is not None:
+                        run.update_stage(stage, status="skipped")
+                    continue
+                run_stage()
+        except (Exception, KeyboardInterrupt) as e:
+            if run is not None:
+                run.fail(stage, e)
+                _logger.error("%s stopped: %s; %s keeps the last complete checkpoint, fit(..., resume=True) "
+                              "continues from it", stage, e, run.path)
+            raise
+        finally:
+            self._run, self._resume = None, {}
+        if run is not None:
+            run.finish(self.export().state_dict())
         return self.history
+
+    def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
+        """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
+        if self._run is None:
+            return
+        tensors = {"model": self.model.state_dict()}
+        if self._decoder is not None:
+            tensors["decoder"] = self._decoder.state_dict()
+        if self._tail_snapshot is not None:
+            tensors["tail"] = self._tail_snapshot
+        writers = {}
+        if self.representatives is not None:
+            writers["representatives.safetensors"] = self.representatives.save
+        history = {**self.history, **({stage: train.history} if train is not None else {})}
+        decoder_trained = self._decoder_trained or (stage == "autoencoder" and epoch >= epochs)
+        state = {"history": history, "input_size": list(self.input_size), "decoder_trained": decoder_trained}
+        self._run.save(stage, epoch, epochs, tensors=tensors, state=state, train=train, writers=writers)
+
+    def _restore(self, run: RunDir) -> Tuple[str, ...]:
+        """Load the wrapper's state from the run's latest checkpoint; returns the stages it completed.
+
+        Raises:
+            ValueError: the run has no complete checkpoint, or one of its files is corrupted.
+        """
+        ckpt: Optional[Checkpoint] = run.latest()
+        if ckpt is None:
+            raise ValueError(f"{run.path} holds no complete checkpoint to resume from; run without resume "
+                             f"to start it again")
+        load_state_into(self.model, ckpt.tensors("model"), str(ckpt.directory))
+        self.history = dict(ckpt.state["history"])
+        self.input_size = tuple(ckpt.state["input_size"])
+        self._decoder_trained = ckpt.state["decoder_trained"]
+        if ckpt.has("decoder.safetensors"):
+            self._decoder = None  # rebuilt at the checkpoint's input size
+            load_state_into(self.decoder, ckpt.tensors("decoder"), str(ckpt.directory))
+        if ckpt.has("representatives.safetensors"):
+            self.representatives = Representatives.load(ckpt.path("representatives.safetensors"))
+        if ckpt.has("tail.safetensors"):
+            self._tail_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
+        if not ckpt.stage_complete:
+            self._resume[ckpt.stage] = ckpt.train_state()
+        _logger.info("resuming %s from %s epoch %d/%d", run.path, ckpt.stage, ckpt.epoch, ckpt.epochs)
+        return RUN_STAGES[:RUN_STAGES.index(ckpt.stage) + ckpt.stage_complete]
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Ordinary supervised training of the whole model (``config.baseline``)."""
@@ -158,7 +253,7 @@ class EncodeNetWrapper:
         task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
         hist = train_stage(task, train_loader, cfg, stage="baseline", check=self._check(),
-                           val_fn=self._val_fn(val_loader), **self._train_kwargs())
+                           val_fn=self._val_fn(val_loader), **self._train_kwargs("baseline"))
         self.history["baseline"] = hist
         return hist
 
@@ -200,6 +295,7 @@ class EncodeNetWrapper:
                                            "num_clusters": self.representatives.num_clusters,
                                            "k_per_class": clusters.k_per_class.tolist()}
         _logger.info("representatives: %d clusters over %d images", self.representatives.num_clusters, len(labels))
+        self._checkpoint("representatives", 1, 1)
         return self.representatives
 
     def fit_autoencoder(self, train_loader: DataLoader, reps: Optional[Representatives] = None) -> List[Dict]:
@@ -233,7 +329,7 @@ class EncodeNetWrapper:
                                          ce_weight=cfg.ce_weight)
         hist = train_stage(task, loader, cfg, stage="autoencoder",
                            check=self._check(image_size=self.input_size[1:], labels=False),
-                           **self._train_kwargs()) if cfg.epochs > 0 else []
+                           **self._train_kwargs("autoencoder")) if cfg.epochs > 0 else []
         self._decoder_trained = True
         self.history["autoencoder"] = hist
         return hist
@@ -248,7 +344,8 @@ class EncodeNetWrapper:
         cfg = self.config.transfer
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
         if self.tail:
-            self._restore_tail()
+            if "transfer" not in self._resume:  # a resumed transfer already trains the restored tail
+                self._restore_tail()
             trainable = PartlyFrozenClassifier(self.model, self.tail + self.head.part_names)
         else:
             trainable = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
@@ -256,7 +353,7 @@ class EncodeNetWrapper:
                                   device=self.device, verbose=False)
         try:
             hist = train_stage(task, train_loader, cfg, stage="transfer", check=self._check(),
-                               val_fn=self._val_fn(val_loader), **self._train_kwargs())
+                               val_fn=self._val_fn(val_loader), **self._train_kwargs("transfer"))
         finally:
             self.model.requires_grad_(True)
         self.history["transfer"] = hist
@@ -271,7 +368,7 @@ class EncodeNetWrapper:
         task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
         hist = train_stage(task, train_loader, cfg, stage="finetune", check=self._check(),
-                           val_fn=self._val_fn(val_loader), **self._train_kwargs())
+                           val_fn=self._val_fn(val_loader), **self._train_kwargs("finetune"))
         self.history["finetune"] = hist
         return hist
 
@@ -298,6 +395,17 @@ class EncodeNetWrapper:
                 t.copy_(self._tail_snapshot[key])
 
     # ---- use ---------------------------------------------------------------------------------------
+    def load_weights(self, path: Union[str, Path]) -> None:
+        """Load weights into the wrapped model: a model.safetensors file, a run directory (its
+        model.safetensors) or a stage checkpoint directory (checked against its manifest).
+
+        Raises:
+            FileNotFoundError: nothing to load at `path`.
+            ValueError: the file is corrupted or truncated, or was saved from another model (the
+                message names the missing/unexpected keys or the first shape that differs).
+        """
+        load_state_into(self.model, load_model_file(path), str(path))
+
     def evaluate(self, loader: DataLoader) -> Dict[str, float]:
         """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of the current model on `loader`."""
         check_loader(loader, "loader")

@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -38,3 +41,20 @@ def digits_loaders(digits):
     g = torch.Generator().manual_seed(0)
     return (DataLoader(train, batch_size=64, shuffle=True, generator=g),
             DataLoader(test, batch_size=256))
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Benchmarks' --threads sets torch's global thread count; put it back afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -1,34 +1,17 @@
 """End to end: benchmarks/cifar.py on a tiny synthetic zip in the cifar10-jpeg layout (1 epoch per stage)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
 from test_cifar import make_image_zip
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar.py"
 METHODS = ["baseline", "baseline_equal", "kd", "encodenet"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_cifar", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def one_thread():
-    """The benchmark's --threads sets torch's global thread count; put it back afterwards."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_benchmark_pipeline_end_to_end(tmp_path, one_thread):
-    bench = _load_script()
+    bench = load_benchmark("cifar")
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)
     out = tmp_path / "out"
     argv = ["--dataset", "cifar10-jpeg", "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
@@ -78,7 +61,7 @@ def test_benchmark_pipeline_end_to_end(tmp_path, one_thread):
 def test_cuda_without_a_gpu_fails_clearly(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    bench = _load_script()
+    bench = load_benchmark("cifar")
     make_image_zip(tmp_path / "cifar10-jpeg.zip")
     with pytest.raises(ValueError, match="CUDA is not available"):
         bench.main(["--dataset", "cifar10-jpeg", "--data-dir", str(tmp_path), "--profile", "smoke",
@@ -86,6 +69,6 @@ def test_cuda_without_a_gpu_fails_clearly(tmp_path):
 
 
 def test_unknown_method_is_rejected():
-    bench = _load_script()
+    bench = load_benchmark("cifar")
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "baseline,distill"])

@@ -39,12 +39,19 @@ def test_mixed_class_features_still_split_by_class():
         assert (labels[res.cluster_ids == cid] == res.cluster_labels[cid]).all()
 
 
-def test_k_is_clipped_with_a_warning():
-    feats, labels, _ = _blobs(num_classes=2, blobs=1, per_blob=3)
-    with pytest.warns(UserWarning, match="clipped"):
-        res = cluster_per_class(feats, labels, 2, 5, seed=0)
-    assert res.k_per_class.tolist() == [3, 3]
-    assert len(np.unique(res.cluster_ids)) == 6
+def test_fewer_images_than_clusters_is_an_error_naming_the_classes():
+    feats, labels, _ = _blobs(num_classes=3, blobs=1, per_blob=4)
+    keep = ~((labels == 1) & (np.arange(len(labels)) % 4 > 1))  # class 1 keeps 2 of its 4 images
+    with pytest.raises(ValueError, match=r"clusters_per_class=3 needs .* class 1 has 2; lower .* at most 2.*'auto'"):
+        cluster_per_class(feats[keep], labels[keep], 3, 3, seed=0)
+    res = cluster_per_class(feats, labels, 3, 4, seed=0)  # exactly as many images as clusters is fine
+    assert res.k_per_class.tolist() == [4, 4, 4]
+
+
+def test_auto_k_handles_classes_with_one_or_two_images():
+    feats, labels, _ = _blobs(num_classes=2, blobs=1, per_blob=2)
+    res = cluster_per_class(feats, labels, 2, "auto", seed=0)
+    assert res.k_per_class.tolist() == [1, 1]
 
 
 def test_class_without_images_is_an_error():

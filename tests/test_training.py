@@ -76,3 +76,45 @@ def test_gpu_training_with_amp(amp):
                        StageConfig(epochs=3, lr=0.05), stage="gpu", device=torch.device("cuda"), amp=amp,
                        channels_last=True, progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_resume_from_an_epoch_end_state_is_bitwise_exact():
+    """Stop after epoch 1 (copying what a checkpoint holds), resume in fresh objects: same weights as 3 epochs."""
+    import copy
+
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(48) % 2
+    cfg = StageConfig(epochs=3, lr=0.05, warmup_epochs=1, opt="sgd")
+
+    def run(model, resume=None, stop_after=None):
+        loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
+                            generator=torch.Generator().manual_seed(123))
+        saved = {}
+
+        def on_epoch_end(state):
+            if state.epoch == stop_after:
+                saved.update(state=copy.deepcopy(state), model=copy.deepcopy(model.state_dict()))
+                raise KeyboardInterrupt  # the process dies here
+        try:
+            hist = train_stage(ClassificationTask(model, verbose=False), loader, cfg, stage="t",
+                               device=torch.device("cpu"), progress=False, seed=7, resume=resume,
+                               on_epoch_end=on_epoch_end)
+        except KeyboardInterrupt:
+            return saved
+        return hist
+
+    full = make_model("resnet10t", num_classes=2)
+    hist_full = run(full)
+    saved = run(make_model("resnet10t", num_classes=2), stop_after=1)
+    resumed = make_model("resnet10t", num_classes=2)
+    resumed.load_state_dict(saved["model"])
+    hist_resumed = run(resumed, resume=saved["state"])
+    assert [h["loss"] for h in hist_resumed] == [h["loss"] for h in hist_full]
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_epoch_seed_depends_on_seed_and_epoch_only():
+    from encodenet_timm.training import epoch_seed
+    assert epoch_seed(0, 1) == epoch_seed(0, 1) != epoch_seed(0, 2) != epoch_seed(1, 2)
+    assert 0 <= epoch_seed(-5, 0) < 2 ** 63

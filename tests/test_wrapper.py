@@ -1,9 +1,9 @@
 import pytest
 import timm
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
-from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError, StageConfig
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 
 from conftest import make_model
 
@@ -134,85 +134,7 @@ def test_same_seed_same_result_on_cpu(digits):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
-def test_fewer_images_than_clusters_clips_k(digits):
-    train, _ = digits
-    idx = [i for i in range(len(train)) if int(train[i][1]) != 3][:150]
-    idx += [i for i in range(len(train)) if int(train[i][1]) == 3][:2]  # class 3 has 2 images
-    loader = DataLoader(Subset(train, idx), batch_size=50)
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
-    with pytest.warns(UserWarning, match="class 3 \\(2 images\\)"):
-        reps = wrapper.select_representatives(loader)
-    assert (reps.cluster_labels == 3).sum() == 2
-
-
-# ---- bad input: clear errors before compute is spent ------------------------------------------------
-def _tensor_loader(x, y, batch_size=8):
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def test_labels_out_of_range(digits):
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
-    loader = _tensor_loader(torch.randn(16, 3, 32, 32), torch.full((16,), 12))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
-        wrapper.fit_baseline(loader)
-
-
-def test_class_without_images(digits):
-    train, _ = digits
-    idx = [i for i in range(300) if int(train[i][1]) != 7]
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
-    with pytest.raises(ValueError, match=r"classes \[7\] have no images"):
-        wrapper.select_representatives(DataLoader(Subset(train, idx), batch_size=64))
-
-
-def test_wrong_channel_count():
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
-    with pytest.raises(ValueError, match="1 channels but the model takes 3"):
-        wrapper.fit_baseline(_tensor_loader(torch.randn(16, 1, 32, 32), torch.zeros(16, dtype=torch.long)))
-
-
-def test_nan_inputs():
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
-    x = torch.randn(16, 3, 32, 32)
-    x[3, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        wrapper.fit_baseline(_tensor_loader(x, torch.zeros(16, dtype=torch.long)))
-
-
-def test_nan_loss_names_stage_and_epoch():
-    cfg = _cfg(baseline=1)
-    cfg.baseline.lr, cfg.baseline.sched = 1e30, "none"  # the first update blows the weights up
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), cfg)
-    loader = _tensor_loader(torch.randn(32, 3, 32, 32), torch.arange(32) % 10, batch_size=4)
-    with pytest.raises(NonFiniteLossError, match="baseline stage: loss became .* at epoch 0, step [1-7]"):
-        wrapper.fit_baseline(loader)
-
-
-class _Stream(IterableDataset):
-    def __iter__(self):
-        for _ in range(4):
-            yield torch.randn(3, 32, 32), 0
-
-
-def test_iterable_dataset_is_rejected_for_the_autoencoder():
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
-    with pytest.raises(TypeError, match="map-style"):
-        wrapper.fit_autoencoder(DataLoader(_Stream(), batch_size=2))
-
-
-def test_empty_loader_and_non_loader():
-    wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg(baseline=1))
-    with pytest.raises(ValueError, match="empty"):
-        wrapper.fit_baseline(_tensor_loader(torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)))
-    with pytest.raises(TypeError, match="DataLoader"):
-        wrapper.fit_baseline([(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
-
-
-def test_not_a_timm_model_or_config():
-    with pytest.raises(TypeError, match="timm"):
-        EncodeNetWrapper(torch.nn.Linear(4, 2))
-    with pytest.raises(TypeError, match="EncodeNetConfig"):
-        EncodeNetWrapper(make_model("resnet10t"), {"seed": 1})
+# bad input (labels, classes, channels, NaN, loaders, model, config, checkpoints): tests/test_bad_input.py
 
 
 def test_decoder_size_follows_data_until_trained(digits):

@@ -1,0 +1,403 @@
+"""Run directories: atomic files, per-epoch stage checkpoints, and loading them back safely.
+
+Every file is written to a temporary file in its own directory, fsynced, then renamed over its name
+(``os.replace``), so a reader never sees half a file. A checkpoint is complete only once its
+``manifest.json`` exists: it is written last and records every file's size and SHA-256. Tensors go
+to safetensors, optimizer state to ``torch.save`` (read back with ``weights_only=True``), everything
+else to JSON or YAML. Nothing is unpickled.
+
+Layout of a run directory::
+
+    <run_dir>/config.yaml            the full config
+    <run_dir>/run.json               versions, machine, seed, model, per-stage status and history
+    <run_dir>/checkpoints/<stage>/epoch-<NNNN>/
+        model.safetensors            the whole model's state_dict
+        decoder.safetensors          once the decoder exists
+        optimizer.pt                 training stages: optimizer.state_dict()
+        representatives.safetensors  from the representatives stage on
+        tail.safetensors             split inside the encoder: the tail's pre-autoencoder weights
+        manifest.json                written last: stage, epoch, files, loop state (JSON)
+    <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .training import TrainState
+
+__all__ = ["write_atomic", "write_json", "read_json", "save_tensors", "load_tensors", "load_state_into",
+           "load_model_file", "model_fingerprint", "Checkpoint", "RunDir"]
+
+PathLike = Union[str, Path]
+MANIFEST = "manifest.json"
+_FORMAT = "encodenet_timm.checkpoint/1"
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+_RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
+
+
+# ---- files -------------------------------------------------------------------------------------------
+def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Write `path` through ``write(tmp_path)``, fsync, then rename: `path` is never half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path: PathLike, data: Dict[str, Any]) -> None:
+    """Atomically write `data` as indented JSON."""
+    text = json.dumps(data, indent=1)
+    write_atomic(path, lambda p: p.write_text(text))
+
+
+def read_json(path: PathLike) -> Dict[str, Any]:
+    """A JSON object from `path`; ValueError when the file is not one (corrupted or truncated)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is corrupted or truncated: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is corrupted: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Atomically write named tensors to a safetensors file (CPU copies, so shared storage is fine)."""
+    plain = _cpu(tensors)
+    write_atomic(path, lambda p: save_file(plain, str(p), metadata=metadata))
+
+
+def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Named CPU tensors from a safetensors file.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file is not valid safetensors (corrupted or truncated).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is corrupted or truncated: not a readable safetensors file ({e})") from e
+
+
+def load_state_into(module: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
+    """Load `tensors` into `module` (strict), after checking names and shapes.
+
+    Raises:
+        ValueError: keys are missing or unexpected, or a shape differs; the message names them and
+            says the file was written for another model.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    what = f"{source} does not fit this {type(module).__name__} (it was saved from another model)"
+    if missing or unexpected:
+        raise ValueError(f"{what}: {len(missing)} missing keys {_first(missing)}, "
+                         f"{len(unexpected)} unexpected keys {_first(unexpected)}")
+    for key, value in own.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)} in the file but "
+                             f"{tuple(value.shape)} in the model")
+    module.load_state_dict(tensors)
+
+
+def _first(keys: List[str], n: int = 3) -> str:
+    return "[" + ", ".join(map(repr, keys[:n])) + (", ..." if len(keys) > n else "") + "]"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> Dict[str, Any]:
+    """What identifies a model's architecture: class, timm name, classes, parameter count, and a
+    SHA-256 over its state_dict's names, shapes and dtypes."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(f"{key}:{tuple(value.shape)}:{value.dtype}\n".encode())
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "architecture": cfg.get("architecture"), "num_classes": getattr(model, "num_classes", None),
+            "num_params": sum(p.numel() for p in model.parameters()), "layout_sha256": h.hexdigest()}
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: saved -> current'."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in list(saved) + [k for k in current if k not in saved]:
+            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+def load_model_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """A model's state_dict from a model.safetensors file, a run directory (its model.safetensors), or a
+    stage checkpoint directory (its model.safetensors, checked against its manifest).
+
+    Raises:
+        FileNotFoundError: nothing to load at `path`.
+        ValueError: the file is corrupted or truncated.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return Checkpoint.read(path).tensors("model")
+    return load_tensors(path / "model.safetensors" if path.is_dir() else path)
+
+
+class Checkpoint:
+    """One complete stage checkpoint: a directory whose manifest lists its files.
+
+    Attributes:
+        directory: ``<run_dir>/checkpoints/<stage>/epoch-<NNNN>``.
+        stage, epoch: the stage, and how many of its `epochs` are complete.
+        state: the JSON state saved with it (loop state, history, ...).
+    """
+
+    def __init__(self, directory: Path, manifest: Dict[str, Any]):
+        self.directory, self.manifest = directory, manifest
+        self.stage: str = manifest["stage"]
+        self.epoch: int = manifest["epoch"]
+        self.epochs: int = manifest["epochs"]
+        self.state: Dict[str, Any] = manifest["state"]
+
+    @classmethod
+    def read(cls, directory: PathLike) -> "Checkpoint":
+        """The checkpoint in `directory`; ValueError unless its manifest says it is complete."""
+        directory = Path(directory)
+        manifest = read_json(directory / MANIFEST)
+        if manifest.get("format") != _FORMAT or manifest.get("complete") is not True:
+            raise ValueError(f"{directory} is not a complete encodenet_timm checkpoint ({MANIFEST} says otherwise)")
+        return cls(directory, manifest)
+
+    @property
+    def stage_complete(self) -> bool:
+        return self.epoch >= self.epochs
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def path(self, name: str) -> Path:
+        """The path of file `name`, checked against the size and SHA-256 its manifest records."""
+        entry = self.manifest["files"].get(name)
+        path = self.directory / name
+        if entry is None or not path.is_file():
+            raise ValueError(f"checkpoint {self.directory} has no {name}")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise ValueError(f"{path} is corrupted or truncated: its size or SHA-256 differs from {MANIFEST}")
+        return path
+
+    def tensors(self, stem: str) -> Dict[str, torch.Tensor]:
+        """The named tensors of ``<stem>.safetensors``, verified."""
+        return load_tensors(self.path(f"{stem}.safetensors"))
+
+    def train_state(self) -> TrainState:
+        """The loop state to continue this stage with (`train_stage(..., resume=...)`)."""
+        loop = self.manifest.get("loop")
+        if loop is None:
+            raise ValueError(f"checkpoint {self.directory} holds no training-loop state")
+        path = self.path("optimizer.pt")
+        try:
+            optimizer = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises RuntimeError / UnpicklingError for bad files
+            raise ValueError(f"{path} is corrupted or truncated: torch.load(weights_only=True) failed ({e})") from e
+        return TrainState(epoch=self.epoch, num_updates=loop["num_updates"], history=loop["history"],
+                          optimizer=optimizer, scheduler=loop["scheduler"], scaler=loop["scaler"])
+
+
+def _epoch_dirs(stage_dir: Path) -> List[Path]:
+    """``epoch-NNNN`` directories of one stage, newest first."""
+    if not stage_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in stage_dir.iterdir() if (m := _EPOCH_DIR.match(d.name)) and d.is_dir()]
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+# ---- run directory -----------------------------------------------------------------------------------
+class RunDir:
+    """A run directory: config, run record, per-stage checkpoints and the final model (layout above).
+
+    Args:
+        path: the directory; created on `begin`.
+        stages: the stage names in the order they run.
+    """
+
+    def __init__(self, path: PathLike, stages: Sequence[str]):
+        self.path = Path(path)
+        self.stages = tuple(stages)
+        self.record: Dict[str, Any] = {}
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / "checkpoints" / stage
+
+    def checkpoint(self, stage: str) -> Optional[Checkpoint]:
+        """The latest complete checkpoint of `stage`; directories without a manifest are ignored."""
+        for directory in _epoch_dirs(self.stage_dir(stage)):
+            if (directory / MANIFEST).is_file():  # without one it is half written: never complete
+                return Checkpoint.read(directory)
+        return None
+
+    def latest(self) -> Optional[Checkpoint]:
+        """The latest complete checkpoint of the last stage that has one."""
+        for stage in reversed(self.stages):
+            found = self.checkpoint(stage)
+            if found is not None:
+                return found
+        return None
+
+    def begin(self, config: Dict[str, Any], info: Dict[str, Any], resume: bool) -> None:
+        """Start (or, with `resume`, reopen) the run.
+
+        Args:
+            config: the full config as a plain dict (written to config.yaml).
+            info: run facts for run.json: ``model`` (a `model_fingerprint`), ``seed``, ``versions``, ``machine``.
+
+        Raises:
+            ValueError: resume without a run, resume with another model or config, or a fresh run into
+                a directory that already holds checkpoints.
+        """
+        if resume:
+            self._reopen(config, info)
+            return
+        if self.latest() is not None:
+            raise ValueError(f"{self.path} already holds checkpoints of a run; pass resume=True to continue it, "
+                             f"or choose a new run directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.config_path, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
+        self.record = {**info, "status": "running", "started": _now(), "updated": _now(), "resumed": [],
+                       "stages": {s: {"status": "pending"} for s in self.stages}}
+        write_json(self.record_path, self.record)
+
+    def _reopen(self, config: Dict[str, Any], info: Dict[str, Any]) -> None:
+        if not self.config_path.is_file() or not self.record_path.is_file():
+            raise ValueError(f"resume=True but {self.path} holds no run to resume (no config.yaml and run.json); "
+                             f"run without resume to start one there")
+        try:
+            saved_config = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{self.config_path} is corrupted: not valid YAML ({e})") from e
+        saved_config = {k: v for k, v in (saved_config or {}).items() if k not in _RUNTIME_CONFIG_KEYS}
+        diff = _differences(saved_config, {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS})
+        if diff:
+            raise ValueError(f"cannot resume {self.path}: it was written with another config ("
+                             + "; ".join(diff) + "); resume with the saved config.yaml, or choose a new run directory")
+        self.record = read_json(self.record_path)
+        diff = _differences(self.record.get("model"), info["model"], "model.")
+        if diff:
+            raise ValueError(f"cannot resume {self.path}: it was written for another model ("
+                             + "; ".join(diff) + ")")
+        self.record["resumed"] = self.record.get("resumed", []) + [
+            {"at": _now(), "versions": info.get("versions"), "machine": info.get("machine")}]
+        self.record["status"] = "running"
+        self.record.pop("error", None)
+        self._write_record()
+
+    def save(self, stage: str, epoch: int, epochs: int, *, tensors: Dict[str, Dict[str, torch.Tensor]],
+             state: Dict[str, Any], train: Optional[TrainState] = None,
+             writers: Optional[Dict[str, Callable[[Path], None]]] = None) -> Checkpoint:
+        """Write the checkpoint of `stage` after `epoch` of its `epochs`; older epochs of it are removed.
+
+        Args:
+            tensors: file stem -> named tensors, each written to ``<stem>.safetensors``.
+            state: JSON-able state of the caller (e.g. the history of earlier stages).
+            train: the loop state of a training stage: optimizer.pt (torch.save) and the manifest's "loop".
+            writers: file name -> function writing that file at the path it is given.
+        """
+        directory = self.stage_dir(stage) / f"epoch-{epoch:04d}"
+        (directory / MANIFEST).unlink(missing_ok=True)  # incomplete while its files are rewritten
+        files: Dict[str, Callable[[Path], None]] = {
+            f"{stem}.safetensors": (lambda p, t=_cpu(t): save_file(t, str(p))) for stem, t in tensors.items()}
+        if train is not None:
+            files["optimizer.pt"] = lambda p: torch.save(train.optimizer, p)
+        files.update(writers or {})
+        entries = {}
+        for name, write in files.items():
+            write_atomic(directory / name, write)
+            entries[name] = {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        loop = None if train is None else {"num_updates": train.num_updates, "history": train.history,
+                                           "scheduler": train.scheduler, "scaler": train.scaler}
+        manifest = {"format": _FORMAT, "complete": True, "stage": stage, "epoch": epoch, "epochs": epochs,
+                    "saved": _now(), "files": entries, "state": state, "loop": loop}
+        write_json(directory / MANIFEST, manifest)
+        for old in _epoch_dirs(self.stage_dir(stage)):
+            if old != directory:  # the manifest first, so a half-deleted directory is never complete
+                (old / MANIFEST).unlink(missing_ok=True)
+                shutil.rmtree(old, ignore_errors=True)
+        history = train.history if train is not None else state.get("history", {}).get(stage)
+        self.update_stage(stage, status="complete" if epoch >= epochs else "running", epochs_done=epoch,
+                          epochs=epochs, **({"history": history} if history is not None else {}))
+        return Checkpoint(directory, manifest)
+
+    def update_stage(self, stage: str, **fields: Any) -> None:
+        """Merge `fields` into run.json's record of `stage` and rewrite run.json."""
+        self.record.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+        self._write_record()
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        """Record a failed (or interrupted) stage; its last complete checkpoint stays and can be resumed."""
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        self.record["status"] = status
+        self.record["error"] = f"{type(error).__name__}: {error}"
+        self.update_stage(stage, status=status)
+
+    def finish(self, model_state: Dict[str, torch.Tensor]) -> None:
+        """Write model.safetensors (the exported model) and mark the run complete."""
+        save_tensors(self.model_path, model_state, metadata={"format": "pt"})
+        self.record["status"] = "complete"
+        self.record["model_file"] = self.model_path.name
+        self._write_record()
+
+    def _write_record(self) -> None:
+        self.record["updated"] = _now()
+        write_json(self.record_path, self.record)
+
+
+def _cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,372 @@
+"""The ``encodenet`` command: argv -> config -> data and model -> `EncodeNetWrapper` calls.
+
+    encodenet fit --model resnet10t --dataset digits --out runs/digits --baseline.epochs 6
+    encodenet evaluate runs/digits
+    encodenet export runs/digits --to digits.safetensors
+    encodenet config --dump
+
+A run directory holds ``cli.json`` (what `fit` was asked for: model, data, loader settings), so
+`evaluate`, `export` and ``fit --resume`` rebuild model and data from it without repeating arguments.
+"""
+import argparse
+import difflib
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import yaml
+
+from .config import EncodeNetConfig
+from .data import DATASETS, DataSplits, build_datasets, make_loaders
+from .errors import EncodeNetError
+from .plots import save_run_plots
+from .wrapper import EncodeNetWrapper
+
+__all__ = ["main", "build_parser"]
+
+_logger = logging.getLogger(__name__)
+
+CLI_JSON = "cli.json"        # the fit arguments, written by this command
+CONFIG_YAML = "config.yaml"  # the full config, written by EncodeNetWrapper.fit(run_dir=...)
+WEIGHTS = "model.safetensors"  # the exported plain timm model, written by EncodeNetWrapper.fit(run_dir=...)
+EVAL_JSON = "eval.json"
+# fit options recorded in cli.json, with their defaults; with --resume they come from cli.json
+_FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset": None, "data_dir": None,
+                 "val_fraction": 0.1, "per_class": None, "batch_size": 128, "img_size": 32}
+
+_FIT_EPILOG = """examples:
+  # no download: scikit-learn's digits, a timm ResNet trained from scratch (a few minutes on a CPU)
+  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels_last true \\
+      --baseline.epochs 6 --autoencoder.epochs 3 --transfer.epochs 3
+  # CIFAR-10 through torchvision (downloaded into data/ unless --no-download), a YAML config and overrides
+  encodenet fit --model resnet20_cifar --dataset cifar10 --data-dir data --config run.yaml \\
+      --set transfer.lr=0.1 --set representatives.clusters_per_class=auto --out runs/c10
+  # your own images: D/train/<class>/*.jpg and D/test/<class>/*.jpg (or D/val/)
+  encodenet fit --model resnet18 --pretrained --dataset imagefolder --data-dir D --img-size 64 --out runs/mine
+  # continue an interrupted run (model, data and config come from the run dir)
+  encodenet fit --out runs/c10 --resume
+"""
+
+
+_EXAMPLES = """example (no download; a few minutes on a CPU):
+  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels_last true \\
+      --baseline.epochs 6 --autoencoder.epochs 3 --transfer.epochs 3
+  encodenet evaluate runs/digits
+  encodenet export runs/digits --to digits.safetensors
+  encodenet config --dump > run.yaml
+
+Run 'encodenet <command> --help' for a command's options.
+"""
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+def _config_defaults(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Dotted config key -> default value, for every leaf of the config."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_config_defaults(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="config file (partial is fine); flags override it")
+    parser.add_argument("--set", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. transfer.lr=0.1 (repeatable; values are YAML)")
+    group = parser.add_argument_group("config keys (each also works as --set KEY=VALUE; values are YAML)")
+    for key, default in _config_defaults(EncodeNetConfig().to_dict()).items():
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="V", help=f"default: {default}")
+
+
+def _subparser(sub, name: str, usage: str, text: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, usage=usage, help=text, description=text, epilog=epilog, allow_abbrev=False,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``encodenet`` argument parser with its four subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="encodenet", description="EncodeNet for timm classifiers: fit, evaluate and export runs.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="{fit,evaluate,export,config}", required=True)
+
+    fit = _subparser(sub, "fit", "encodenet fit --model NAME --dataset NAME [--data-dir D] --out RUN_DIR "
+                     "[options] [--set KEY=VALUE ...]\n       encodenet fit --out RUN_DIR --resume",
+                     "train a timm model with EncodeNet into a run directory", _FIT_EPILOG)
+    fit.add_argument("--model", metavar="NAME", help="timm model name (resnet20_cifar, resnet18, ...)")
+    fit.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                     help="extra timm.create_model argument, e.g. img_size=32 (repeatable)")
+    fit.add_argument("--pretrained", action="store_true", default=None,
+                     help="start from timm's pretrained weights (timm downloads them) and their mean/std")
+    fit.add_argument("--dataset", choices=DATASETS, help="digits needs no data dir and no download")
+    fit.add_argument("--data-dir", metavar="D",
+                     help="where the data lies (imagefolder: D/train/<class>/..., D/test or D/val)")
+    fit.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write (or resume)")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    fit.add_argument("--val-fraction", type=float, metavar="F", help="share of each class held out for validation "
+                                                        "(default 0.1; 0: none)")
+    fit.add_argument("--per-class", type=int, metavar="N", help="use at most N training images per class (a quick run)")
+    fit.add_argument("--batch-size", type=int, metavar="N", help="batch size of every loader (default 128)")
+    fit.add_argument("--img-size", type=int, metavar="N", help="image side for digits and imagefolder (default 32)")
+    fit.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
+    fit.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
+    _add_config_options(fit)
+    fit.set_defaults(func=_cmd_fit)
+
+    ev = _subparser(sub, "evaluate", "encodenet evaluate RUN_DIR [--split {test,val}] [options]",
+                    "accuracy and loss of a run's model; writes RUN_DIR/eval.json",
+                    "example:\n  encodenet evaluate runs/digits --split test\n")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
+    ev.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
+    ev.add_argument("--weights", metavar="FILE",
+                    help=f"a safetensors state dict to evaluate (default RUN_DIR/{WEIGHTS})")
+    ev.add_argument("--batch-size", type=int, metavar="N", help="default: the run's")
+    ev.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
+    ev.add_argument("--device", metavar="DEVICE", help="default: the run's config (auto: CUDA when present)")
+    ev.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    ex = _subparser(sub, "export", "encodenet export RUN_DIR --to FILE.safetensors",
+                    "write a run's model as a plain timm state dict (+ a .json sidecar)",
+                    "example:\n  encodenet export runs/digits --to digits.safetensors\n")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
+    ex.add_argument("--to", required=True, metavar="FILE.safetensors", help="the file to write")
+    ex.set_defaults(func=_cmd_export)
+
+    cf = _subparser(sub, "config", "encodenet config --dump [--config YAML] [--set KEY=VALUE ...] [--KEY V ...]",
+                    "print the config as YAML: the defaults, or merged with a file and flags",
+                    "examples:\n  encodenet config --dump > run.yaml\n"
+                    "  encodenet config --dump --config run.yaml --set transfer.lr=0.1\n")
+    cf.add_argument("--dump", action="store_true", required=True, help="print the full config as YAML")
+    _add_config_options(cf)
+    cf.set_defaults(func=_cmd_config)
+    return parser
+
+
+# ---- arguments -> objects -----------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    """A YAML scalar or list; number-like strings YAML leaves as text ("1e-3") become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+        return float(value)
+    return value
+
+
+def _key_values(items: Sequence[str], what: str) -> Dict[str, Any]:
+    """["a.b=1", ...] -> {"a.b": 1, ...}; raises ValueError for an item without '='."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """Dotted config keys set by --KEY flags and --set (which wins)."""
+    flags = {name[4:]: _parse_value(value) for name, value in vars(args).items()
+             if name.startswith("cfg:") and value is not None}
+    return {**flags, **_key_values(args.set, "--set")}
+
+
+def _config(args: argparse.Namespace, base: Optional[EncodeNetConfig] = None) -> EncodeNetConfig:
+    """`base` (default: the defaults) or the --config file <- --KEY flags and --set."""
+    config = EncodeNetConfig.from_yaml(Path(args.config)) if args.config else base or EncodeNetConfig()
+    return config.override(_config_overrides(args))
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint} (timm.list_models() lists them all)")
+
+
+def _create_model(spec: Dict[str, Any], pretrained: bool = False) -> torch.nn.Module:
+    _check_model_name(spec["model"])
+    return timm.create_model(spec["model"], pretrained=pretrained, num_classes=spec["num_classes"],
+                             **_key_values(spec["model_arg"], "--model-arg"))
+
+
+def _data(spec: Dict[str, Any], seed: int, download: bool = True) -> DataSplits:
+    in_chans = _key_values(spec["model_arg"], "--model-arg").get("in_chans", 3)
+    return build_datasets(spec["dataset"], spec["data_dir"], img_size=spec["img_size"], in_chans=in_chans,
+                          val_fraction=spec["val_fraction"], per_class=spec["per_class"], seed=seed,
+                          download=download, mean=spec.get("mean"), std=spec.get("std"))
+
+
+def _load_run(run_dir: Path) -> Tuple[Dict[str, Any], EncodeNetConfig]:
+    """(the fit arguments from cli.json, the config from config.yaml) of a run directory."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run dir {run_dir} does not exist")
+    for name in (CLI_JSON, CONFIG_YAML):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} has no {name}: it is not a run directory written by 'encodenet fit' "
+                                    f"(or its fit stopped before training began)")
+    spec = json.loads((run_dir / CLI_JSON).read_text())
+    return spec, EncodeNetConfig.from_yaml(run_dir / CONFIG_YAML)
+
+
+def _wrapper_with_weights(spec: Dict[str, Any], config: EncodeNetConfig, run_dir: Path,
+                          weights: Optional[Path] = None) -> EncodeNetWrapper:
+    """A wrapper around the run's model with `weights` (default RUN_DIR/model.safetensors) loaded."""
+    if weights is None:
+        weights = run_dir / WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{run_dir} has no {WEIGHTS}: the run has not finished "
+                                    f"(continue it with: encodenet fit --out {run_dir} --resume)")
+    wrapper = EncodeNetWrapper(_create_model(spec), config)
+    wrapper.load_weights(weights)
+    return wrapper
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+def _cmd_fit(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    given = {k: getattr(args, k) for k in _FIT_DEFAULTS if getattr(args, k) is not None}
+    if args.resume:
+        spec, saved = _load_run(out)
+        if given:
+            raise ValueError(f"--resume takes the model and data from {out}/{CLI_JSON}; drop "
+                             + ", ".join(f"--{k.replace('_', '-')}" for k in given))
+        config = _config(args, base=saved)  # EncodeNetWrapper.fit refuses a change that alters results
+    else:
+        if (out / CONFIG_YAML).exists():  # written when training begins
+            raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
+        missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset") if k not in given]
+        if missing:
+            raise ValueError(f"fit needs {' and '.join(missing)} (or --resume to continue a run)")
+        spec = {**_FIT_DEFAULTS, **given}
+        spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
+        config = _config(args)
+        _check_model_name(spec["model"])  # before any data is read
+        if spec["pretrained"]:  # pretrained weights expect their own normalisation
+            cfg = timm.models.get_pretrained_cfg(spec["model"])
+            if cfg is not None:
+                spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
+    data = _data(spec, config.seed, download=not args.no_download)
+    if not args.resume:
+        spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
+                    std=data.std and list(data.std), input_size=list(data.input_size))
+        if config.input_size is None:
+            config = config.override({"input_size": spec["input_size"]})
+        if config.baseline.epochs == 0 and not spec["pretrained"]:
+            _logger.warning("the model starts from random weights (no --pretrained) and baseline.epochs is 0: "
+                            "EncodeNet will start from an untrained model; set --baseline.epochs N")
+    loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
+                           pin_memory=torch.cuda.is_available())
+    wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / CLI_JSON, spec)
+    _logger.info("%s on %s: %d classes, %d training images, run dir %s", spec["model"], spec["dataset"],
+                 data.num_classes, len(data.train), out)
+    try:
+        wrapper.fit(loaders["train"], loaders["val"], plain_loader=loaders["plain"], run_dir=out,
+                    resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: encodenet fit --out {out} --resume", file=sys.stderr)
+        return 130
+    denormalize = data.denormalize if data.mean is not None else None
+    pictures = save_run_plots(wrapper, out, data.plain, denormalize, classes=data.classes)
+    print(f"run dir: {out}")
+    print(f"  weights: {out / WEIGHTS}")
+    print(f"  pictures: {', '.join(p.name for p in pictures)}")
+    if loaders["test"] is not None:
+        _report(out, "test", wrapper.evaluate(loaders["test"]), len(data.test))
+    return 0
+
+
+def _report(run_dir: Path, split: str, metrics: Dict[str, float], images: int) -> None:
+    """Print the metrics and merge them into RUN_DIR/eval.json under `split`."""
+    path = run_dir / EVAL_JSON
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[split] = {**metrics, "images": images}
+    _write_json(path, results)
+    print(f"{split} accuracy: {metrics['accuracy']:.4f}  loss: {metrics['loss']:.4f}  ({images} images) -> {path}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    spec, config = _load_run(run_dir)
+    if args.device:
+        config = config.override({"device": args.device})
+    if args.batch_size:
+        spec["batch_size"] = args.batch_size
+    data = _data(spec, config.seed, download=not args.no_download)
+    dataset = data.test if args.split == "test" else data.val
+    if dataset is None:
+        raise ValueError(f"the run's data has no {args.split} split"
+                         + (" (it was fitted with --val-fraction 0)" if args.split == "val" else ""))
+    loader = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers)[args.split]
+    wrapper = _wrapper_with_weights(spec, config, run_dir, Path(args.weights) if args.weights else None)
+    _report(run_dir, args.split, wrapper.evaluate(loader), len(dataset))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+    run_dir, to = Path(args.run_dir), Path(args.to)
+    spec, config = _load_run(run_dir)
+    plain = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir).export()
+    to.parent.mkdir(parents=True, exist_ok=True)
+    save_file(plain.state_dict(), str(to))
+    kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
+    sidecar = to.with_suffix(".json")
+    _write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
+                          "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
+                          "run_dir": str(run_dir.resolve())})
+    args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    zoo = type(plain).__module__.startswith(__package__)
+    print(f"wrote {to} and {sidecar}. To load it:")
+    print(f"import timm, safetensors.torch{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
+    print(f"model = timm.create_model({args_text})")
+    print(f"model.load_state_dict(safetensors.torch.load_file({str(to)!r}))")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(_config(args).to_yaml(), end="")
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``encodenet`` with `argv` (default ``sys.argv[1:]``); returns the exit code.
+
+    Bad input (an unknown config key, a missing data dir, ...) prints one line and returns 2;
+    an `EncodeNetError` (a model EncodeNet cannot handle, a diverged loss) returns 1.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage error (already printed)
+        return e.code if isinstance(e.code, int) else 2
+    if not logging.getLogger().handlers:  # this package's messages at INFO, others' warnings only
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger(__package__).setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"encodenet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except EncodeNetError as e:
+        print(f"encodenet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

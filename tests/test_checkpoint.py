@@ -1,0 +1,304 @@
+"""Run directories and checkpoints: atomic files, complete-only checkpoints, exact kill-and-resume."""
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
+from encodenet_timm.checkpoint import (MANIFEST, RunDir, load_state_into, load_tensors, model_fingerprint,
+                                       save_tensors, write_atomic)
+from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.training import TrainState
+from encodenet_timm.wrapper import RUN_STAGES
+
+from conftest import make_model
+
+STAGES = ("baseline", "representatives", "autoencoder", "transfer")
+
+
+def _info(model):
+    return {"model": model_fingerprint(model), "seed": 0, "versions": {}, "machine": {}}
+
+
+def _save(run, stage, epoch, epochs=2, value=0.0):
+    train = TrainState(epoch, 3 * epoch, [{"epoch": e} for e in range(epoch)],
+                       optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]})
+    return run.save(stage, epoch, epochs, tensors={"model": {"w": torch.full((3,), value)}}, state={}, train=train)
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_dies(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text("old")
+
+    def dies(p):
+        p.write_text("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, dies)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_only_checkpoints_with_a_manifest_are_complete(tmp_path):
+    run = RunDir(tmp_path, STAGES)
+    first = _save(run, "baseline", 1, value=1.0)
+    assert run.latest().directory == first.directory and not first.stage_complete
+    # epoch 2 half written: its files exist but the manifest was never written
+    half = run.stage_dir("baseline") / "epoch-0002"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    assert run.latest().epoch == 1
+    second = _save(run, "baseline", 2, value=2.0)
+    assert second.stage_complete and not first.directory.exists()  # older epochs are removed
+    assert torch.equal(run.latest().tensors("model")["w"], torch.full((3,), 2.0))
+    _save(run, "representatives", 1, epochs=1)
+    assert run.latest().stage == "representatives" and run.checkpoint("baseline").epoch == 2
+    assert json.loads(run.record_path.read_text())["stages"]["baseline"]["status"] == "complete"
+    state = run.checkpoint("baseline").train_state()
+    assert (state.epoch, state.num_updates, len(state.history)) == (2, 6, 2)
+    assert state.optimizer["param_groups"][0]["lr"] == 0.1
+
+
+def test_a_corrupted_checkpoint_file_is_refused(tmp_path):
+    run = RunDir(tmp_path, STAGES)
+    ckpt = _save(run, "baseline", 1)
+    path = ckpt.directory / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + b"abcd")  # same size, different bytes
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        ckpt.tensors("model")
+    (ckpt.directory / "optimizer.pt").write_bytes(os.urandom(64))
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        ckpt.train_state()
+
+
+def test_load_tensors_and_load_state_into_name_the_problem(tmp_path):
+    model = make_model("resnet10t")
+    path = tmp_path / "m.safetensors"
+    save_tensors(path, model.state_dict())
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_tensors(tmp_path / "cut.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_tensors(tmp_path / "none.safetensors")
+    other = make_model("resnet18")
+    with pytest.raises(ValueError, match="another model.*missing keys"):
+        load_state_into(other, load_tensors(path), str(path))
+    with pytest.raises(ValueError, match=r"'fc.weight' has shape \(10, 512\) in the file but \(7, 512\)"):
+        load_state_into(make_model("resnet10t", num_classes=7), load_tensors(path), str(path))
+    again = make_model("resnet10t", num_classes=10, drop_rate=0.0)
+    load_state_into(again, load_tensors(path), str(path))
+
+
+def test_run_dir_refuses_a_fresh_run_over_checkpoints_and_a_resume_of_something_else(tmp_path):
+    model = make_model("resnet10t")
+    run = RunDir(tmp_path / "run", STAGES)
+    with pytest.raises(ValueError, match="holds no run to resume"):
+        run.begin({"seed": 0}, _info(model), resume=True)
+    run.begin({"seed": 0, "progress": True, "transfer": {"lr": 0.1}}, _info(model), resume=False)
+    _save(run, "baseline", 1)
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=True.*new run directory"):
+        RunDir(tmp_path / "run", STAGES).begin({"seed": 0}, _info(model), resume=False)
+    with pytest.raises(ValueError, match=r"another config \(transfer.lr: 0.1 -> 0.2\)"):
+        RunDir(tmp_path / "run", STAGES).begin({"seed": 0, "transfer": {"lr": 0.2}}, _info(model), resume=True)
+    with pytest.raises(ValueError, match="another model.*model.architecture: 'resnet10t' -> 'resnet18'"):
+        RunDir(tmp_path / "run", STAGES).begin({"seed": 0, "transfer": {"lr": 0.1}}, _info(make_model("resnet18")),
+                                               resume=True)
+    again = RunDir(tmp_path / "run", STAGES)
+    again.begin({"seed": 0, "progress": False, "transfer": {"lr": 0.1}}, _info(model), resume=True)  # progress ignored
+    assert len(again.record["resumed"]) == 1 and again.latest().epoch == 1
+    assert (tmp_path / "run" / "checkpoints" / "baseline" / "epoch-0001" / MANIFEST).is_file()
+
+
+# ---- fit(run_dir=...) on real digits: kill and resume, NaN loss, repeatability -------------------------
+_METHODS = {"fit_baseline": "baseline", "select_representatives": "representatives",
+            "fit_autoencoder": "autoencoder", "fit_transfer": "transfer", "fit_finetune": "finetune"}
+_FIT_STAGES = ("baseline", "autoencoder", "transfer", "finetune")
+
+
+class _KillInStage(Dataset):
+    """Reads through to `dataset`; SIGKILLs this process at the `kill_at`-th image read inside `stage`
+    (the stage is read from the calling wrapper method on the stack)."""
+
+    def __init__(self, dataset, stage=None, kill_at=0):
+        self.dataset, self.stage, self.kill_at, self.reads = dataset, stage, kill_at, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name not in _METHODS:
+            frame = frame.f_back
+        if frame is not None and _METHODS[frame.f_code.co_name] == self.stage:
+            self.reads += 1
+            if self.reads == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.dataset[i]
+
+
+def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=None, hook=None):
+    """resnet20_cifar split before its last stage, through every stage (2 epochs each, finetune too) on
+    60 real digits, on 1 thread.
+
+    `kill_stage`: SIGKILL at the `kill_at`-th image read in that stage; "checkpoint": half-way through
+    writing the first optimizer.pt (in a child process only: it replaces torch.save).
+    """
+    if kill_stage == "checkpoint":
+        def dying_save(obj, path):
+            Path(path).write_bytes(b"half a file")
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train, test = digits_datasets(size=32, seed=0)
+        labels = train.tensors[1]
+        idx = [i for c in range(10) for i in torch.nonzero(labels == c).flatten()[:6].tolist()]  # 6 per class
+        loader = DataLoader(_KillInStage(Subset(train, idx), kill_stage, kill_at), batch_size=20, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        val_loader = DataLoader(Subset(test, range(40)), batch_size=40)
+        cfg = config or EncodeNetConfig(device="cpu", progress=False, split="last_stage")  # with a tail to restore
+        for stage in _FIT_STAGES:
+            getattr(cfg, stage).epochs = 2
+        cfg.representatives.clusters_per_class = 2
+        wrapper = EncodeNetWrapper(make_model("resnet20_cifar"), cfg)
+        if hook is not None:
+            hook(wrapper)
+        return wrapper, wrapper.fit(loader, val_loader, run_dir=run_dir, resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_child(run_dir, resume, stage, kill_at):
+    """`_digits_fit` in a new process that SIGKILLs itself inside `stage`. The processes are forked from
+    a server that imported torch and this module once (multiprocessing's forkserver), to start fast."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    child = ctx.Process(target=_digits_fit, args=(str(run_dir), resume, stage, kill_at))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL, f"not killed in {stage} (exit code {child.exitcode})"
+
+
+def _same_weights(a, b):
+    ta, tb = load_tensors(a), load_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def _metrics(history):
+    """The history without wall-clock times."""
+    if isinstance(history, dict):
+        return {k: _metrics(v) for k, v in history.items() if k != "seconds"}
+    if isinstance(history, list):
+        return [_metrics(v) for v in history]
+    return history
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted `_digits_fit` run: (run_dir, history)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    _, history = _digits_fit(run)
+    return run, history
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="needs forkserver (POSIX)")
+def test_kill_in_every_stage_and_resume_gives_the_uninterrupted_weights(straight, tmp_path):
+    """SIGKILL in the middle of each stage in turn, and once while a checkpoint is being written (each
+    resume is a new process), then finish: model.safetensors and the metrics equal those of an
+    uninterrupted run, bit for bit."""
+    straight_dir, expected = straight
+    run = tmp_path / "killed"
+    # 60 images, batches of 20: a training epoch reads 60 images, the feature pass 60 (+ 20 representatives)
+    chain = [("baseline", 90, ("baseline", 1)), ("checkpoint", 0, ("baseline", 1)),
+             ("representatives", 30, ("baseline", 2)),
+             ("autoencoder", 90, ("autoencoder", 1)), ("transfer", 90, ("transfer", 1)),
+             ("finetune", 90, ("finetune", 1))]
+    for i, (stage, kill_at, (last_stage, last_epoch)) in enumerate(chain):
+        _killed_child(run, i > 0, stage, kill_at)
+        latest = RunDir(run, RUN_STAGES).latest()
+        assert (latest.stage, latest.epoch) == (last_stage, last_epoch)
+        record = json.loads((run / "run.json").read_text())
+        assert len(record["resumed"]) == i and record["status"] == "running"  # killed: nothing recorded it
+        assert not (run / "model.safetensors").exists()
+        if stage == "checkpoint":  # epoch 2's files were being written: there, but no manifest
+            half = run / "checkpoints" / "baseline" / "epoch-0002"
+            assert (half / "model.safetensors").is_file() and not (half / MANIFEST).exists()
+    _, history = _digits_fit(run, resume=True)
+    _same_weights(run / "model.safetensors", straight_dir / "model.safetensors")
+    assert _metrics(history) == _metrics(expected)
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumed"]) == len(chain)
+
+
+def test_same_seed_and_config_give_identical_metrics_and_weights(straight, tmp_path):
+    run, history = straight
+    wrapper, again = _digits_fit(tmp_path / "again")
+    assert _metrics(again) == _metrics(history)
+    _same_weights(tmp_path / "again" / "model.safetensors", run / "model.safetensors")
+    # the record says what produced the result
+    record = json.loads((run / "run.json").read_text())
+    assert record["seed"] == 0 and record["status"] == "complete"
+    assert {"python", "torch", "timm", "numpy", "faiss", "encodenet_timm"} <= set(record["versions"])
+    assert {"platform", "cpu_count", "device"} <= set(record["machine"])
+    assert record["model"]["architecture"] == "resnet20_cifar" and record["model"]["num_params"] > 0
+    assert [record["stages"][s]["status"] for s in _METHODS.values()] == ["complete"] * 5
+    assert EncodeNetConfig.from_yaml(run / "config.yaml") == wrapper.config
+    for stage in ("transfer", "representatives"):
+        assert _metrics(record["stages"][stage]["history"]) == _metrics(history[stage])
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(straight, tmp_path):
+    def nan_in_the_second_epoch(wrapper):
+        calls = [0]
+
+        def hook(module, args, out):
+            calls[0] += torch.is_grad_enabled()  # training forwards only: evaluation runs without grad
+            return out * float("nan") if calls[0] > 4 else out  # 3 steps per epoch: epoch 1, step 1
+        wrapper.model.get_classifier().register_forward_hook(hook)
+
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="baseline stage: loss became nan at epoch 1, step 1"):
+        _digits_fit(run, hook=nan_in_the_second_epoch)
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and "NonFiniteLossError" in record["error"]
+    assert record["stages"]["baseline"]["status"] == "failed"
+    last = RunDir(run, ("baseline",)).latest()
+    assert (last.stage, last.epoch) == ("baseline", 1)
+    _digits_fit(run, resume=True)  # the cause gone, the run goes on from the good epoch
+    _same_weights(run / "model.safetensors", straight[0] / "model.safetensors")
+
+
+def test_run_dir_errors(straight, tmp_path):
+    run, history = straight
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=True"):
+        _digits_fit(run)
+    with pytest.raises(ValueError, match="holds no run to resume"):
+        _digits_fit(tmp_path / "empty", resume=True)
+    other = EncodeNetConfig(device="cpu", progress=False, split="last_stage", seed=1)
+    with pytest.raises(ValueError, match=r"another config \(seed: 0 -> 1\)"):
+        _digits_fit(run, resume=True, config=other)
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), EncodeNetConfig.from_yaml(run / "config.yaml"))
+    with pytest.raises(ValueError, match="another model.*'resnet20_cifar' -> 'resnet10t'"):
+        wrapper.fit(DataLoader(digits_datasets()[0], batch_size=64), run_dir=run, resume=True)
+    # a complete run resumes to the same result without training
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    _, again = _digits_fit(copy, resume=True)
+    assert _metrics(again) == _metrics(history)
+    _same_weights(copy / "model.safetensors", run / "model.safetensors")
+    # a checkpoint file changed on disk is refused
+    weights = next((copy / "checkpoints" / "finetune").glob("epoch-*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        _digits_fit(copy, resume=True)

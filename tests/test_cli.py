@@ -1,0 +1,217 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from matplotlib.image import imread
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
+from encodenet_timm.cli import main
+from encodenet_timm.data import build_datasets
+from test_data import make_image_folder
+
+# tiny training: one epoch per EncodeNet stage, 2 clusters per class, CPU
+TINY = ["--batch-size", "32", "--device", "cpu", "--set", "progress=false", "--representatives.clusters_per_class",
+        "2", "--autoencoder.epochs", "1", "--transfer.epochs", "1"]
+PICTURES = ("representatives.png", "reconstructions.png", "curves.png")
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of ``encodenet *argv`` run in-process."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A finished digits run: resnet20_cifar, 3 baseline epochs (adamw) on 60 images per class."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    code = main(["fit", "--model", "resnet20_cifar", "--dataset", "digits", "--out", str(out), "--per-class", "60",
+                 "--baseline.epochs", "3", "--baseline.opt", "adamw", "--baseline.lr", "3e-3",
+                 "--set", "transfer.lr=0.02", *TINY])
+    assert code == 0
+    return out
+
+
+# ---- help and config ------------------------------------------------------------------------------------
+def test_help(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert all(word in out for word in ("fit", "evaluate", "export", "config", "example"))
+    for command in ("fit", "evaluate", "export", "config"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0 and "example" in out, command
+    _, out, _ = run(capsys, "fit", "--help")
+    for option in ("--model", "--dataset", "--data-dir", "--out", "--resume", "--val-fraction", "--batch-size",
+                   "--workers", "--img-size", "--no-download", "--set", "--transfer.lr", "--device"):
+        assert option in out, option
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "encodenet"
+    if not script.exists():
+        pytest.skip("the console script is not installed (pip install -e .)")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "encodenet fit" in result.stdout
+
+
+def test_config_dump_round_trips(capsys):
+    code, out, _ = run(capsys, "config", "--dump")
+    assert code == 0
+    assert EncodeNetConfig.from_yaml(out) == EncodeNetConfig()
+    assert out == EncodeNetConfig().to_yaml()
+
+
+def test_config_dump_merges_file_and_flags(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("transfer:\n  lr: 0.2\n  epochs: 4\nseed: 3\n")
+    code, out, _ = run(capsys, "config", "--dump", "--config", path, "--transfer.epochs", "7",
+                       "--set", "autoencoder.lr=1e-4", "-o", "representatives.clusters_per_class=auto",
+                       "--input_size", "[1, 28, 28]")
+    assert code == 0
+    config = EncodeNetConfig.from_yaml(out)
+    assert config.seed == 3 and config.transfer.lr == 0.2 and config.transfer.epochs == 7
+    assert config.autoencoder.lr == 1e-4 and config.representatives.clusters_per_class == "auto"
+    assert config.input_size == (1, 28, 28)
+
+
+@pytest.mark.parametrize("item, message", [("transfer.lrr=0.1", "transfer.lrr"),
+                                           ("nope.lr=0.1", "nope.lr"),
+                                           ("transfer.lr=fast", "transfer.lr"),
+                                           ("transfer.lr", "KEY=VALUE")])
+def test_bad_override_exits_2(capsys, tmp_path, item, message):
+    for argv in (["config", "--dump", "--set", item],
+                 ["fit", "--model", "resnet20_cifar", "--dataset", "digits", "--out", tmp_path / "r", "--set", item]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err
+        assert not (tmp_path / "r").exists()
+
+
+def test_clear_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "fit", "--model", "resnet20cifar", "--dataset", "digits", "--out", tmp_path / "r")
+    assert code == 2 and "did you mean resnet20_cifar" in err
+    code, _, err = run(capsys, "fit", "--model", "resnet20_cifar", "--dataset", "imagefolder",
+                       "--data-dir", tmp_path / "missing", "--out", tmp_path / "r")
+    assert code == 2 and "missing does not exist" in err
+    code, _, err = run(capsys, "fit", "--dataset", "digits", "--out", tmp_path / "r")
+    assert code == 2 and "--model" in err
+    code, _, err = run(capsys, "evaluate", tmp_path)
+    assert code == 2 and "cli.json" in err
+    code, _, err = run(capsys, "fit", "--out", tmp_path, "--resume")
+    assert code == 2 and "not a run directory" in err
+    code, _, err = run(capsys, "fit", "--model", "resnet20_cifar")  # argparse: --out is required
+    assert code == 2 and "--out" in err
+
+
+# ---- a run directory ------------------------------------------------------------------------------------
+def test_fit_writes_the_run_dir(digits_run):
+    for name in ("cli.json", "config.yaml", "model.safetensors", "eval.json", *PICTURES):
+        assert (digits_run / name).is_file(), name
+    spec = json.loads((digits_run / "cli.json").read_text())
+    assert spec["model"] == "resnet20_cifar" and spec["dataset"] == "digits" and spec["num_classes"] == 10
+    assert spec["per_class"] == 60 and spec["val_fraction"] == 0.1 and spec["batch_size"] == 32
+    config = yaml.safe_load((digits_run / "config.yaml").read_text())
+    assert config["transfer"]["lr"] == 0.02 and config["baseline"]["opt"] == "adamw"
+    assert config["input_size"] == [3, 32, 32] and config["representatives"]["clusters_per_class"] == 2
+    test = json.loads((digits_run / "eval.json").read_text())["test"]
+    assert test["images"] == 450 and test["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    for name in PICTURES:
+        assert imread(digits_run / name).shape[0] > 50
+
+
+def test_evaluate(digits_run, capsys):
+    code, out, _ = run(capsys, "evaluate", digits_run, "--split", "val", "--batch-size", "100")
+    assert code == 0 and "val accuracy" in out
+    results = json.loads((digits_run / "eval.json").read_text())
+    assert results["val"]["images"] == 60 and 0.0 <= results["val"]["accuracy"] <= 1.0
+    before = results["test"]
+    code, out, _ = run(capsys, "evaluate", digits_run)
+    assert code == 0 and f"{before['accuracy']:.4f}" in out
+    assert json.loads((digits_run / "eval.json").read_text())["test"]["accuracy"] == pytest.approx(before["accuracy"])
+
+
+def test_export_loads_into_plain_timm(digits_run, capsys, tmp_path):
+    target = tmp_path / "exported" / "digits.safetensors"
+    code, out, _ = run(capsys, "export", digits_run, "--to", target)
+    assert code == 0 and target.is_file()
+    sidecar = json.loads(target.with_suffix(".json").read_text())
+    assert sidecar["model"] == "resnet20_cifar" and sidecar["create_kwargs"] == {"num_classes": 10}
+    snippet = out.split("To load it:\n", 1)[1]
+    scope = {}
+    exec(snippet, scope)  # the printed snippet runs as printed
+    plain = scope["model"].eval()
+    assert type(plain).__name__ == "CifarResNet"
+
+    config = EncodeNetConfig.from_yaml(digits_run / "config.yaml")
+    wrapper = EncodeNetWrapper(timm.create_model("resnet20_cifar", num_classes=10), config)
+    wrapper.load_weights(digits_run / "model.safetensors")
+    test = build_datasets("digits", val_fraction=0.1, per_class=60, seed=config.seed).test
+    x, y = next(iter(DataLoader(test, batch_size=64)))
+    wrapper.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), wrapper(x))
+    assert set(load_file(str(target))) == set(plain.state_dict())
+
+
+def test_rerun_and_resume_rules(digits_run, capsys, tmp_path):
+    code, _, err = run(capsys, "fit", "--model", "resnet20_cifar", "--dataset", "digits", "--out", digits_run)
+    assert code == 2 and "--resume" in err
+    code, _, err = run(capsys, "fit", "--out", digits_run, "--resume", "--model", "resnet18", "--batch-size", "8")
+    assert code == 2 and "--model" in err and "--batch-size" in err
+    code, _, err = run(capsys, "fit", "--out", digits_run, "--resume", "--set", "transfer.lr=0.5")
+    assert code == 2 and "transfer.lr" in err
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_run, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    before = json.loads((copy / "eval.json").read_text())["test"]
+    code, _, err = run(capsys, "fit", "--out", copy, "--resume", "--device", "cpu")  # finished: nothing to redo
+    assert code == 0, err
+    for name, tensor in load_file(str(copy / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, weights[name])
+    after = json.loads((copy / "eval.json").read_text())["test"]  # evaluated again: the finished model
+    assert after["accuracy"] == pytest.approx(before["accuracy"])
+
+
+def test_fit_on_an_image_folder(capsys, tmp_path):
+    root = make_image_folder(tmp_path / "data", {"train": 16, "val": 4})
+    out = tmp_path / "run"
+    code, printed, err = run(capsys, "fit", "--model", "resnet20_cifar", "--dataset", "imagefolder",
+                             "--data-dir", root, "--out", out, "--val-fraction", "0", "--img-size", "32",
+                             "--baseline.epochs", "1", *TINY)
+    assert code == 0, err
+    spec = json.loads((out / "cli.json").read_text())
+    assert spec["num_classes"] == 3 and spec["classes"] == ["digit0", "digit1", "digit2"]
+    assert len(spec["mean"]) == 3 and spec["data_dir"] == str(root.resolve())
+    assert json.loads((out / "eval.json").read_text())["test"]["images"] == 12  # val/ is the test split here
+    assert all((out / name).is_file() for name in PICTURES)
+    code, _, err = run(capsys, "evaluate", out, "--split", "val")
+    assert code == 2 and "--val-fraction 0" in err
+
+
+def test_interrupted_fit_resumes(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    transfer = EncodeNetWrapper.fit_transfer
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EncodeNetWrapper, "fit_transfer", interrupt)
+    code, _, err = run(capsys, "fit", "--model", "resnet20_cifar", "--dataset", "digits", "--out", out,
+                       "--per-class", "10", "--val-fraction", "0", "--baseline.epochs", "1", *TINY)
+    assert code == 130 and f"encodenet fit --out {out} --resume" in err
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.setattr(EncodeNetWrapper, "fit_transfer", transfer)
+    code, _, err = run(capsys, "fit", "--out", out, "--resume")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and (out / "eval.json").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumed"]) == 1
+    assert record["stages"]["transfer"]["status"] == "complete"

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from torch.utils.data import DataLoader, Subset
+
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
+from encodenet_timm.cifar import stratified_subset
+from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.plots import save_run_plots
+from conftest import make_model
+
+NAMES = {"representatives.png", "reconstructions.png", "curves.png"}
+
+
+@pytest.fixture(scope="module", params=[3, 1], ids=["rgb", "grey"])
+def fitted(request):
+    """(wrapper fitted for one epoch per stage on 120 digits, its training set) at in_chans 3 or 1."""
+    in_chans = request.param
+    train, _ = digits_datasets(size=32, in_chans=in_chans, seed=0)
+    train = Subset(train, stratified_subset(train.tensors[1].numpy(), 12, seed=0).tolist())
+    config = EncodeNetConfig(device="cpu", progress=False, input_size=(in_chans, 32, 32))
+    config.representatives.clusters_per_class = 2
+    for stage in (config.baseline, config.autoencoder, config.transfer):
+        stage.epochs = 1
+    wrapper = EncodeNetWrapper(make_model("resnet20_cifar", in_chans=in_chans), config)
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    wrapper.fit(loader, DataLoader(train, batch_size=64))
+    return wrapper, train
+
+
+def _check_png(path):
+    image = imread(path)  # (H, W, 3 or 4) float in [0, 1]
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] > 50 and image.shape[1] > 50
+    assert image[..., :3].std() > 0.01  # something is drawn
+
+
+def test_pictures_of_a_fitted_run(fitted, tmp_path):
+    wrapper, train = fitted
+    paths = save_run_plots(wrapper, tmp_path / "run", train, classes=[f"digit {d}" for d in range(10)])
+    assert {p.name for p in paths} == NAMES
+    for path in paths:
+        assert path.parent == tmp_path / "run" and path.stat().st_size > 0
+        _check_png(path)
+
+
+def test_denormalize_and_no_dataset(fitted, tmp_path):
+    wrapper, _ = fitted
+    calls = []
+
+    def denormalize(x):
+        calls.append(tuple(x.shape))
+        return (x * 0.3 + 0.5).clamp(0, 1)
+
+    paths = save_run_plots(wrapper, tmp_path, denormalize=denormalize, per_class=1, max_classes=3)
+    assert {p.name for p in paths} == NAMES  # the representatives stand in for the inputs
+    c = wrapper.input_size[0]
+    assert calls[0] == (wrapper.representatives.num_clusters, c, 32, 32)  # the representatives grid
+    assert calls[1:] == [(3, c, 32, 32)] * 3  # input, output, target: one image for each of 3 classes
+    for path in paths:
+        _check_png(path)
+
+
+def test_dataset_must_be_the_training_set(fitted, tmp_path):
+    wrapper, train = fitted
+    with pytest.raises(ValueError, match="representatives were selected on"):
+        save_run_plots(wrapper, tmp_path, Subset(train, range(10)))
+
+
+def test_only_what_has_run_is_drawn(tmp_path):
+    wrapper = EncodeNetWrapper(make_model("resnet20_cifar"), EncodeNetConfig(device="cpu", progress=False))
+    assert save_run_plots(wrapper, tmp_path) == []
+    wrapper.history = {"transfer": [{"epoch": e, "loss": 1.0 / (e + 1), "accuracy": 0.5 + 0.1 * e,
+                                     "val_accuracy": 0.4 + 0.1 * e, "val_loss": 1.2} for e in range(3)],
+                       "representatives": {"seconds": 1.0}}
+    paths = save_run_plots(wrapper, tmp_path)
+    assert [p.name for p in paths] == ["curves.png"]
+    _check_png(paths[0])
+    assert not np.isnan(imread(paths[0])).any()
