@@ -264,6 +264,8 @@ def _record_path(ctx, row: str, seed: int) -> Path:
 
 def validate(ctx) -> None:
     rows = ["baseline", *ctx["variants"], "baseline_equal", "baseline_continued", "kd"]
+    if ctx["args"].only:  # a share of the rows, in the order given (to split the work across processes)
+        rows = [r for r in ctx["args"].only.split(",") if r in rows]
     for seed in ctx["args"].seeds:
         data = None
         for row in rows:
@@ -419,6 +421,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--phase", choices=("validate", "test", "report", "all"), default="all")
     p.add_argument("--name", default=None, help="results folder name (default ablation-<regime>)")
+    p.add_argument("--only", default=None,
+                   help="train only these rows, in this order (e.g. 'baseline_equal,kd' in a second process); "
+                        "variants need the seed's baseline to have finished")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<name>)")
     p.add_argument("--cache-dir", default=None, help="decoded cifar10-jpeg cache (default ~/.cache/encodenet_timm)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

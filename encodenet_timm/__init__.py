@@ -4,7 +4,7 @@ Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...
 """
 from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
 from .coverage import check_model
-from .config import DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
+from .config import AutoencoderConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
 from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
 from .representatives import Representatives
 from .wrapper import EncodeNetWrapper
@@ -15,6 +15,7 @@ __all__ = [
     "EncodeNetWrapper",
     "EncodeNetConfig",
     "StageConfig",
+    "AutoencoderConfig",
     "RepresentativesConfig",
     "DecoderConfig",
     "Representatives",

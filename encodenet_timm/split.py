@@ -159,8 +159,9 @@ def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]
     valid = stage_names(model)
     if stage == "last_stage":
         if len(valid) < 2:
-            raise ValueError(f"split='last_stage' needs at least two feature_info stages; "
-                             f"{type(model).__name__} has {valid}. Use split='features'.")
+            _logger.warning("split='last_stage': %s has feature_info stages %s, fewer than two; splitting at "
+                            "'features' instead", type(model).__name__, valid)
+            return []
         stage = valid[-2]
     if stage not in valid:
         raise ValueError(f"split={stage!r} is not a stage of {type(model).__name__}; use 'features', "

@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--baseline-epochs", type=int, default=6)
     parser.add_argument("--ae-epochs", type=int, default=3)
     parser.add_argument("--transfer-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -38,6 +39,7 @@ def main() -> None:
     config.baseline.epochs = args.baseline_epochs
     config.autoencoder.epochs = args.ae_epochs
     config.transfer.epochs = args.transfer_epochs
+    config.finetune.epochs = args.finetune_epochs
     wrapper = EncodeNetWrapper(model, config)
     flops = wrapper.flops()
     print(f"{args.model}: decoder traced via {wrapper.decoder.trace_path}, "
@@ -49,6 +51,8 @@ def main() -> None:
     wrapper.select_representatives(train_loader)
     wrapper.fit_autoencoder(train_loader)
     wrapper.fit_transfer(train_loader)
+    if config.finetune.epochs:
+        wrapper.fit_finetune(train_loader)
     encodenet = wrapper.evaluate(test_loader)["accuracy"]
     plain = wrapper.export()  # a plain timm model, same class and size as `model`
 

@@ -175,7 +175,7 @@ def test_full_encodenet_fit_on_real_digits(name, digits):
     from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
     train, test = digits
     cfg = EncodeNetConfig(progress=False, device='cpu', input_size=(3, 32, 32))
-    cfg.baseline.epochs = cfg.autoencoder.epochs = cfg.transfer.epochs = 1
+    cfg.baseline.epochs = cfg.autoencoder.epochs = cfg.transfer.epochs = cfg.finetune.epochs = 1
     cfg.representatives.clusters_per_class = 2
     model = timm.create_model(name, pretrained=False, num_classes=10)
     wrapper = EncodeNetWrapper(model, cfg)

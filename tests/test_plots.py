@@ -21,7 +21,7 @@ def fitted(request):
     train = Subset(train, stratified_subset(train.tensors[1].numpy(), 12, seed=0).tolist())
     config = EncodeNetConfig(device="cpu", progress=False, input_size=(in_chans, 32, 32))
     config.representatives.clusters_per_class = 2
-    for stage in (config.baseline, config.autoencoder, config.transfer):
+    for stage in (config.baseline, config.autoencoder, config.transfer, config.finetune):
         stage.epochs = 1
     wrapper = EncodeNetWrapper(make_model("resnet20_cifar", in_chans=in_chans), config)
     loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))

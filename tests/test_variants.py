@@ -11,6 +11,8 @@ from encodenet_timm.representatives import centroid_distance, pick_representativ
 from encodenet_timm.split import modules_after, stage_names
 from encodenet_timm.tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, PartlyFrozenClassifier
 
+from conftest import FAMILIES, make_model
+
 
 def _model():
     torch.manual_seed(0)
@@ -180,3 +182,18 @@ def test_finetune_stage_runs_after_transfer_and_trains_every_weight(digits):
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
     history = EncodeNetWrapper(_model(), _cfg(**{"finetune.epochs": 1})).fit(loader)
     assert list(history)[-1] == "finetune" and len(history["finetune"]) == 1
+
+
+# ---- the default recipe on every core family -------------------------------------------------------------
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_default_split_retrains_only_the_last_stage_and_head(name):
+    """The default split ("last_stage") finds a tail on every core family; transfer trains only it and the head."""
+    w = EncodeNetWrapper(make_model(name), EncodeNetConfig(progress=False, device="cpu"))
+    assert w.tail, "no modules after the split"
+    trainable = PartlyFrozenClassifier(w.model, w.tail + w.head.part_names).train()
+    trainable(torch.randn(2, 3, 32, 32)).float().square().mean().backward()
+    tail = set(w.tail) | set(w.head.part_names)
+    grads = {n: p.grad is not None for n, p in w.model.named_parameters()}
+    in_tail = {n: any(n == t or n.startswith(t + ".") for t in tail) for n in grads}
+    assert any(grads[n] for n in grads if in_tail[n])
+    assert not any(grads[n] for n in grads if not in_tail[n]), [n for n in grads if grads[n] and not in_tail[n]][:3]

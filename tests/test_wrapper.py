@@ -9,7 +9,7 @@ from conftest import make_model
 
 
 def _cfg(**stages):
-    cfg = EncodeNetConfig(progress=False)
+    cfg = EncodeNetConfig.paper(progress=False)  # these tests check the paper's stages (frozen encoder)
     cfg.baseline.epochs, cfg.autoencoder.epochs, cfg.transfer.epochs = 0, 1, 1
     for name, epochs in stages.items():
         getattr(cfg, name).epochs = epochs
