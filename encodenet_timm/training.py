@@ -221,6 +221,10 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
     Raises:
         NonFiniteLossError: the loss became NaN/inf; the weights are those of the last finite step.
     """
+    if cfg.epochs < 0:
+        raise ValueError(f"{stage}: epochs must be >= 0, got {cfg.epochs}")
+    if cfg.epochs == 0:  # the stage is skipped (timm's schedulers need at least one epoch)
+        return []
     module = task.get_trainable_module()
     if not any(p.requires_grad for p in module.parameters()):
         raise ValueError(f"{stage}: nothing to train (every parameter is frozen)")

@@ -118,3 +118,15 @@ def test_epoch_seed_depends_on_seed_and_epoch_only():
     from encodenet_timm.training import epoch_seed
     assert epoch_seed(0, 1) == epoch_seed(0, 1) != epoch_seed(0, 2) != epoch_seed(1, 2)
     assert 0 <= epoch_seed(-5, 0) < 2 ** 63
+
+
+def test_zero_epochs_skips_the_stage_and_negative_is_an_error():
+    model = make_model("resnet20_cifar")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 10), batch_size=4)
+    task = ClassificationTask(model, verbose=False)
+    assert train_stage(task, loader, StageConfig(epochs=0, sched="cosine"), stage="transfer",
+                       device=torch.device("cpu"), progress=False) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        train_stage(task, loader, StageConfig(epochs=-1), stage="transfer", device=torch.device("cpu"))
