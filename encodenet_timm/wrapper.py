@@ -246,15 +246,20 @@ class EncodeNetWrapper:
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Ordinary supervised training of the whole model (``config.baseline``)."""
+        return self._fit_whole_model("baseline", train_loader, val_loader)
+
+    def _fit_whole_model(self, stage: str, train_loader: DataLoader,
+                         val_loader: Optional[DataLoader]) -> List[Dict]:
+        """Supervised training of every weight with ``config.<stage>`` (baseline and finetune)."""
         check_loader(train_loader, "train_loader")
-        cfg = self.config.baseline
-        seed_everything(self.config.seed + _SEED_OFFSET["baseline"])
+        cfg = getattr(self.config, stage)
+        seed_everything(self.config.seed + _SEED_OFFSET[stage])
         self.model.requires_grad_(True)
         task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
-        hist = train_stage(task, train_loader, cfg, stage="baseline", check=self._check(),
-                           val_fn=self._val_fn(val_loader), **self._train_kwargs("baseline"))
-        self.history["baseline"] = hist
+        hist = train_stage(task, train_loader, cfg, stage=stage, check=self._check(),
+                           val_fn=self._val_fn(val_loader), **self._train_kwargs(stage))
+        self.history[stage] = hist
         return hist
 
     def select_representatives(self, train_loader: DataLoader) -> Representatives:
@@ -329,7 +334,7 @@ class EncodeNetWrapper:
                                          ce_weight=cfg.ce_weight)
         hist = train_stage(task, loader, cfg, stage="autoencoder",
                            check=self._check(image_size=self.input_size[1:], labels=False),
-                           **self._train_kwargs("autoencoder")) if cfg.epochs > 0 else []
+                           **self._train_kwargs("autoencoder"))  # 0 epochs: train_stage skips it
         self._decoder_trained = True
         self.history["autoencoder"] = hist
         return hist
@@ -361,16 +366,7 @@ class EncodeNetWrapper:
 
     def fit_finetune(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Train every weight of the model (``config.finetune``, a short low-lr schedule) after transfer."""
-        check_loader(train_loader, "train_loader")
-        cfg = self.config.finetune
-        seed_everything(self.config.seed + _SEED_OFFSET["finetune"])
-        self.model.requires_grad_(True)
-        task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
-                                  device=self.device, verbose=False)
-        hist = train_stage(task, train_loader, cfg, stage="finetune", check=self._check(),
-                           val_fn=self._val_fn(val_loader), **self._train_kwargs("finetune"))
-        self.history["finetune"] = hist
-        return hist
+        return self._fit_whole_model("finetune", train_loader, val_loader)
 
     def _tail_state(self) -> Dict[str, torch.Tensor]:
         """The tail's own parameters and buffers, by qualified name in the model (live tensors)."""
