@@ -6,6 +6,7 @@ from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
 from .coverage import check_model
 from .config import AutoencoderConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
 from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
+from .features import FeatureStore
 from .representatives import Representatives
 from .wrapper import EncodeNetWrapper
 
@@ -19,6 +20,7 @@ __all__ = [
     "RepresentativesConfig",
     "DecoderConfig",
     "Representatives",
+    "FeatureStore",
     "check_model",
     "EncodeNetError",
     "UnsupportedModelError",

@@ -12,6 +12,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import timm
 import torch
 import yaml
 
+from . import distributed as dist
 from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .errors import EncodeNetError
@@ -269,7 +271,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
     wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
-    if not args.resume:
+    dist.barrier()  # under torchrun: every rank has checked --out before rank 0 writes to it
+    if not args.resume and dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / CLI_JSON, spec)
     _logger.info("%s on %s: %d classes, %d training images, run dir %s", spec["model"], spec["dataset"],
@@ -280,13 +283,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; continue with: encodenet fit --out {out} --resume", file=sys.stderr)
         return 130
+    test = wrapper.evaluate(loaders["test"]) if loaders["test"] is not None else None  # every rank takes part
+    if not dist.is_main():
+        return 0
     denormalize = data.denormalize if data.mean is not None else None
     pictures = save_run_plots(wrapper, out, data.plain, denormalize, classes=data.classes)
     print(f"run dir: {out}")
     print(f"  weights: {out / WEIGHTS}")
     print(f"  pictures: {', '.join(p.name for p in pictures)}")
-    if loaders["test"] is not None:
-        _report(out, "test", wrapper.evaluate(loaders["test"]), len(data.test))
+    if test is not None:
+        _report(out, "test", test, len(data.test))
     return 0
 
 
@@ -358,6 +364,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not logging.getLogger().handlers:  # this package's messages at INFO, others' warnings only
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logging.getLogger(__package__).setLevel(logging.INFO)
+    # under torchrun (WORLD_SIZE set) `fit` runs data-parallel: one process group for the command
+    group = args.command == "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed()
+    if group:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_main():  # one rank logs
+            logging.getLogger(__package__).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
@@ -366,6 +378,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except EncodeNetError as e:
         print(f"encodenet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if group:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from typing import List, Union
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from .features import FeatureStore
 
 __all__ = ["ClassClusters", "check_class_counts", "cluster_per_class", "silhouette_score"]
 
@@ -22,10 +25,13 @@ class ClassClusters:
             contiguous and never shared with another class.
         cluster_labels: (M,) int64, the class of each of the M clusters.
         k_per_class: (num_classes,) int64, clusters used for each class.
+        centroid_dist: (N,) float64, squared Euclidean distance of every sample to the mean of its
+            cluster's members (`representatives.centroid_distance`, computed one class at a time).
     """
     cluster_ids: np.ndarray
     cluster_labels: np.ndarray
     k_per_class: np.ndarray
+    centroid_dist: np.ndarray
 
 
 def _import_faiss():
@@ -117,27 +123,34 @@ def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class:
     return counts
 
 
-def cluster_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int,
+def cluster_per_class(features: Union[np.ndarray, FeatureStore], labels: np.ndarray, num_classes: int,
                       clusters_per_class: Union[int, str] = 5, *, max_auto_clusters: int = 10,
-                      niter: int = 25, nredo: int = 3, seed: int = 0, faiss_gpu: str = "auto") -> ClassClusters:
+                      niter: int = 25, nredo: int = 3, seed: int = 0, faiss_gpu: str = "auto",
+                      progress: bool = False) -> ClassClusters:
     """k-means inside each class separately, so no cluster ever mixes classes.
 
     Args:
-        features: (N, D) float32 feature vectors.
+        features: (N, D) float32 feature vectors, as an array or a `FeatureStore`; from a store only one
+            class's rows are read at a time, so memory peaks at about one class's (n_c, D) float32 rows.
         labels: (N,) int class of each vector, in [0, num_classes).
         clusters_per_class: k for every class, or "auto": per class, the k in [2, max_auto_clusters]
             with the highest mean silhouette (on at most 2,000 points of the class, seeded).
         niter, nredo, seed: k-means iterations, restarts (the lowest objective is kept) and seed (FAISS).
         faiss_gpu: "auto", "never" or "always".
+        progress: show a tqdm bar over the classes.
 
     Raises:
         ValueError: a class has no sample or fewer samples than `clusters_per_class` (`check_class_counts`),
             bad k, or shapes that disagree.
     """
-    features = np.ascontiguousarray(features, dtype=np.float32)
+    if isinstance(features, FeatureStore):
+        read, shape = features.rows, features.shape
+    else:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        read, shape = features.__getitem__, features.shape
     labels = np.asarray(labels, dtype=np.int64)
-    if features.ndim != 2 or labels.shape != (features.shape[0],):
-        raise ValueError(f"features must be (N, D) and labels (N,), got {features.shape} and {labels.shape}")
+    if len(shape) != 2 or labels.shape != (shape[0],):
+        raise ValueError(f"features must be (N, D) and labels (N,), got {shape} and {labels.shape}")
     auto = clusters_per_class == "auto"
     if auto and max_auto_clusters < 2:
         raise ValueError(f"max_auto_clusters must be >= 2, got {max_auto_clusters}")
@@ -146,10 +159,11 @@ def cluster_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int
     gpu = _use_gpu(faiss, faiss_gpu)
     rng = np.random.default_rng(seed)
     cluster_ids = np.empty(len(labels), dtype=np.int64)
+    centroid_dist = np.empty(len(labels), dtype=np.float64)
     k_per_class: List[int] = []
-    for c in range(num_classes):
+    for c in tqdm(range(num_classes), desc="clustering", unit="class", disable=not progress, leave=False):
         idx = np.flatnonzero(labels == c)
-        x = features[idx]
+        x = read(idx)  # (n_c, D) float32
         if auto:
             k, assign = _auto_k(faiss, x, max_auto_clusters, niter, nredo, seed + c, gpu, rng)
         else:
@@ -158,9 +172,17 @@ def cluster_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int
         _, assign = np.unique(assign, return_inverse=True)
         k = int(assign.max()) + 1
         cluster_ids[idx] = sum(k_per_class) + assign
+        centroid_dist[idx] = _centroid_dist(x, assign, k)
         k_per_class.append(k)
     cluster_labels = np.repeat(np.arange(num_classes), k_per_class)
-    return ClassClusters(cluster_ids, cluster_labels, np.asarray(k_per_class, dtype=np.int64))
+    return ClassClusters(cluster_ids, cluster_labels, np.asarray(k_per_class, dtype=np.int64), centroid_dist)
+
+
+def _centroid_dist(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """Squared distance of each point of x (n, D) to the mean of its cluster (assign (n,) in [0, k)): (n,) float64."""
+    x = x.astype(np.float64)  # (n, D)
+    means = np.stack([x[assign == j].mean(0) for j in range(k)])  # (k, D); renumbered clusters are never empty
+    return np.square(x - means[assign]).sum(1)
 
 
 def _auto_k(faiss, x, max_k, niter, nredo, seed, gpu, rng):

@@ -45,12 +45,19 @@ class RepresentativesConfig:
     max_auto_clusters: int = 10      # upper bound on k when clusters_per_class is "auto"
     niter: int = 25                  # k-means iterations (FAISS)
     nredo: int = 3                   # k-means restarts; the lowest objective is kept
-    faiss_gpu: str = "auto"          # "auto" (GPU when FAISS has one), "never", "always"
+    faiss_gpu: str = "auto"          # "auto" (every GPU FAISS sees, when it sees one), "never", "always"
     batch_size: int = 256            # batch size for the feature pass over the training set
+    feature_store: Optional[str] = None  # directory for the (N, D) features on disk (read a class at a time:
+                                     # bounded memory for ImageNet-size data); None: held in RAM. Under
+                                     # torchrun every rank must see the same directory
+    store_dtype: str = "float32"     # "float32" or "float16" (half the disk) for the on-disk features
     rule: str = "min_entropy"        # "min_entropy" (paper: lowest softmax entropy in the cluster) or
                                      # "nearest_centroid" (the member nearest the cluster mean, pre-logits space)
 
     def __post_init__(self):
+        if self.store_dtype not in ("float32", "float16"):
+            raise ValueError(f"config key 'representatives.store_dtype' must be 'float32' or 'float16', "
+                             f"got {self.store_dtype!r}")
         if self.rule not in REPRESENTATIVE_RULES:
             raise ValueError(f"config key 'representatives.rule' must be one of {REPRESENTATIVE_RULES}, "
                              f"got {self.rule!r}")
@@ -62,6 +69,12 @@ class DecoderConfig:
     width: float = 1.0               # multiplier on the mirrored channel widths (shrunk to fit the FLOPs cap)
     min_channels: int = 8            # no decoder layer is narrower than this
     max_flops_ratio: float = 1.0     # decoder FLOPs <= this x encoder FLOPs at the input size
+    norm: str = "batch"              # "batch" (BatchNorm) or "group" (GroupNorm: no batch statistics, so
+                                     # a DDP run does not depend on the per-rank batch size)
+
+    def __post_init__(self):
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"config key 'decoder.norm' must be 'batch' or 'group', got {self.norm!r}")
 
 
 def _stage(cls: type = StageConfig, **kw) -> Any:
@@ -80,6 +93,7 @@ class EncodeNetConfig:
     device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     amp: str = "none"                # autocast dtype on CUDA: "none", "bf16", "fp16"
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
+    compile: bool = False            # torch.compile the trainable module of every training stage
     input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
     progress: bool = True            # tqdm bar per epoch
     split: str = "last_stage"        # "features" (paper: forward_features | forward_head); "last_stage" (before

@@ -226,15 +226,24 @@ class _ToMap(nn.Module):
         return f"layout={self.layout}, grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens}"
 
 
-class _UpBlock(nn.Module):
-    """(B, cin, h, w) -> (B, cout, *size): 1x1 channel change, nearest resize, 3x3 conv-BN-ReLU."""
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm2d ("batch") or GroupNorm with up to 8 groups ("group": no batch statistics)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels)
+    raise ValueError(f"decoder.norm must be 'batch' or 'group', got {kind!r}")
 
-    def __init__(self, cin: int, cout: int, size: Tuple[int, int]):
+
+class _UpBlock(nn.Module):
+    """(B, cin, h, w) -> (B, cout, *size): 1x1 channel change, nearest resize, 3x3 conv-norm-ReLU."""
+
+    def __init__(self, cin: int, cout: int, size: Tuple[int, int], norm: str = "batch"):
         super().__init__()
         self.size = tuple(size)
         self.reduce = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
         self.conv = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
+        self.bn = _norm(norm, cout)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +264,7 @@ class MirroredDecoder(nn.Module):
         width: the channel multiplier actually used (after fitting the FLOPs cap).
     """
 
-    def __init__(self, shape_trail: ShapeTrail, width: float = 1.0, min_channels: int = 8):
+    def __init__(self, shape_trail: ShapeTrail, width: float = 1.0, min_channels: int = 8, norm: str = "batch"):
         super().__init__()
         self.shape_trail = shape_trail
         self.width = width
@@ -269,7 +278,7 @@ class MirroredDecoder(nn.Module):
         self.plan = _plan(shape_trail.trail, (h_in, w_in))
         blocks, cin = [], start[0]  # the first block takes the encoder's own width
         for c, h, w in self.plan:
-            blocks.append(_UpBlock(cin, scaled(c), (h, w)))
+            blocks.append(_UpBlock(cin, scaled(c), (h, w), norm))
             cin = scaled(c)
         self.blocks = nn.Sequential(*blocks)
         self.to_image = nn.Conv2d(cin, c_in, 3, padding=1)
@@ -343,7 +352,8 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
         model.train(was_training)
     width = cfg.width
     while True:
-        decoder = MirroredDecoder(trail, width=width, min_channels=cfg.min_channels).to(device).eval()
+        decoder = MirroredDecoder(trail, width=width, min_channels=cfg.min_channels,
+                                  norm=cfg.norm).to(device).eval()
         dec_flops = count_flops(decoder, z)
         at_floor = all(round(c * width) <= cfg.min_channels for c, _, _ in decoder.plan)  # every block at min
         if dec_flops <= cfg.max_flops_ratio * enc_flops or at_floor:

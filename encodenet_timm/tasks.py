@@ -121,6 +121,11 @@ class ConvertingAutoencoderTask(TrainingTask):
         labels = cluster_labels if cluster_labels is not None else torch.zeros(0, dtype=torch.long)
         self.register_buffer("cluster_labels", labels.long().to(self.device), persistent=False)
 
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """torch.compile the autoencoder (before `prepare_distributed`, as timm's tasks do)."""
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        return self.trainable_module
+
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "ConvertingAutoencoderTask":
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)

@@ -19,12 +19,14 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed as dist_utils
 from .clustering import check_class_counts
 from .config import StageConfig
 from .errors import NonFiniteLossError
+from .representatives import softmax_entropy
 
 __all__ = ["seed_everything", "epoch_seed", "resolve_device", "check_loader", "make_loader", "dataset_targets",
-           "check_batch", "check_data", "TrainState", "train_stage", "evaluate", "predict"]
+           "check_batch", "check_data", "TrainState", "train_stage", "evaluate", "extract_features"]
 
 _logger = logging.getLogger(__name__)
 
@@ -201,8 +203,14 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
                 check: Optional[BatchCheck] = None,
                 val_fn: Optional[Callable[[], Dict[str, float]]] = None,
                 seed: Optional[int] = None, resume: Optional[TrainState] = None,
-                on_epoch_end: Optional[Callable[[TrainState], None]] = None) -> List[Dict[str, float]]:
+                on_epoch_end: Optional[Callable[[TrainState], None]] = None,
+                compile: bool = False) -> List[Dict[str, float]]:
     """Train ``task.get_trainable_module()`` for ``cfg.epochs`` epochs; the loss is ``task(x, y)["loss"]``.
+
+    Inside a torch.distributed process group (torchrun) the task is wrapped in DDP with its own
+    ``prepare_distributed`` and `loader` is re-sampled with a `DistributedSampler`
+    (`distributed.train_loader`): `loader`'s batch size is per rank. Losses and accuracies in the
+    history are over all ranks; every rank raises together on a non-finite loss.
 
     Args:
         task: a timm `TrainingTask`.
@@ -214,6 +222,7 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
             the epochs before it (exact resume).
         resume: continue after ``resume.epoch`` epochs; the module must already hold that epoch's weights.
         on_epoch_end: called with the `TrainState` after every epoch (to write a checkpoint).
+        compile: ``task.compile()`` (torch.compile of the trainable module) before training.
 
     Returns:
         One dict per epoch: epoch, loss, accuracy (classification outputs only), lr, seconds, val_*.
@@ -225,9 +234,27 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         raise ValueError(f"{stage}: epochs must be >= 0, got {cfg.epochs}")
     if cfg.epochs == 0:  # the stage is skipped (timm's schedulers need at least one epoch)
         return []
-    module = task.get_trainable_module()
-    if not any(p.requires_grad for p in module.parameters()):
+    if not any(p.requires_grad for p in task.get_trainable_module().parameters()):
         raise ValueError(f"{stage}: nothing to train (every parameter is frozen)")
+    if compile:
+        task.compile()
+    distributed = dist_utils.is_distributed()
+    if distributed:
+        loader = dist_utils.train_loader(loader, seed if seed is not None else 0)
+        task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
+    try:
+        return _train_epochs(task, loader, cfg, stage=stage, device=device, amp=amp, channels_last=channels_last,
+                             progress=progress and dist_utils.is_main(), target_fn=target_fn, check=check,
+                             val_fn=val_fn, seed=seed, resume=resume, on_epoch_end=on_epoch_end)
+    finally:
+        if distributed:  # drop the DDP wrapper: a later stage wraps the same modules anew
+            task.trainable_module = task.trainable_module.module
+
+
+def _train_epochs(task, loader, cfg, *, stage, device, amp, channels_last, progress, target_fn, check, val_fn,
+                  seed, resume, on_epoch_end) -> List[Dict[str, float]]:
+    module = task.get_trainable_module()
+    distributed, world = dist_utils.is_distributed(), dist_utils.world_size()
     optimizer = create_optimizer_v2(module, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum)
     steps_per_epoch = len(loader)
@@ -252,6 +279,7 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         if seed is not None:
             seed_everything(epoch_seed(seed, epoch))
             _reseed_loader(loader, epoch_seed(seed, epoch))
+        dist_utils.set_epoch(loader, epoch)
         task.train()
         start = time.perf_counter()
         loss_sum, correct, seen, classifies = 0.0, 0, 0, False
@@ -266,6 +294,8 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
                 out = task(x, target)
             loss = out["loss"]
             loss_value = float(loss.detach())
+            if distributed:  # the mean over ranks: a NaN on any rank stops every rank at the same step
+                loss_value = dist_utils.all_reduce_sum([loss_value], device)[0] / world
             if not np.isfinite(loss_value):
                 raise NonFiniteLossError(stage, epoch, step, loss_value)
             optimizer.zero_grad(set_to_none=True)
@@ -294,6 +324,9 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         if scheduler is not None:
             scheduler.step(epoch + 1)
+        if distributed:
+            loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum, correct, seen], device)
+            classifies = bool(dist_utils.all_reduce_sum([classifies], device)[0])
         record = {"epoch": epoch, "loss": loss_sum / max(seen, 1),
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         if classifies:
@@ -313,13 +346,18 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, check: Optional[BatchCheck] = None,
              channels_last: bool = False, progress: bool = False) -> Dict[str, float]:
-    """Top-1 accuracy in [0, 1] and mean cross-entropy of `model` over `loader`."""
+    """Top-1 accuracy in [0, 1] and mean cross-entropy of `model` over `loader`.
+
+    In a process group each rank evaluates its share of the batches (`distributed.shard_batches`) and
+    the sums are reduced: every rank must call it, and every rank gets the whole set's metrics.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     try:
-        for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        for x, y in tqdm(dist_utils.shard_batches(loader), desc="evaluate",
+                         disable=not progress or not dist_utils.is_main(), leave=False):
             if check is not None:
                 check(x, y)
             x, y = x.to(device, memory_format=memory_format), y.to(device)
@@ -329,32 +367,47 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chec
             seen += y.numel()
     finally:
         model.train(was_training)
+    loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum, correct, seen], device)
     if seen == 0:
         raise ValueError("evaluation loader is empty")
     return {"accuracy": correct / seen, "loss": loss_sum / seen}
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, check: Optional[BatchCheck] = None,
-            channels_last: bool = False, progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eval-mode pass of a timm classifier over `loader`, in loader order.
+def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
+                     write: Callable[[int, np.ndarray], None], *, check: Optional[BatchCheck] = None,
+                     channels_last: bool = False, progress: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eval-mode feature pass that streams pre-logits features out instead of holding them.
+
+    `loader` must iterate the dataset in order, unshuffled (`make_loader(..., shuffle=False)`). In a
+    process group each rank runs its share of the batches (`distributed.shard_batches`); the features of
+    the batch starting at dataset index i go to ``write(i, feats (B, D) float32)``.
 
     Returns:
-        pre_logits (N, D) float32 (``forward_head(..., pre_logits=True)``), logits (N, K) float32,
-        labels (N,) int64; all on CPU.
+        this rank's rows: dataset indices (n,) int64, softmax entropy (n,) float32, labels (n,) int64.
     """
+    loader = dist_utils.shard_batches(loader)
+    starts = dist_utils.batch_starts(loader)
     was_training = model.training
     model.eval()
-    feats, logits, labels = [], [], []
     memory_format = torch.channels_last if channels_last else torch.preserve_format
+    indices, entropy, labels = [], [], []
+    start = 0
     try:
-        for x, y in tqdm(loader, desc="features", disable=not progress, leave=False):
+        bar = tqdm(loader, desc="features", disable=not progress or not dist_utils.is_main(), leave=False)
+        for b, (x, y) in enumerate(bar):
             if check is not None:
                 check(x, y)
+            if starts is not None:
+                start = starts[b]
             z = model.forward_features(x.to(device, memory_format=memory_format))
-            feats.append(model.forward_head(z, pre_logits=True).flatten(1).float().cpu())
-            logits.append(model.forward_head(z).float().cpu())
-            labels.append(y.long().cpu())
+            write(start, model.forward_head(z, pre_logits=True).flatten(1).float().cpu().numpy())
+            entropy.append(softmax_entropy(model.forward_head(z)).cpu().numpy())
+            labels.append(y.long().cpu().numpy())
+            indices.append(np.arange(start, start + len(y), dtype=np.int64))
+            start += len(y)
     finally:
         model.train(was_training)
-    return torch.cat(feats), torch.cat(logits), torch.cat(labels)
+    if not indices:  # a rank with no batch (more ranks than batches)
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    return np.concatenate(indices), np.concatenate(entropy).astype(np.float32), np.concatenate(labels)

@@ -3,26 +3,27 @@
 baseline (optional) -> representatives -> converting autoencoder -> transfer -> finetune (optional) -> export.
 """
 import logging
+import time
 from copy import deepcopy as _deepcopy
 from pathlib import Path
-import time
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
+from . import distributed as dist
 from ._env import machine, versions
 from .checkpoint import Checkpoint, RunDir, load_model_file, load_state_into, model_fingerprint
-from .clustering import cluster_per_class
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .representatives import Representatives, centroid_distance, pick_representatives, softmax_entropy
+from .representatives import Representatives
+from .selection import select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier, PartlyFrozenClassifier
-from .training import (TrainState, check_batch, check_data, check_loader, evaluate, make_loader, predict,
-                       resolve_device, seed_everything, train_stage)
+from .training import (TrainState, check_batch, check_data, check_loader, evaluate, make_loader, resolve_device,
+                       seed_everything, train_stage)
 
 __all__ = ["EncodeNetWrapper"]
 
@@ -69,7 +70,9 @@ class EncodeNetWrapper:
         # a validated copy: a value of the wrong type set by hand -> ValueError, and a plain StageConfig
         # given for a stage with more options (autoencoder) gets their defaults
         config = self.config = type(config).from_dict(config.to_dict())
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(dist.local_device(config.device))
+        if self.device.type == "cuda" and dist.is_distributed():
+            torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         self.model = (_deepcopy(model) if copy else model).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -126,7 +129,7 @@ class EncodeNetWrapper:
         c = self.config
         epochs = getattr(c, stage).epochs
         return dict(device=self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
-                    seed=c.seed + _SEED_OFFSET[stage], resume=self._resume.pop(stage, None),
+                    compile=c.compile, seed=c.seed + _SEED_OFFSET[stage], resume=self._resume.pop(stage, None),
                     on_epoch_end=lambda state: self._checkpoint(stage, state.epoch, epochs, state))
 
     def _val_fn(self, val_loader: Optional[DataLoader]):
@@ -165,12 +168,15 @@ class EncodeNetWrapper:
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
                    clusters_per_class=self.config.representatives.clusters_per_class)
         done: Tuple[str, ...] = ()
-        if run_dir is not None:
-            self._run = RunDir(run_dir, RUN_STAGES)
-            self._run.begin(self.config.to_dict(), {"model": model_fingerprint(self.model), "seed": self.config.seed,
-                                                    "versions": versions(), "machine": machine(self.device)}, resume)
+        if run_dir is not None:  # under torchrun rank 0 writes it, every rank reads it to resume
+            run_dir_ = RunDir(run_dir, RUN_STAGES)
+            if dist.is_main():
+                run_dir_.begin(self.config.to_dict(), {"model": model_fingerprint(self.model), "seed": self.config.seed,
+                                                       "versions": versions(), "machine": machine(self.device)}, resume)
+                self._run = run_dir_
+            dist.barrier()
             if resume:
-                done = self._restore(self._run)
+                done = self._restore(run_dir_)
             else:
                 self._checkpoint("initial", 0, 0)
         c = self.config
@@ -199,6 +205,7 @@ class EncodeNetWrapper:
             self._run, self._resume = None, {}
         if run is not None:
             run.finish(self.export().state_dict())
+        dist.barrier()  # the other ranks return once the run directory is complete
         return self.history
 
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
@@ -265,41 +272,24 @@ class EncodeNetWrapper:
     def select_representatives(self, train_loader: DataLoader) -> Representatives:
         """Cluster each class's pre-logits features and pick each cluster's representative: its
         lowest-entropy image (``representatives.rule="min_entropy"``, the paper's) or the image nearest
-        its centroid (``"nearest_centroid"``).
+        its centroid (``"nearest_centroid"``). See `encodenet_timm.selection.select_representatives`.
 
         The model runs in eval mode over ``train_loader.dataset`` in dataset order (a fresh,
         unshuffled loader with the same workers). Use a loader without random augmentation.
+        Under torchrun every rank must call it; every rank gets the same result.
         """
         check_loader(train_loader, "train_loader", map_style=True)
-        cfg = self.config.representatives
         start = time.perf_counter()
         seed_everything(self.config.seed + _SEED_OFFSET["representatives"])
-        dataset = train_loader.dataset
-        _warn_if_random_transform(dataset)
-        ordered = make_loader(dataset, train_loader, shuffle=False, seed=self.config.seed,
-                              batch_size=cfg.batch_size)
-        feats, logits, labels = predict(self.model, ordered, self.device, check=self._check(),
-                                        channels_last=self.config.channels_last, progress=self.config.progress)
-        entropy = softmax_entropy(logits)
-        clusters = cluster_per_class(feats.numpy(), labels.numpy(), self.num_classes, cfg.clusters_per_class,
-                                     max_auto_clusters=cfg.max_auto_clusters, niter=cfg.niter, nredo=cfg.nredo,
-                                     seed=self.config.seed, faiss_gpu=cfg.faiss_gpu)
-        cluster_ids = torch.from_numpy(clusters.cluster_ids)
-        num_clusters = len(clusters.cluster_labels)
-        score = entropy if cfg.rule == "min_entropy" else centroid_distance(feats, cluster_ids, num_clusters)
-        rep_indices = pick_representatives(cluster_ids, score, num_clusters)
-        # read through the loader's collate_fn, so the targets are exactly what the model is fed
-        rep_loader = make_loader(Subset(dataset, rep_indices.tolist()), train_loader, shuffle=False,
-                                 seed=self.config.seed, batch_size=cfg.batch_size)
-        images = torch.cat([x for x, _ in rep_loader]).float().contiguous()  # (M, C, H, W)
-        self.representatives = Representatives(labels=labels, cluster_ids=cluster_ids, entropy=entropy,
-                                               rep_indices=rep_indices,
-                                               cluster_labels=torch.from_numpy(clusters.cluster_labels),
-                                               images=images)
+        self.representatives, k_per_class = select_representatives(
+            self.model, train_loader, self.config.representatives, self.device, num_classes=self.num_classes,
+            seed=self.config.seed, check=self._check(), channels_last=self.config.channels_last,
+            progress=self.config.progress)
         self.history["representatives"] = {"seconds": time.perf_counter() - start,
                                            "num_clusters": self.representatives.num_clusters,
-                                           "k_per_class": clusters.k_per_class.tolist()}
-        _logger.info("representatives: %d clusters over %d images", self.representatives.num_clusters, len(labels))
+                                           "k_per_class": k_per_class.tolist()}
+        _logger.info("representatives: %d clusters over %d images", self.representatives.num_clusters,
+                     self.representatives.labels.numel())
         self._checkpoint("representatives", 1, 1)
         return self.representatives
 
@@ -433,10 +423,3 @@ class EncodeNetWrapper:
         plain.requires_grad_(True)
         return plain.to(memory_format=torch.contiguous_format)
 
-
-def _warn_if_random_transform(dataset: Dataset) -> None:
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and "Random" in repr(transform):
-        _logger.warning("the dataset's transform looks random (%s): features and representative images are "
-                        "read through it. Pass a loader without augmentation (fit(..., plain_loader=...)).",
-                        type(transform).__name__)

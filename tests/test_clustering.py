@@ -147,3 +147,40 @@ def test_faiss_gpu_always_without_gpu_is_a_clear_error():
     feats, labels, _ = _blobs(num_classes=1)
     with pytest.raises(RuntimeError, match="sees no GPU"):
         cluster_per_class(feats, labels, 1, 2, faiss_gpu="always")
+
+
+@pytest.mark.parametrize("k", [4, "auto"])
+def test_centroid_dist_equals_centroid_distance(k):
+    import torch
+
+    from encodenet_timm.representatives import centroid_distance
+    rng = np.random.default_rng(0)
+    feats = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 5, size=16)).astype(np.float32)
+    labels = rng.integers(0, 3, size=300)
+    res = cluster_per_class(feats, labels, 3, k, max_auto_clusters=5, seed=0)
+    expected = centroid_distance(torch.from_numpy(feats), torch.from_numpy(res.cluster_ids), len(res.cluster_labels))
+    assert res.centroid_dist.dtype == np.float64 and res.centroid_dist.shape == (300,)
+    np.testing.assert_allclose(res.centroid_dist, expected.numpy(), rtol=1e-10)
+
+
+def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
+    from encodenet_timm.features import FeatureStore
+    feats, labels, _ = _blobs(num_classes=3, blobs=2, per_blob=20)
+    order = np.random.default_rng(0).permutation(len(labels))  # classes scattered over the rows
+    feats, labels = feats[order], labels[order]
+    store = FeatureStore(len(feats), feats.shape[1], tmp_path / "s")
+    store.write(0, feats)
+    reads = []
+    real = store.rows
+    store.rows = lambda idx: reads.append(idx) or real(idx)
+    res = cluster_per_class(store, labels, 3, 2, seed=0, progress=True)
+    assert [sorted(set(labels[i])) for i in reads] == [[0], [1], [2]]
+    assert sorted(np.concatenate(reads).tolist()) == list(range(len(labels)))  # every row read exactly once
+    np.testing.assert_array_equal(res.cluster_ids, cluster_per_class(feats, labels, 3, 2, seed=0).cluster_ids)
+    assert "clustering" in capsys.readouterr().err  # the tqdm bar
+
+
+def test_store_and_labels_must_agree(tmp_path):
+    from encodenet_timm.features import FeatureStore
+    with pytest.raises(ValueError, match=r"labels \(N,\), got \(10, 4\) and \(9,\)"):
+        cluster_per_class(FeatureStore(10, 4), np.zeros(9, dtype=np.int64), 1, 1)

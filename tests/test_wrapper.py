@@ -186,3 +186,17 @@ def test_representative_images_go_through_the_loaders_collate_fn(digits):
     reps = wrapper.select_representatives(loader)
     expected = collate([raw[int(i)] for i in reps.rep_indices])[0]
     torch.testing.assert_close(reps.images, expected)
+
+
+@pytest.mark.slow
+def test_compile_option_trains_like_eager(digits):
+    """config.compile: torch.compile (inductor, CPU here) of the stage's module; minutes on 2 cores."""
+    train, _ = digits
+    loader = DataLoader(Subset(train, range(128)), batch_size=32)
+    losses = {}
+    for compiled in (False, True):
+        cfg = EncodeNetConfig(progress=False, compile=compiled, split="features").override({"transfer.epochs": 1})
+        w = EncodeNetWrapper(make_model("resnet10t"), cfg)
+        losses[compiled] = w.fit_transfer(loader)[0]["loss"]
+        assert type(w.export()).__name__ == "ResNet"  # the exported model is never the compiled wrapper
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

@@ -1,0 +1,139 @@
+"""torch.distributed: every stage under torchrun (gloo, 2 CPU processes) against a 1-process run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
+
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
+from encodenet_timm import distributed as dist_utils
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_fit.py"
+
+
+def _torchrun(nproc: int, out: Path, batch_size: int, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE),
+           "--out", str(out), "--batch-size", str(batch_size), "--train-size", "512", "--epochs", "1", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The example run on the same 512 digits: 2 ranks x 32 images per step, features on disk ("two")
+    or gathered in rank 0's RAM ("two_ram"), and 1 rank x 64 (features in RAM): the same global batch."""
+    root = tmp_path_factory.mktemp("ddp")
+    _torchrun(2, root / "two", 32, "--all-ranks", "--feature-store", str(root / "store"))
+    _torchrun(2, root / "two_ram", 32)
+    _torchrun(1, root / "one", 64)
+    return root
+
+
+def test_ranks_hold_identical_weights(runs):
+    a, b = load_file(str(runs / "two" / "rank0.safetensors")), load_file(str(runs / "two" / "rank1.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_features_on_disk_or_in_ram_give_the_same_run(runs):
+    for name in ("model.safetensors", "representatives.safetensors"):
+        disk, ram = load_file(str(runs / "two" / name)), load_file(str(runs / "two_ram" / name))
+        assert disk.keys() == ram.keys() and all(torch.equal(disk[k], ram[k]) for k in disk), name
+
+
+def test_two_ranks_match_one_process(runs):
+    two, one = load_file(str(runs / "two" / "model.safetensors")), load_file(str(runs / "one" / "model.safetensors"))
+    assert two.keys() == one.keys()
+    for k in two:  # the same math; only the order of float sums differs
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4, msg=k)
+    h2 = json.loads((runs / "two" / "history.json").read_text())
+    h1 = json.loads((runs / "one" / "history.json").read_text())
+    assert (h2["world_size"], h1["world_size"]) == (2, 1)
+    for stage in ("baseline", "autoencoder", "transfer", "finetune"):
+        assert len(h2["history"][stage]) == len(h1["history"][stage]) == 1
+        assert h2["history"][stage][0]["loss"] == pytest.approx(h1["history"][stage][0]["loss"], rel=1e-4)
+
+
+def test_representatives_match_one_process(runs):
+    two = load_file(str(runs / "two" / "representatives.safetensors"))
+    one = load_file(str(runs / "one" / "representatives.safetensors"))
+    for k in ("labels", "cluster_ids", "rep_indices", "cluster_labels"):
+        assert torch.equal(two[k], one[k]), k
+    torch.testing.assert_close(two["entropy"], one["entropy"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(two["images"], one["images"], rtol=0, atol=0)
+    assert not (runs / "store").exists() or not any((runs / "store").iterdir())  # the on-disk store is removed
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-process gloo group in this process (every distributed code path, world size 1)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+    assert not dist_utils.is_distributed()
+
+
+def _reps(digits, **overrides):
+    train = Subset(digits[0], range(300))
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    cfg = EncodeNetConfig(progress=False).override({"representatives.clusters_per_class": 3, **overrides})
+    return EncodeNetWrapper(model, cfg).select_representatives(DataLoader(train, batch_size=64))
+
+
+def test_group_representatives_equal_plain_process(digits, one_rank_group, tmp_path):
+    in_group = _reps(digits, **{"representatives.feature_store": str(tmp_path / "store")})
+    dist.destroy_process_group()
+    try:
+        plain = _reps(digits)
+    finally:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg2'}", rank=0, world_size=1)
+    for k in ("labels", "cluster_ids", "entropy", "rep_indices", "cluster_labels", "images"):
+        assert torch.equal(getattr(in_group, k), getattr(plain, k)), k
+
+
+def test_train_loader_shards_cover_the_dataset(digits, one_rank_group):
+    loader = DataLoader(Subset(digits[0], range(100)), batch_size=16, shuffle=True)
+    sharded = dist_utils.train_loader(loader, seed=3)
+    assert isinstance(sharded.sampler, torch.utils.data.DistributedSampler) and sharded.batch_size == 16
+    dist_utils.set_epoch(sharded, 1)
+    first = list(sharded.sampler)
+    dist_utils.set_epoch(sharded, 2)
+    assert sorted(first) == list(range(100)) and list(sharded.sampler) != first  # reshuffled per epoch
+    assert dist_utils.train_loader(sharded, seed=0) is sharded  # a DistributedSampler is kept
+
+
+def test_shard_batches_keeps_batches_whole(digits, one_rank_group):
+    loader = DataLoader(Subset(digits[0], range(100)), batch_size=32)
+    sharded = dist_utils.shard_batches(loader)
+    assert dist_utils.batch_starts(sharded) == [0, 32, 64, 96]
+    assert [len(y) for _, y in sharded] == [32, 32, 32, 4]
+
+
+def test_without_a_group_everything_is_the_identity(digits):
+    loader = DataLoader(Subset(digits[0], range(10)), batch_size=4, shuffle=True)
+    assert not dist_utils.is_distributed() and dist_utils.world_size() == 1 and dist_utils.is_main()
+    assert dist_utils.train_loader(loader, seed=0) is loader and dist_utils.shard_batches(loader) is loader
+    assert dist_utils.all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2.0]
+    assert dist_utils.broadcast_object({"a": 1}) == {"a": 1} and dist_utils.gather_objects(3) == [3]
+    assert np.isnan(dist_utils.all_reduce_sum([float("nan")], torch.device("cpu"))[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_with_nccl(tmp_path):
+    """The example on 2 GPUs (NCCL, FAISS on GPU when the build has it): the ranks stay in sync."""
+    _torchrun(2, tmp_path / "gpu", 32, "--all-ranks")
+    a = load_file(str(tmp_path / "gpu" / "rank0.safetensors"))
+    b = load_file(str(tmp_path / "gpu" / "rank1.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
