@@ -72,6 +72,32 @@ def test_representatives_match_one_process(runs):
     assert not (runs / "store").exists() or not any((runs / "store").iterdir())  # the on-disk store is removed
 
 
+def _torchrun_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "encodenet_timm.cli", "fit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_fit_and_resume_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    done = _torchrun_cli("--model", "resnet10t", "--dataset", "digits", "--per-class", "20", "--batch-size", "16",
+                         "--out", str(out), "--progress", "false", "--set", "baseline.epochs=1",
+                         "--set", "autoencoder.epochs=1", "--set", "transfer.epochs=1", "--set", "finetune.epochs=1",
+                         "--set", "representatives.clusters_per_class=2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("test accuracy") == 1  # rank 0 reports, once
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and all(
+        record["stages"][s]["status"] == "complete" for s in ("baseline", "autoencoder", "transfer", "finetune"))
+    weights = load_file(str(out / "model.safetensors"))
+    # resuming the finished run: every rank restores it from rank 0's checkpoints and nothing is retrained
+    done = _torchrun_cli("--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-4000:]
+    again = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert len(json.loads((out / "run.json").read_text())["resumed"]) == 1
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     """A 1-process gloo group in this process (every distributed code path, world size 1)."""
