@@ -359,12 +359,13 @@ class EncodeNetWrapper:
         return self._fit_whole_model("finetune", train_loader, val_loader)
 
     def _tail_state(self) -> Dict[str, torch.Tensor]:
-        """The tail's own parameters and buffers, by qualified name in the model (live tensors)."""
+        """The tail's parameters and buffers, submodules included, by qualified name in the model (live
+        tensors). Recursive: a submodule whose weight is used functionally (beit's ``attn.qkv`` through
+        ``F.linear``) is not in the traced tail itself, but it is trained with its parent."""
         modules = dict(self.model.named_modules())
         state = {}
         for name in self.tail:
-            for key, t in list(modules[name].named_parameters(recurse=False)) + list(
-                    modules[name].named_buffers(recurse=False)):
+            for key, t in list(modules[name].named_parameters()) + list(modules[name].named_buffers()):
                 state[f"{name}.{key}"] = t
         return state
 

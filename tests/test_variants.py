@@ -197,3 +197,19 @@ def test_default_split_retrains_only_the_last_stage_and_head(name):
     in_tail = {n: any(n == t or n.startswith(t + ".") for t in tail) for n in grads}
     assert any(grads[n] for n in grads if in_tail[n])
     assert not any(grads[n] for n in grads if not in_tail[n]), [n for n in grads if grads[n] and not in_tail[n]][:3]
+
+
+def test_tail_restore_covers_weights_used_functionally():
+    """beit's attention reads ``attn.qkv.weight`` through F.linear, so FX never sees ``attn.qkv`` called:
+    the snapshot still holds it (it trains with its parent ``attn``) and transfer restores it."""
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                              depth=2, embed_dim=64, num_heads=2)
+    w = EncodeNetWrapper(model, EncodeNetConfig(progress=False, device="cpu"))
+    assert "blocks.1.attn" in w.tail and "blocks.1.attn.qkv" not in w.tail
+    w._snapshot_tail()
+    assert "blocks.1.attn.qkv.weight" in w._tail_snapshot
+    with torch.no_grad():
+        w.model.blocks[1].attn.qkv.weight.add_(1.0)  # what the autoencoder stage does to the tail
+    w._restore_tail()
+    assert torch.equal(w.model.blocks[1].attn.qkv.weight, w._tail_snapshot["blocks.1.attn.qkv.weight"])
+    assert torch.equal(w.model.blocks[1].attn.qkv.weight, model.blocks[1].attn.qkv.weight)  # the baseline's
