@@ -138,10 +138,15 @@ def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[Lis
 
 
 def stage_names(model: nn.Module) -> List[str]:
-    """Module names of the model's stages from timm's ``feature_info`` (e.g. ["act1", "layer1", ...])."""
+    """Module names of the model's stages from timm's ``feature_info`` (e.g. ["act1", "layer1", ...]).
+
+    Only names of modules the model has: some timm models' ``feature_info`` names a module that does not
+    exist (twins and mvitv2 say "block.2" for their ``blocks.2`` / ``stages.2``); those are left out.
+    """
     info = getattr(model, "feature_info", None) or []
     names = [f.get("module") for f in info if isinstance(f, dict)] if isinstance(info, list) else []
-    return [n for n in names if n]
+    modules = dict(model.named_modules())
+    return [n for n in names if n and n in modules]
 
 
 def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]) -> List[str]:
@@ -159,8 +164,8 @@ def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]
     valid = stage_names(model)
     if stage == "last_stage":
         if len(valid) < 2:
-            _logger.warning("split='last_stage': %s has feature_info stages %s, fewer than two; splitting at "
-                            "'features' instead", type(model).__name__, valid)
+            _logger.warning("split='last_stage': %s has feature_info stages %s (modules it has), fewer than "
+                            "two; splitting at 'features' instead", type(model).__name__, valid)
             return []
         stage = valid[-2]
     if stage not in valid:

@@ -1,9 +1,11 @@
 import pytest
+import timm
 import torch
 import torch.nn as nn
 
 from encodenet_timm.errors import UnsupportedModelError
-from encodenet_timm.split import Encoder, Head, check_timm_classifier, model_input_size, split_model
+from encodenet_timm.split import (Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model,
+                                  stage_names)
 
 from conftest import FAMILIES, make_model
 
@@ -82,3 +84,15 @@ def test_model_input_size_reads_patch_embed():
     assert model_input_size(make_model("vit_tiny_patch16_224")) == (3, 32, 32)
     assert model_input_size(make_model("resnet18")) == (3, 224, 224)
     assert model_input_size(make_model("resnet18", in_chans=1))[0] == 1
+
+
+def test_feature_info_names_that_are_not_modules_are_left_out(caplog):
+    """twins' feature_info says "block.2" but its module is "blocks.2": no such stage, so "last_stage"
+    falls back to the paper's split with a warning instead of a KeyError."""
+    model = timm.create_model("twins_svt_small", pretrained=False, num_classes=10, depths=(1, 1, 1, 1))
+    assert [f["module"] for f in model.feature_info][-1] == "block.3" and stage_names(model) == []
+    with caplog.at_level("WARNING", logger="encodenet_timm.split"):
+        assert modules_after(model, "last_stage", (3, 32, 32)) == []
+    assert "splitting at 'features' instead" in caplog.text
+    with pytest.raises(ValueError, match="not a stage"):
+        modules_after(model, "block.2", (3, 32, 32))
