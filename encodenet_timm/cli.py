@@ -259,7 +259,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             cfg = timm.models.get_pretrained_cfg(spec["model"])
             if cfg is not None:
                 spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
+    if not dist.is_main():  # under torchrun rank 0 reads (or downloads) the data first, then the others
+        dist.barrier()
     data = _data(spec, config.seed, download=not args.no_download)
+    if dist.is_main():
+        dist.barrier()
     if not args.resume:
         spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
                     std=data.std and list(data.std), input_size=list(data.input_size))
