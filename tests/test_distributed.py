@@ -98,6 +98,17 @@ def test_cli_fit_and_resume_under_torchrun(tmp_path):
     assert len(json.loads((out / "run.json").read_text())["resumed"]) == 1
 
 
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    worker = Path(__file__).with_name("ddp_nan_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in records:  # rank 0's own loss was finite: it stops because the mean over ranks is not
+        assert (r["raised"], r["stage"], r["epoch"], r["step"]) == ("NonFiniteLossError", "baseline", 0, 3), r
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     """A 1-process gloo group in this process (every distributed code path, world size 1)."""
