@@ -78,6 +78,7 @@ def _torchrun_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow  # about a minute: two torchrun launches of the CLI
 def test_cli_fit_and_resume_under_torchrun(tmp_path):
     out = tmp_path / "run"
     done = _torchrun_cli("--model", "resnet10t", "--dataset", "digits", "--per-class", "20", "--batch-size", "16",
