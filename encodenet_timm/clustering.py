@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from typing import List, Union
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .features import FeatureStore
+from .representatives import centroid_distance
 
 __all__ = ["ClassClusters", "check_class_counts", "cluster_per_class", "silhouette_score"]
 
@@ -172,17 +174,10 @@ def cluster_per_class(features: Union[np.ndarray, FeatureStore], labels: np.ndar
         _, assign = np.unique(assign, return_inverse=True)
         k = int(assign.max()) + 1
         cluster_ids[idx] = sum(k_per_class) + assign
-        centroid_dist[idx] = _centroid_dist(x, assign, k)
+        centroid_dist[idx] = centroid_distance(torch.from_numpy(x), torch.from_numpy(assign), k).numpy()
         k_per_class.append(k)
     cluster_labels = np.repeat(np.arange(num_classes), k_per_class)
     return ClassClusters(cluster_ids, cluster_labels, np.asarray(k_per_class, dtype=np.int64), centroid_dist)
-
-
-def _centroid_dist(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
-    """Squared distance of each point of x (n, D) to the mean of its cluster (assign (n,) in [0, k)): (n,) float64."""
-    x = x.astype(np.float64)  # (n, D)
-    means = np.stack([x[assign == j].mean(0) for j in range(k)])  # (k, D); renumbered clusters are never empty
-    return np.square(x - means[assign]).sum(1)
 
 
 def _auto_k(faiss, x, max_k, niter, nredo, seed, gpu, rng):

@@ -325,8 +325,8 @@ def _train_epochs(task, loader, cfg, *, stage, device, amp, channels_last, progr
         if scheduler is not None:
             scheduler.step(epoch + 1)
         if distributed:
-            loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum, correct, seen], device)
-            classifies = bool(dist_utils.all_reduce_sum([classifies], device)[0])
+            loss_sum, correct, seen, classifies = dist_utils.all_reduce_sum([loss_sum, correct, seen, classifies],
+                                                                            device)
         record = {"epoch": epoch, "loss": loss_sum / max(seen, 1),
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         if classifies:

@@ -5,6 +5,7 @@ baseline (optional) -> representatives -> converting autoencoder -> transfer -> 
 import logging
 import time
 from copy import deepcopy as _deepcopy
+from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -362,12 +363,10 @@ class EncodeNetWrapper:
         """The tail's parameters and buffers, submodules included, by qualified name in the model (live
         tensors). Recursive: a submodule whose weight is used functionally (beit's ``attn.qkv`` through
         ``F.linear``) is not in the traced tail itself, but it is trained with its parent."""
-        modules = dict(self.model.named_modules())
-        state = {}
-        for name in self.tail:
-            for key, t in list(modules[name].named_parameters()) + list(modules[name].named_buffers()):
-                state[f"{name}.{key}"] = t
-        return state
+        prefixes = tuple(f"{name}." for name in self.tail)
+        named = chain(self.model.named_parameters(remove_duplicate=False),
+                      self.model.named_buffers(remove_duplicate=False))
+        return {key: t for key, t in named if key.startswith(prefixes)}
 
     def _snapshot_tail(self) -> None:
         """Remember the tail's weights before the autoencoder changes them (once: the baseline's)."""
