@@ -1,25 +1,27 @@
-"""Ablation of EncodeNet's variants against equal-compute controls, chosen on a validation split.
+"""Ablation of EncodeNet's variants against same-size controls at equal extra compute (`encodenet_timm.compare`).
 
-    python benchmarks/ablation.py --data-dir ../shared/data --seeds 0 1 2
+    python benchmarks/ablation.py --data-dir ../shared/data --regime converged --phase converge
+    python benchmarks/ablation.py --data-dir ../shared/data --regime converged --seeds 0 1 2
 
 Protocol (fixed before any run):
 
-* Per seed: a stratified training subset of the CIFAR-10 training set; 10% of it (per class) is held out
-  as the validation split. Nothing is tuned on the test set.
-* One baseline per seed (supervised, E epochs) is the starting point of every variant, of ``kd`` and of
-  ``baseline_continued``.
-* Rows: the variants in ``VARIANTS`` (config overrides on the paper preset, `EncodeNetConfig.paper()`),
-  and the controls ``baseline`` (E epochs), ``baseline_equal`` (from scratch, one schedule of E + X
-  epochs), ``baseline_continued`` (the baseline trained X more epochs at the fine-tune lr) and ``kd``
-  (timm's `LogitDistillationTask`, teacher = the baseline, student = a copy of it, X epochs' FLOPs).
-  X is the extra compute of the *most expensive* variant, in supervised epochs (FLOPs counted with
-  `FlopCounterMode` on the real stage code): every variant gets at most the controls' compute.
-* Selection: the variant with the highest mean validation accuracy (last epoch) over seeds.
-* Test: evaluated once, after selection, for the chosen variant, the paper row and the controls,
-  from weights saved at the end of each run.
+* Data: a stratified training subset of the CIFAR-10 training set (``per_class`` images per class, drawn
+  with data seed 0, the same for every seed) and a validation split drawn from the training images the
+  subset leaves unused (``val_per_class`` per class; or, for the legacy regimes, a fraction of the subset).
+  The test set is evaluated once, after the choice, for the chosen row, the paper row, the default and
+  the controls.
+* ``--phase converge`` (one seed): from-scratch baselines of the lengths in ``convergence_epochs``, in
+  order, until E/2, E and 1.5E are there with 1.5E gaining < 0.5 validation points over E; E is the
+  shortest such length (``converge.json``). The
+  validate phase trains its baselines for that E.
+* Rows (``compare``): ``baseline`` (E epochs), ``encodenet`` (the package default `EncodeNetConfig()` at
+  the regime's stage lengths), the variants in ``VARIANTS``, and the controls continued, ema, kd and
+  equal, each given the default recipe's extra compute X (FLOPs counted on the real stage code). A
+  variant's own extra compute is reported beside it: one that costs more than X is marked.
+* Selection: the EncodeNet row (default or variant) with the highest mean validation accuracy.
 
-``--phase validate`` trains (resumable: finished runs are skipped); ``--phase test`` evaluates the
-test set; ``--phase all`` does both. Outputs go to ``benchmarks/results/ablation-<name>/``.
+Runs are resumable per (row, seed): ``runs/*.json`` are committed as they finish, with the baselines'
+weights (``weights/baseline-seed*.safetensors``; the other rows' weights are git-ignored). Outputs go to ``benchmarks/results/ablation-<regime>/``.
 """
 import argparse
 import dataclasses
@@ -27,101 +29,98 @@ import json
 import logging
 import sys
 import time
-from copy import deepcopy
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import timm
 import torch
-from safetensors.torch import load_file, save_file
-from timm.task import ClassificationTask, LogitDistillationTask
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cifar import _mean_std, _plain, paired  # noqa: E402  (the benchmark's shared statistics)
-
-from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig  # noqa: E402
-from encodenet_timm._env import machine, versions  # noqa: E402
-from encodenet_timm.cifar import CifarDataset, load_cifar, stratified_subset, train_val_split  # noqa: E402
-from encodenet_timm.split import stage_names  # noqa: E402
-from encodenet_timm.training import evaluate, resolve_device, seed_everything, train_stage  # noqa: E402
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
+from encodenet_timm._env import machine, versions
+from encodenet_timm.checkpoint import write_json
+from encodenet_timm.cifar import CifarDataset, load_cifar, stratified_subset, train_val_split
+from encodenet_timm.compare import CONTROLS, compare, paired_difference
+from encodenet_timm.training import evaluate, resolve_device
 
 _logger = logging.getLogger("benchmarks.ablation")
-
-CONTROLS = ("baseline", "baseline_equal", "baseline_continued", "kd")
 
 
 @dataclasses.dataclass
 class Regime:
     """Sizes and stage schedules shared by every row; chosen once, before any run."""
     description: str
-    per_class: int                   # stratified training subset per class (before the validation hold-out)
-    val_fraction: float
+    per_class: int                   # stratified training subset per class
     batch_size: int
-    baseline: StageConfig
-    autoencoder: StageConfig         # the paper preset's stage lengths at this scale
+    baseline: StageConfig            # its epochs are replaced by the converge phase's E when convergence_epochs is set
+    autoencoder: StageConfig
     transfer: StageConfig
-    finetune: StageConfig            # used by the rows that fine-tune, and by baseline_continued / kd
-    kd_temperature: float = 4.0
-    kd_task_loss_weight: float = 0.3
+    finetune: StageConfig
+    val_per_class: Optional[int] = None  # validation drawn from the unused training images; None: val_fraction
+    val_fraction: float = 0.1        # of the subset, per class (legacy regimes)
+    convergence_epochs: tuple = ()   # from-scratch lengths the converge phase trains (one seed)
 
 
 def _sgd(epochs: int, lr: float) -> StageConfig:
     return StageConfig(epochs=epochs, lr=lr, opt="sgd", momentum=0.9, weight_decay=5e-4, sched="cosine")
 
 
-def _cpu_regime(baseline_epochs: int, what: str) -> Regime:
-    """500 images per class (450 train + 50 validation); autoencoder 2, transfer 3, fine-tune 2 epochs."""
-    return Regime(description=f"2 CPU cores{what}: 500 images per class drawn with the seed (450 train + 50 "
-                              f"validation), {baseline_epochs} baseline epochs; autoencoder 2, transfer 3, "
-                              f"fine-tune 2 epochs",
-                  per_class=500, val_fraction=0.1, batch_size=128, baseline=_sgd(baseline_epochs, 0.1),
-                  autoencoder=StageConfig(epochs=2, lr=1e-3, opt="adamw", weight_decay=0.0, sched="cosine"),
-                  transfer=_sgd(3, 0.01), finetune=_sgd(2, 0.01))
+def _adamw(epochs: int) -> StageConfig:
+    return StageConfig(epochs=epochs, lr=1e-3, opt="adamw", weight_decay=0.0, sched="cosine")
 
 
 REGIMES = {
-    "short": _cpu_regime(12, ""),
-    "long": _cpu_regime(30, ", nearer convergence"),
-    "smoke": Regime(
-        description="pipeline check (tests): 20 images per class, 1 epoch per stage; numbers mean nothing",
-        per_class=20, val_fraction=0.2, batch_size=50, baseline=_sgd(1, 0.05),
-        autoencoder=StageConfig(epochs=1, lr=1e-3, opt="adamw", weight_decay=0.0, sched="cosine"),
-        transfer=_sgd(1, 0.01), finetune=_sgd(1, 0.01)),
+    "converged": Regime(
+        description="2 CPU cores, converged baseline: 250 images per class for training (2,500), 500 per class of "
+                    "the unused training images for validation (5,000); baseline E epochs from the converge phase; "
+                    "autoencoder 10, transfer 10, fine-tune 5 epochs (the package defaults)",
+        per_class=250, val_per_class=500, batch_size=128, baseline=_sgd(0, 0.1),
+        autoencoder=_adamw(10), transfer=_sgd(10, 0.01), finetune=_sgd(5, 0.01),
+        convergence_epochs=(40, 80, 120, 60, 180)),
+    "short": Regime(description="2 CPU cores: 500 images per class (450 train + 50 validation), 12 baseline epochs; "
+                                "autoencoder 2, transfer 3, fine-tune 2 epochs",
+                    per_class=500, batch_size=128, baseline=_sgd(12, 0.1), autoencoder=_adamw(2),
+                    transfer=_sgd(3, 0.01), finetune=_sgd(2, 0.01)),
+    "smoke": Regime(description="pipeline check (tests): 20 images per class, 1 epoch per stage; numbers mean nothing",
+                    per_class=20, val_fraction=0.2, batch_size=50, baseline=_sgd(1, 0.05), autoencoder=_adamw(1),
+                    transfer=_sgd(1, 0.01), finetune=_sgd(1, 0.01)),
 }
 
-
-# variant name -> (description, overrides on the paper preset); "<last>" is the model's second-to-last
-# feature_info stage (the last stage and the head are retrained in transfer)
+# variant -> (description, overrides on the default recipe at the regime's lengths); "paper" starts from
+# EncodeNetConfig.paper() instead. "<stage>" is scaled by the regime: "<ae>"/"<ft>" = its epochs.
 VARIANTS: Dict[str, tuple] = {
-    "paper": ("the paper: split at forward_features, k=5, min-entropy, MSE, frozen encoder", {}),
-    "split_last": ("split before the last stage: it restarts from the baseline and trains with the head",
-                   {"split": "<last>"}),
-    "ce": ("autoencoder loss MSE + 1.0 x cross-entropy through the head", {"autoencoder.ce_weight": 1.0}),
-    "ae_lr_low": ("autoencoder lr 1e-4 instead of 1e-3", {"autoencoder.lr": 1e-4}),
-    "centroid": ("representative = member nearest the cluster centroid", {"representatives.rule": "nearest_centroid"}),
-    "auto_k": ("clusters per class chosen by silhouette (2..10)", {"representatives.clusters_per_class": "auto"}),
-    "finetune": ("paper + a final fine-tune of every weight (lr 0.01, cosine)", {"finetune.epochs": "<ft>"}),
-    "split_last_ce_ft": ("split_last + ce + finetune together",
-                         {"split": "<last>", "autoencoder.ce_weight": 1.0, "finetune.epochs": "<ft>"}),
-    "split_last_no_ae": ("split_last without the autoencoder (0 epochs): is the autoencoder doing anything?",
-                         {"split": "<last>", "autoencoder.epochs": 0}),
+    "paper": ("the paper: split at forward_features, k=5, min-entropy, pure MSE, frozen encoder, no fine-tune", {}),
+    "split_last_no_ae": ("the default without the autoencoder (0 epochs): is the autoencoder doing anything?",
+                         {"autoencoder.epochs": 0}),
+    "split_features": ("the default split at forward_features (paper's split) instead of before the last stage",
+                       {"split": "features"}),
+    "ce_0.3": ("autoencoder loss MSE + 0.3 x CE (default 1.0)", {"autoencoder.ce_weight": 0.3}),
+    "ce_3": ("autoencoder loss MSE + 3.0 x CE (default 1.0)", {"autoencoder.ce_weight": 3.0}),
+    "ae_half": ("half the autoencoder epochs", {"autoencoder.epochs": "<ae/2>"}),
+    "ae_double": ("twice the autoencoder epochs", {"autoencoder.epochs": "<ae*2>"}),
+    "ft_0": ("no final fine-tune", {"finetune.epochs": 0}),
+    "ft_double": ("twice the fine-tune epochs", {"finetune.epochs": "<ft*2>"}),
 }
 
 
-def variant_config(regime: Regime, model: torch.nn.Module, name: str, seed: int) -> EncodeNetConfig:
-    """The paper preset at this regime's stage lengths, with the variant's overrides."""
-    last = stage_names(model)[-2]
+def regime_config(regime: Regime, seed: int = 0, baseline_epochs: Optional[int] = None,
+                  variant: Optional[str] = None) -> EncodeNetConfig:
+    """The default recipe (or a variant, or the paper preset) at the regime's stage lengths."""
     overrides = {"seed": seed, "progress": False, "channels_last": True}
-    for stage in ("autoencoder", "transfer", "finetune"):
+    for stage in ("baseline", "autoencoder", "transfer", "finetune"):
         for key, value in dataclasses.asdict(getattr(regime, stage)).items():
             overrides[f"{stage}.{key}"] = value
-    overrides["finetune.epochs"] = 0
-    for key, value in VARIANTS[name][1].items():
-        overrides[key] = {"<last>": last, "<ft>": regime.finetune.epochs}.get(value, value)
-    return EncodeNetConfig.paper(**overrides)
+    if baseline_epochs is not None:
+        overrides["baseline.epochs"] = baseline_epochs
+    if variant == "paper":
+        overrides["finetune.epochs"] = 0
+        return EncodeNetConfig.paper(**overrides)
+    scaled = {"<ae/2>": max(1, regime.autoencoder.epochs // 2), "<ae*2>": 2 * regime.autoencoder.epochs,
+              "<ft*2>": 2 * regime.finetune.epochs}
+    for key, value in (VARIANTS[variant][1] if variant else {}).items():
+        overrides[key] = scaled.get(value, value)
+    return EncodeNetConfig().override(overrides)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -130,339 +129,224 @@ class Data:
     train: DataLoader                # augmented, shuffled
     plain: DataLoader                # the same images, no augmentation, in order
     val: DataLoader
-    n_train: int
+    test: DataLoader
 
 
-def seed_data(arrays, regime: Regime, seed: int) -> Data:
-    sub = stratified_subset(arrays.train_labels, regime.per_class, seed=seed)
-    tr, va = train_val_split(arrays.train_labels[sub], regime.val_fraction, seed=seed)
-    tr, va = sub[tr], sub[va]
-    ds = lambda idx, augment: CifarDataset(arrays.train_images[idx], arrays.train_labels[idx], arrays.mean,
-                                           arrays.std, augment=augment)
-    g = torch.Generator().manual_seed(seed)
-    return Data(DataLoader(ds(tr, True), batch_size=regime.batch_size, shuffle=True, generator=g),
-                DataLoader(ds(tr, False), batch_size=500), DataLoader(ds(va, False), batch_size=500), len(tr))
-
-
-# ---- compute --------------------------------------------------------------------------------------------
-def _flops(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def count_compute(args, regime: Regime, arrays, num_classes: int) -> Dict:
-    """Per-image FLOPs of a supervised step and of each variant's stages, measured by running the real
-    stage code for one epoch on a small real subset (5 images per class) inside `FlopCounterMode`."""
-    idx = stratified_subset(arrays.train_labels, 5, seed=0)
-    n = len(idx)
-    ds = CifarDataset(arrays.train_images[idx], arrays.train_labels[idx], arrays.mean, arrays.std)
-    loader = DataLoader(ds, batch_size=n)
-    model = _new_model(args, num_classes, 0)
-    x, y = next(iter(loader))
-    sup = ClassificationTask(model, verbose=False)
-    train_step = _flops(lambda: sup(x, y)["loss"].backward()) / n
-    kd = LogitDistillationTask(model, teacher_model=deepcopy(model).requires_grad_(False), verbose=False)
-    kd_step = _flops(lambda: kd(x, y)["loss"].backward()) / n
-    variants = {}
-    for name in VARIANTS:
-        cfg = variant_config(regime, model, name, 0)
-        one = cfg.override({f"{s}.epochs": min(1, getattr(cfg, s).epochs)
-                            for s in ("autoencoder", "transfer", "finetune")})
-        one.channels_last = False
-        w = EncodeNetWrapper(model, one)
-        w.decoder  # built (and its own FLOPs counted) outside the counters below
-        per_epoch = {"features": _flops(lambda: w.select_representatives(loader)) / n,
-                     "autoencoder": _flops(lambda: w.fit_autoencoder(loader)) / n,
-                     "transfer": _flops(lambda: w.fit_transfer(loader)) / n,
-                     "finetune": _flops(lambda: w.fit_finetune(loader)) / n if one.finetune.epochs else 0.0}
-        extra = per_epoch["features"] + sum(per_epoch[s] * getattr(cfg, s).epochs
-                                            for s in ("autoencoder", "transfer", "finetune"))
-        variants[name] = {"per_image_per_epoch": per_epoch, "extra_epochs": extra / train_step}
-    x_epochs = max(v["extra_epochs"] for v in variants.values())
-    return {"train_step": train_step, "kd_step": kd_step, "variants": variants,
-            "control_extra_epochs": int(np.ceil(x_epochs - 1e-9)),
-            "kd_epochs": max(1, int(round(np.ceil(x_epochs - 1e-9) * train_step / kd_step))),
-            "note": "FLOPs per image (matmul/conv, forward + backward) from FlopCounterMode over one epoch of "
-                    "each stage on 50 real images; k-means (FAISS) and validation passes are not counted. "
-                    "X = ceil(max variant extra) supervised epochs for baseline_equal / baseline_continued; "
-                    "kd gets the epochs whose FLOPs are closest to X supervised epochs."}
-
-
-# ---- runs -----------------------------------------------------------------------------------------------
-def _new_model(args, num_classes: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(args.model, pretrained=False, num_classes=num_classes)
-
-
-def _val_fn(model, loader, device):
-    return lambda: evaluate(model, loader, device, channels_last=True)
-
-
-def _train(task, model, data: Data, cfg: StageConfig, stage: str, device, seed: int) -> List[Dict]:
-    seed_everything(seed)
-    model.to(memory_format=torch.channels_last)
-    return train_stage(task, data.train, cfg, stage=stage, device=device, channels_last=True, progress=False,
-                       val_fn=_val_fn(model, data.val, device))
-
-
-def _baseline_model(ctx, seed: int) -> torch.nn.Module:
-    model = _new_model(ctx["args"], ctx["num_classes"], seed)
-    model.load_state_dict(load_file(str(_weights(ctx, "baseline", seed))))
-    return model.to(ctx["device"])
-
-
-def run_row(ctx, row: str, seed: int, data: Data) -> Dict:
-    """Train one row for one seed; returns its record (validation history) and saves its final weights."""
-    args, regime, device, compute = ctx["args"], ctx["regime"], ctx["device"], ctx["compute"]
-    X = compute["control_extra_epochs"]
-    start = time.perf_counter()
-    if row in ("baseline", "baseline_equal"):
-        model = _new_model(args, ctx["num_classes"], seed).to(device)
-        epochs = regime.baseline.epochs + (X if row == "baseline_equal" else 0)
-        cfg = dataclasses.replace(regime.baseline, epochs=epochs)
-        hist = {row: _train(ClassificationTask(model, verbose=False, device=device), model, data, cfg, row,
-                            device, seed)}
-        extra = float(epochs - regime.baseline.epochs)
-    elif row == "baseline_continued":
-        model = _baseline_model(ctx, seed)
-        cfg = dataclasses.replace(regime.finetune, epochs=X)
-        hist = {row: _train(ClassificationTask(model, verbose=False, device=device), model, data, cfg, row,
-                            device, seed)}
-        extra = float(X)
-    elif row == "kd":
-        teacher = _baseline_model(ctx, seed).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-        model = _baseline_model(ctx, seed)
-        task = LogitDistillationTask(model, teacher_model=teacher, temperature=regime.kd_temperature,
-                                     task_loss_weight=regime.kd_task_loss_weight, device=device, verbose=False)
-        cfg = dataclasses.replace(regime.finetune, epochs=compute["kd_epochs"])
-        hist = {row: _train(task, model, data, cfg, row, device, seed)}
-        extra = compute["kd_epochs"] * compute["kd_step"] / compute["train_step"]
+def make_data(arrays, regime: Regime, data_seed: int = 0) -> Data:
+    labels = arrays.train_labels
+    sub = stratified_subset(labels, regime.per_class, seed=data_seed)
+    if regime.val_per_class is not None:
+        rest = np.setdiff1d(np.arange(len(labels)), sub)
+        tr, va = sub, rest[stratified_subset(labels[rest], regime.val_per_class, seed=data_seed + 1)]
     else:
-        model = _baseline_model(ctx, seed)
-        cfg = variant_config(regime, model, row, seed)
-        wrapper = EncodeNetWrapper(model, cfg, copy=False)
-        hist = wrapper.fit(data.train, data.val, plain_loader=data.plain)
-        hist = {k: v for k, v in hist.items() if isinstance(v, list)}
-        model = wrapper.model
-        extra = compute["variants"][row]["extra_epochs"]
-    final = evaluate(model, data.val, device, channels_last=True)
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(_weights(ctx, row, seed)))
-    return {"row": row, "seed": seed, "val_accuracy": final["accuracy"], "val_loss": final["loss"],
-            "extra_epochs": extra, "wall_seconds": time.perf_counter() - start, "history": _plain(hist)}
+        t, v = train_val_split(labels[sub], regime.val_fraction, seed=data_seed)
+        tr, va = sub[t], sub[v]
+    assert not set(tr.tolist()) & set(va.tolist())
+    ds = lambda images, y, augment: CifarDataset(images, y, arrays.mean, arrays.std, augment=augment)
+    g = torch.Generator().manual_seed(data_seed)
+    return Data(train=DataLoader(ds(arrays.train_images[tr], labels[tr], True), batch_size=regime.batch_size,
+                                 shuffle=True, generator=g),
+                plain=DataLoader(ds(arrays.train_images[tr], labels[tr], False), batch_size=500),
+                val=DataLoader(ds(arrays.train_images[va], labels[va], False), batch_size=500),
+                test=DataLoader(ds(arrays.test_images, arrays.test_labels, False), batch_size=500))
 
 
-def _weights(ctx, row: str, seed: int) -> Path:
-    path = ctx["out"] / "cache" / f"{row}-seed{seed}.safetensors"  # git-ignored
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def _model_fn(args, num_classes: int):
+    return lambda: timm.create_model(args.model, pretrained=False, num_classes=num_classes)
 
 
-def _record_path(ctx, row: str, seed: int) -> Path:
-    return ctx["out"] / "runs" / f"{row}-seed{seed}.json"
+# ---- convergence ---------------------------------------------------------------------------------------------
+def converge(ctx) -> Dict:
+    """From-scratch baselines of each length in the regime's convergence_epochs (seed 0); the chosen E."""
+    regime, data, out = ctx["regime"], ctx["data"], ctx["out"]
+    path = out / "converge.json"
+    done = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    device = resolve_device(ctx["args"].device)
+    for epochs in regime.convergence_epochs:  # in order, until E/2, E and 1.5E show convergence
+        if choose_epochs(done["runs"]) is not None:
+            break
+        if str(epochs) in done["runs"]:
+            continue
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        wrapper = EncodeNetWrapper(_model_fn(ctx["args"], ctx["num_classes"])(),
+                                   regime_config(regime, 0, baseline_epochs=epochs), copy=False)
+        hist = wrapper.fit_baseline(data.train)
+        done["runs"][str(epochs)] = {
+            "epochs": epochs, "val_accuracy": wrapper.evaluate(data.val)["accuracy"],
+            "train_accuracy": evaluate(wrapper.model, data.plain, device, channels_last=True)["accuracy"],
+            "final_train_loss": hist[-1]["loss"], "seconds": time.perf_counter() - start}
+        _logger.info("converge: %d epochs -> val %.4f, train %.4f (%.0f s)", epochs,
+                     done["runs"][str(epochs)]["val_accuracy"], done["runs"][str(epochs)]["train_accuracy"],
+                     done["runs"][str(epochs)]["seconds"])
+        write_json(path, done)
+    done["chosen"] = choose_epochs(done["runs"])
+    done["rule"] = "E = the shortest length whose 1.5E schedule gains < 0.5 validation points (seed 0)"
+    write_json(path, done)
+    return done
 
 
-def validate(ctx) -> None:
-    rows = ["baseline", *ctx["variants"], "baseline_equal", "baseline_continued", "kd"]
-    if ctx["args"].only:  # a share of the rows, in the order given (to split the work across processes)
-        rows = [r for r in ctx["args"].only.split(",") if r in rows]
-    for seed in ctx["args"].seeds:
-        data = None
-        for row in rows:
-            path = _record_path(ctx, row, seed)
-            if path.is_file() and _weights(ctx, row, seed).is_file():
-                continue
-            data = data or seed_data(ctx["arrays"], ctx["regime"], seed)
-            _logger.info("==== %s, seed %d ====", row, seed)
-            record = run_row(ctx, row, seed, data)
-            record["fingerprint"] = ctx["fingerprint"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=1))
-            _logger.info("%s seed %d: val %.4f (extra %.2f epochs, %.0f s)", row, seed, record["val_accuracy"],
-                         record["extra_epochs"], record["wall_seconds"])
+def choose_epochs(runs: Dict[str, Dict]) -> Optional[int]:
+    """The shortest E with runs at E/2 and 1.5E where 1.5E gains < 0.5 validation points; None if none."""
+    acc = {int(k): v["val_accuracy"] for k, v in runs.items()}
+    for e in sorted(acc):
+        half, longer = int(round(e / 2)), int(round(1.5 * e))
+        if half in acc and longer in acc and acc[longer] - acc[e] < 0.005:
+            return e
+    return None
 
 
-def load_runs(ctx) -> Dict[str, Dict[int, Dict]]:
-    runs: Dict[str, Dict[int, Dict]] = {}
-    for path in sorted((ctx["out"] / "runs").glob("*.json")):
-        record = json.loads(path.read_text())
-        if record.get("fingerprint") != ctx["fingerprint"]:
-            raise ValueError(f"{path} was made with another setup; delete {ctx['out']} or pass --name")
-        runs.setdefault(record["row"], {})[record["seed"]] = record
-    return runs
+def baseline_epochs(ctx) -> int:
+    regime = ctx["regime"]
+    if not regime.convergence_epochs or ctx["args"].regime in ("short",):
+        return regime.baseline.epochs
+    path = ctx["out"] / "converge.json"
+    chosen = json.loads(path.read_text()).get("chosen") if path.is_file() else None
+    if chosen is None:
+        raise SystemExit(f"{path} has no chosen E yet: run --phase converge first (and longer lengths if none "
+                         f"converged)")
+    return chosen
 
 
-def choose(runs: Dict[str, Dict[int, Dict]], seeds: List[int]) -> str:
-    """The variant with the highest mean validation accuracy over the seeds every variant finished."""
-    done = {r: v for r, v in runs.items() if r in VARIANTS and all(s in v for s in seeds)}
-    if not done:
-        raise ValueError("no variant has finished every seed; run --phase validate first")
-    return max(done, key=lambda r: np.mean([done[r][s]["val_accuracy"] for s in seeds]))
+# ---- rows -------------------------------------------------------------------------------------------------
+def run_compare(ctx, seeds: List[int]):
+    """compare() over `seeds` into the results folder: runs/*.json (committed), weights/ (only the baselines
+    are committed: a later run trains the missing rows from them)."""
+    args, regime, data = ctx["args"], ctx["regime"], ctx["data"]
+    E = baseline_epochs(ctx)
+    config = regime_config(regime, baseline_epochs=E)
+    variants = {v: regime_config(regime, baseline_epochs=E, variant=v) for v in ctx["variants"]}
+    return compare(_model_fn(args, ctx["num_classes"]), data.train, data.val, config=config, controls=CONTROLS,
+                   seeds=seeds, plain_loader=data.plain, test_loader=data.test, out_dir=ctx["out"],
+                   variants=variants)
 
 
-def test(ctx) -> Dict:
-    runs = load_runs(ctx)
-    seeds = sorted(set.intersection(*[set(v) for v in runs.values()]))
-    chosen = choose(runs, seeds)
-    arrays = ctx["arrays"]
-    test_ds = CifarDataset(arrays.test_images, arrays.test_labels, arrays.mean, arrays.std)
-    loader = DataLoader(test_ds, batch_size=500)
-    out = {}
-    for row in dict.fromkeys([chosen, "paper", *CONTROLS]):
-        for seed in seeds:
-            model = _new_model(ctx["args"], ctx["num_classes"], seed)
-            model.load_state_dict(load_file(str(_weights(ctx, row, seed))))
-            model = model.to(ctx["device"], memory_format=torch.channels_last)
-            out.setdefault(row, {})[seed] = evaluate(model, loader, ctx["device"], channels_last=True)["accuracy"]
-    result = {"chosen": chosen, "seeds": seeds, "test_accuracy": out}
-    (ctx["out"] / "test.json").write_text(json.dumps(result, indent=1))
-    return result
+def validate(ctx):
+    for seed in ctx["args"].seeds:  # one seed at a time: every row of a seed finishes before the next seed
+        run_compare(ctx, [seed])
+    return run_compare(ctx, ctx["args"].seeds)
+
+
+def choose(result, rows: List[str]) -> str:
+    """The EncodeNet row (default or variant) with the highest mean validation accuracy; controls never."""
+    return max(rows, key=lambda r: np.mean(result.accuracy(r)))
+
+
+def test_phase(ctx, result) -> Dict:
+    """Test accuracy of the chosen row, the paper row, the default and every baseline/control row.
+
+    Each row's test accuracy was measured once, when it finished (compare's test_loader), and is read only
+    here, after the choice on validation."""
+    chosen = choose(result, ["encodenet", *ctx["variants"]])
+    out = {row: {str(s): result.records[row][s]["test_accuracy"] for s in result.seeds}
+           for row in dict.fromkeys([chosen, "paper", "encodenet", "baseline", *result.controls])
+           if row in result.records}
+    tested = {"chosen": chosen, "seeds": result.seeds, "test_accuracy": out}
+    write_json(ctx["out"] / "test.json", tested)
+    return tested
 
 
 # ---- report ------------------------------------------------------------------------------------------------
 def _pct(values: List[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1) if len(values) > 1 else 0:.2f}"
+    v = 100 * np.asarray(values)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}"
 
 
-def report(ctx) -> Dict:
-    runs = load_runs(ctx)
-    seeds = sorted(set.intersection(*[set(v) for v in runs.values()])) if runs else []
-    tested = json.loads((ctx["out"] / "test.json").read_text()) if (ctx["out"] / "test.json").is_file() else None
-    val = {r: [runs[r][s]["val_accuracy"] for s in seeds] for r in runs}
-    extra = {r: float(np.mean([runs[r][s]["extra_epochs"] for s in seeds])) for r in runs}
-    results = {"command": "python benchmarks/ablation.py " + " ".join(ctx["args"].argv),
-               "regime": ctx["args"].regime, "regime_config": _plain(dataclasses.asdict(ctx["regime"])),
-               "model": ctx["args"].model, "dataset": ctx["args"].dataset, "seeds": seeds,
-               "compute": ctx["compute"], "versions": versions(), "machine": machine(),
-               "validation": {r: {**_mean_std(v), "per_seed": v, "extra_epochs": extra[r]} for r, v in val.items()},
-               "validation_paired": {}, "test": None}
-    rows = [r for r in ["baseline", *VARIANTS, "baseline_equal", "baseline_continued", "kd"] if r in val]
-    for r in rows:
-        if r in VARIANTS and r != "paper":
-            results["validation_paired"][f"{r} - paper"] = paired(val[r], val["paper"])
-    if tested is not None and tested["seeds"] == seeds:
-        t = {r: [tested["test_accuracy"][r][str(s)] if str(s) in tested["test_accuracy"][r]
-                 else tested["test_accuracy"][r][s] for s in seeds] for r in tested["test_accuracy"]}
-        comps = {f"{a} - {b}": paired(t[a], t[b]) for a in dict.fromkeys([tested["chosen"], "paper"])
-                 for b in CONTROLS if a in t and b in t}
-        results["test"] = {"chosen": tested["chosen"], "accuracy": {r: {**_mean_std(v), "per_seed": v}
-                                                                    for r, v in t.items()}, "paired": comps}
-    (ctx["out"] / "results.json").write_text(json.dumps(results, indent=1))
-    (ctx["out"] / "results.md").write_text(markdown(results, rows))
-    plot(ctx, results, rows)
-    return results
-
-
-def _p(d: Dict) -> str:
-    return "n/a" if d.get("p") is None else f"{d['p']:.2f}"
-
-
-def markdown(res: Dict, rows: List[str]) -> str:
-    v, c = res["validation"], res["compute"]
-    lines = [f"# Ablation: {res['dataset']} / {res['model']} / regime `{res['regime']}`", "",
-             f"`{res['command']}`", "", f"Regime: {res['regime_config']['description']}.", "",
-             f"Seeds {res['seeds']}. Machine: {res['machine']}. Versions: {res['versions']}.", "",
-             "## Validation (chooses the recipe; the test set is not used)", "",
-             "Validation accuracy (%) at the end of each row, mean ± std over seeds. Extra compute: supervised "
-             "epochs of FLOPs beyond the shared baseline.", "",
-             "| row | what | extra compute (epochs) | val accuracy | per seed | Δ vs paper |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        what = VARIANTS[r][0] if r in VARIANTS else {
-            "baseline": "supervised baseline, E epochs (the starting point of every other row but baseline_equal)",
-            "baseline_equal": "from scratch, one schedule of E + X epochs", "kd": "timm LogitDistillationTask, "
-            "teacher = baseline, X epochs of FLOPs", "baseline_continued": "baseline trained X more epochs"}[r]
-        d = res["validation_paired"].get(f"{r} - paper")
-        delta = f"{100 * d['mean']:+.2f} (p={_p(d)})" if d else ""
-        lines.append(f"| {r} | {what} | {v[r]['extra_epochs']:.2f} | {_pct(v[r]['per_seed'])} | "
-                     f"{', '.join(f'{100 * a:.2f}' for a in v[r]['per_seed'])} | {delta} |")
-    lines += ["", f"X = {c['control_extra_epochs']} supervised epochs (the most expensive variant, rounded up); "
-              f"kd runs {c['kd_epochs']} epochs. {c['note']}", ""]
-    t = res["test"]
-    if t:
+def report(ctx, result) -> Dict:
+    out = ctx["out"]
+    result.save(out)  # results.json/.md/.png of compare itself (every row, the verdict of the default)
+    tested = json.loads((out / "test.json").read_text()) if (out / "test.json").is_file() else None
+    if tested is not None and tested["seeds"] != result.seeds:
+        tested = None
+    conv = json.loads((out / "converge.json").read_text()) if (out / "converge.json").is_file() else None
+    X = result.compute["extra_epochs"]
+    lines = [f"# Ablation: {ctx['args'].dataset} / {ctx['args'].model} / regime `{ctx['args'].regime}`", "",
+             f"`python benchmarks/ablation.py {' '.join(ctx['args'].argv)}`", "",
+             f"Regime: {ctx['regime'].description}.", "",
+             f"Seeds {result.seeds}. Machine: {machine()}. Versions: {versions()}.", ""]
+    if conv is not None:
+        lines += ["## Convergence of the baseline (seed 0, from scratch)", "",
+                  "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |", "|---:|---:|---:|---:|"]
+        for e, r in sorted(conv["runs"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |")
+        lines += ["", f"Chosen E = **{conv.get('chosen')}** ({conv.get('rule')}).", ""]
+    lines += ["## Validation (chooses the recipe; the test set is not used)", "",
+              f"Extra compute in supervised epochs of FLOPs beyond the baseline. The controls get X = {X:.2f}, the "
+              f"default recipe's; a variant that costs more than X is marked †.", "",
+              "| row | what | extra epochs | val accuracy (%) | per seed | Δ vs default (paired, p) |",
+              "|---|---|---:|---|---|---|"]
+    for r in result.rows:
+        extra = float(np.mean([result.records[r][s]["extra_epochs"] for s in result.seeds]))
+        what = VARIANTS[r][0] if r in VARIANTS else ("the package default EncodeNetConfig()" if r == "encodenet"
+                                                     else r)
+        d = paired_difference(result.accuracy(r), result.accuracy("encodenet")) if r != "encodenet" else None
+        delta = "" if d is None else (f"{100 * d['mean']:+.2f}" + ("" if d["p"] is None else f" (p={d['p']:.2f})"))
+        mark = " †" if extra > X * 1.05 else ""
+        lines.append(f"| {r} | {what} | {extra:.2f}{mark} | {_pct(result.accuracy(r))} | "
+                     f"{', '.join(f'{100 * a:.2f}' for a in result.accuracy(r))} | {delta} |")
+    lines += ["", f"compare's verdict for the default (validation): {result.verdict}", ""]
+    if tested is not None:
+        t = {r: [v[str(s)] for s in result.seeds] for r, v in tested["test_accuracy"].items()}
         lines += ["## Test (once, after choosing on validation)", "",
-                  f"Chosen on validation: **{t['chosen']}**. Test accuracy (%) on the full CIFAR-10 test set.", "",
+                  f"Chosen on validation: **{tested['chosen']}**. Test accuracy (%), full CIFAR-10 test set.", "",
                   "| row | test accuracy | per seed |", "|---|---|---|"]
-        for r, a in t["accuracy"].items():
-            lines.append(f"| {r} | {_pct(a['per_seed'])} | {', '.join(f'{100 * x:.2f}' for x in a['per_seed'])} |")
-        lines += ["", "Paired differences on the test set (percentage points; t-test over seeds, weak with 3):", "",
-                  "| comparison | mean diff | per seed | p |", "|---|---|---|---|"]
-        for k, d in t["paired"].items():
-            lines.append(f"| {k} | {100 * d['mean']:+.2f} | {', '.join(f'{100 * x:+.2f}' for x in d['diffs'])} "
-                         f"| {_p(d)} |")
-    return "\n".join(lines) + "\n"
+        for r, acc in t.items():
+            lines.append(f"| {r} | {_pct(acc)} | {', '.join(f'{100 * a:.2f}' for a in acc)} |")
+        lines += ["", "Paired test differences (points; t-test over seeds):", "",
+                  "| comparison | mean | std | per seed | p |", "|---|---:|---:|---|---:|"]
+        for a in dict.fromkeys([tested["chosen"], "encodenet", "paper"]):
+            for b in ("baseline", *result.controls):
+                if a in t and b in t:
+                    d = paired_difference(t[a], t[b])
+                    std = "" if d["std"] is None else f"{100 * d['std']:.2f}"
+                    pval = "" if d["p"] is None else f"{d['p']:.3f}"
+                    diffs = ", ".join(f"{100 * x:+.2f}" for x in d["diffs"])
+                    lines.append(f"| {a} - {b} | {100 * d['mean']:+.2f} | {std} | {diffs} | {pval} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    return {"tested": tested, "converge": conv}
 
 
-def plot(ctx, res: Dict, rows: List[str]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        v = res["validation"][r]
-        control = r in CONTROLS
-        ax.errorbar(v["extra_epochs"], 100 * v["mean"], yerr=100 * v["std"], fmt="s" if control else "o",
-                    color="tab:gray" if control else "tab:blue", capsize=3)
-        ax.annotate(r, (v["extra_epochs"], 100 * v["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("extra compute beyond the baseline (supervised epochs of FLOPs)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{res['model']} on {res['dataset']}, regime {res['regime']} (mean ± std, {len(res['seeds'])} seeds)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(ctx["out"] / "accuracy_vs_compute.png", dpi=120)
-    plt.close(fig)
-
-
-def main(argv: Optional[List[str]] = None) -> Dict:
+def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10-jpeg", help="cifar10-jpeg (../shared/data zip) or cifar10")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--model", default="resnet20_cifar")
-    p.add_argument("--regime", choices=sorted(REGIMES), default="short")
+    p.add_argument("--regime", choices=sorted(REGIMES), default="converged")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--phase", choices=("validate", "test", "report", "all"), default="all")
-    p.add_argument("--name", default=None, help="results folder name (default ablation-<regime>)")
-    p.add_argument("--only", default=None,
-                   help="train only these rows, in this order (e.g. 'baseline_equal,kd' in a second process); "
-                        "variants need the seed's baseline to have finished")
-    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<name>)")
+    p.add_argument("--phase", choices=("converge", "validate", "test", "report", "all"), default="all")
+    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/ablation-<regime>)")
     p.add_argument("--cache-dir", default=None, help="decoded cifar10-jpeg cache (default ~/.cache/encodenet_timm)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated variant rows to train (default: all; 'paper' is always included)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant rows (default: all)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("encodenet_timm").setLevel(logging.WARNING)
+    logging.getLogger("encodenet_timm.compare").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
-    arrays = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=False)
-    regime = REGIMES[args.regime]
-    num_classes = len(arrays.classes)
-    out = Path(args.out_dir or Path(__file__).parent / "results" / (args.name or f"ablation-{args.regime}"))
-    out.mkdir(parents=True, exist_ok=True)
-    compute_path = out / "compute.json"
-    if compute_path.is_file():
-        compute = json.loads(compute_path.read_text())
-    else:
-        compute = count_compute(args, regime, arrays, num_classes)
-        compute_path.write_text(json.dumps(compute, indent=1))
-    _logger.info("extra compute (epochs): %s; controls get X=%d, kd %d epochs",
-                 {k: round(v["extra_epochs"], 2) for k, v in compute["variants"].items()},
-                 compute["control_extra_epochs"], compute["kd_epochs"])
-    variants = list(dict.fromkeys(["paper", *[v.strip() for v in args.variants.split(",") if v.strip()]]))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    ctx = {"args": args, "regime": regime, "variants": variants, "arrays": arrays, "num_classes": num_classes, "out": out,
-           "device": resolve_device(args.device), "compute": compute,
-           "fingerprint": {"dataset": args.dataset, "model": args.model, "regime": _plain(dataclasses.asdict(regime)),
-                           "variants": _plain(VARIANTS), "X": compute["control_extra_epochs"]}}
+    arrays = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=False)
+    regime = REGIMES[args.regime]
+    out = Path(args.out_dir or Path(__file__).parent / "results" / f"ablation-{args.regime}")
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = {"args": args, "regime": regime, "variants": variants, "num_classes": len(arrays.classes), "out": out,
+           "data": make_data(arrays, regime)}
+    if args.phase == "converge":
+        return converge(ctx)
     if args.phase in ("validate", "all"):
-        validate(ctx)
+        if regime.convergence_epochs and not (out / "converge.json").is_file():
+            converge(ctx)
+        result = validate(ctx)
+    else:
+        result = run_compare(ctx, args.seeds)
     if args.phase in ("test", "all"):
-        test(ctx)
-    return report(ctx)
+        test_phase(ctx, result)
+    return {"result": result, **report(ctx, result)}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...) in timm.
 """
 from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
+from .compare import CompareResult, compare
 from .coverage import check_model
 from .config import AutoencoderConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
 from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
@@ -22,6 +23,8 @@ __all__ = [
     "Representatives",
     "FeatureStore",
     "check_model",
+    "compare",
+    "CompareResult",
     "EncodeNetError",
     "UnsupportedModelError",
     "NonFiniteLossError",

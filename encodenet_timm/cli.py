@@ -3,6 +3,7 @@
     encodenet fit --model resnet10t --dataset digits --out runs/digits --baseline.epochs 6
     encodenet evaluate runs/digits
     encodenet export runs/digits --to digits.safetensors
+    encodenet compare --model resnet10t --dataset digits --out runs/cmp --baseline.epochs 6 --seeds 0 1 2
     encodenet config --dump
 
 A run directory holds ``cli.json`` (what `fit` was asked for: model, data, loader settings), so
@@ -23,8 +24,10 @@ import torch
 import yaml
 
 from . import distributed as dist
+from .compare import CONTROLS, compare
 from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
+from .checkpoint import write_json
 from .errors import EncodeNetError
 from .plots import save_run_plots
 from .wrapper import EncodeNetWrapper
@@ -37,6 +40,7 @@ CLI_JSON = "cli.json"        # the fit arguments, written by this command
 CONFIG_YAML = "config.yaml"  # the full config, written by EncodeNetWrapper.fit(run_dir=...)
 WEIGHTS = "model.safetensors"  # the exported plain timm model, written by EncodeNetWrapper.fit(run_dir=...)
 EVAL_JSON = "eval.json"
+COMPARE_JSON = "compare.json"  # what `compare` was asked for: model, data, seeds, controls, config
 # fit options recorded in cli.json, with their defaults; with --resume they come from cli.json
 _FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset": None, "data_dir": None,
                  "val_fraction": 0.1, "per_class": None, "batch_size": 128, "img_size": 32}
@@ -52,6 +56,15 @@ _FIT_EPILOG = """examples:
   encodenet fit --model resnet18 --pretrained --dataset imagefolder --data-dir D --img-size 64 --out runs/mine
   # continue an interrupted run (model, data and config come from the run dir)
   encodenet fit --out runs/c10 --resume
+"""
+
+
+_COMPARE_EPILOG = """examples:
+  # digits, 3 seeds: baseline, EncodeNet (the default recipe) and the controls continued, kd, ema, equal
+  encodenet compare --model resnet10t --dataset digits --out runs/cmp --batch-size 64 --baseline.epochs 6 \\
+      --autoencoder.epochs 3 --transfer.epochs 3 --finetune.epochs 2 --seeds 0 1 2
+  # continue an interrupted comparison (finished rows are kept)
+  encodenet compare --out runs/cmp --resume
 """
 
 
@@ -87,6 +100,27 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="V", help=f"default: {default}")
 
 
+def _add_data_options(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """Model, data and loader options shared by fit and compare (recorded in the output directory)."""
+    parser.add_argument("--model", metavar="NAME", help="timm model name (resnet20_cifar, resnet18, ...)")
+    parser.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                        help="extra timm.create_model argument, e.g. img_size=32 (repeatable)")
+    parser.add_argument("--pretrained", action="store_true", default=None,
+                        help="start from timm's pretrained weights (timm downloads them) and their mean/std")
+    parser.add_argument("--dataset", choices=DATASETS, help="digits needs no data dir and no download")
+    parser.add_argument("--data-dir", metavar="D",
+                        help="where the data lies (imagefolder: D/train/<class>/..., D/test or D/val)")
+    parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    parser.add_argument("--val-fraction", type=float, metavar="F", help="share of each class held out for "
+                                                                        "validation (default 0.1; 0: none)")
+    parser.add_argument("--per-class", type=int, metavar="N", help="use at most N training images per class "
+                                                                   "(a quick run)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="batch size of every loader (default 128)")
+    parser.add_argument("--img-size", type=int, metavar="N", help="image side for digits and imagefolder (default 32)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
+    parser.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
+
+
 def _subparser(sub, name: str, usage: str, text: str, epilog: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, usage=usage, help=text, description=text, epilog=epilog, allow_abbrev=False,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,30 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="encodenet", description="EncodeNet for timm classifiers: fit, evaluate and export runs.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", metavar="{fit,evaluate,export,config}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{fit,compare,evaluate,export,config}", required=True)
 
     fit = _subparser(sub, "fit", "encodenet fit --model NAME --dataset NAME [--data-dir D] --out RUN_DIR "
                      "[options] [--set KEY=VALUE ...]\n       encodenet fit --out RUN_DIR --resume",
                      "train a timm model with EncodeNet into a run directory", _FIT_EPILOG)
-    fit.add_argument("--model", metavar="NAME", help="timm model name (resnet20_cifar, resnet18, ...)")
-    fit.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
-                     help="extra timm.create_model argument, e.g. img_size=32 (repeatable)")
-    fit.add_argument("--pretrained", action="store_true", default=None,
-                     help="start from timm's pretrained weights (timm downloads them) and their mean/std")
-    fit.add_argument("--dataset", choices=DATASETS, help="digits needs no data dir and no download")
-    fit.add_argument("--data-dir", metavar="D",
-                     help="where the data lies (imagefolder: D/train/<class>/..., D/test or D/val)")
-    fit.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write (or resume)")
+    _add_data_options(fit, "the run directory to write (or resume)")
     fit.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
-    fit.add_argument("--val-fraction", type=float, metavar="F", help="share of each class held out for validation "
-                                                        "(default 0.1; 0: none)")
-    fit.add_argument("--per-class", type=int, metavar="N", help="use at most N training images per class (a quick run)")
-    fit.add_argument("--batch-size", type=int, metavar="N", help="batch size of every loader (default 128)")
-    fit.add_argument("--img-size", type=int, metavar="N", help="image side for digits and imagefolder (default 32)")
-    fit.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
-    fit.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
     _add_config_options(fit)
     fit.set_defaults(func=_cmd_fit)
+
+    cmp = _subparser(sub, "compare", "encodenet compare --model NAME --dataset NAME [--data-dir D] --out DIR "
+                     "[--seeds S ...] [--controls LIST] [options]\n       encodenet compare --out DIR --resume",
+                     "will EncodeNet help this model? the recipe against same-size controls at equal extra compute",
+                     _COMPARE_EPILOG)
+    _add_data_options(cmp, "the comparison's directory (results, per-row records and weights)")
+    cmp.add_argument("--seeds", type=int, nargs="+", metavar="S", help="one set of rows per seed (default 0 1 2)")
+    cmp.add_argument("--controls", metavar="LIST", help=f"comma-separated, any of {','.join(CONTROLS)} (default: all)")
+    cmp.add_argument("--resume", action="store_true", help="continue the comparison in --out with its saved settings")
+    _add_config_options(cmp)
+    cmp.set_defaults(func=_cmd_compare)
 
     ev = _subparser(sub, "evaluate", "encodenet evaluate RUN_DIR [--split {test,val}] [options]",
                     "accuracy and loss of a run's model; writes RUN_DIR/eval.json",
@@ -297,6 +327,66 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     print(f"  pictures: {', '.join(p.name for p in pictures)}")
     if test is not None:
         _report(out, "test", test, len(data.test))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    given = {k: getattr(args, k) for k in _FIT_DEFAULTS if getattr(args, k) is not None}
+    run = {"seeds": args.seeds, "controls": args.controls}
+    if args.resume:
+        if not (out / COMPARE_JSON).is_file():
+            raise FileNotFoundError(f"{out} has no {COMPARE_JSON}: it is not a comparison written by "
+                                    f"'encodenet compare'")
+        saved = json.loads((out / COMPARE_JSON).read_text())
+        extra = [f"--{k.replace('_', '-')}" for k in given] + [f"--{k}" for k, v in run.items() if v is not None]
+        if extra:
+            raise ValueError(f"--resume takes every setting from {out}/{COMPARE_JSON}; drop {', '.join(extra)}")
+        spec, run = saved["spec"], saved["run"]
+        config = EncodeNetConfig.from_dict(saved["config"]).override(_config_overrides(args))
+    else:
+        if (out / COMPARE_JSON).exists():
+            raise ValueError(f"{out} already holds a comparison: continue it with --resume, or pick another --out")
+        missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset") if k not in given]
+        if missing:
+            raise ValueError(f"compare needs {' and '.join(missing)} (or --resume to continue a comparison)")
+        spec = {**_FIT_DEFAULTS, **given}
+        spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
+        config = _config(args)
+        _check_model_name(spec["model"])
+        if config.baseline.epochs == 0 and not spec["pretrained"]:
+            raise ValueError("compare trains the baseline from the model's random weights: set --baseline.epochs N "
+                             "(or --pretrained to start every row from timm's weights)")
+        run = {"seeds": args.seeds or [0, 1, 2],
+               "controls": [c.strip() for c in (args.controls or ",".join(CONTROLS)).split(",") if c.strip()]}
+        unknown = [c for c in run["controls"] if c not in CONTROLS]
+        if unknown:
+            raise ValueError(f"unknown --controls {unknown}; choose from {','.join(CONTROLS)}")
+        if spec["pretrained"]:
+            cfg = timm.models.get_pretrained_cfg(spec["model"])
+            if cfg is not None:
+                spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
+    data = _data(spec, config.seed, download=not args.no_download)
+    if data.val is None:
+        raise ValueError("compare needs a validation split: set --val-fraction above 0 (or give the image folder "
+                         "a val/ directory)")
+    spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
+                std=data.std and list(data.std), input_size=list(data.input_size))
+    if config.input_size is None:
+        config = config.override({"input_size": spec["input_size"]})
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / COMPARE_JSON, {"spec": spec, "run": run, "config": config.to_dict()})
+    loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
+                           pin_memory=torch.cuda.is_available())
+    result = compare(lambda: _create_model(spec, pretrained=spec["pretrained"]), loaders["train"], loaders["val"],
+                     config=config, controls=run["controls"], seeds=run["seeds"], plain_loader=loaders["plain"],
+                     test_loader=loaders["test"], out_dir=out)
+    result.save(out)
+    print(result.table())
+    print()
+    print(result.verdict)
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_compute.png'}")
     return 0
 
 

@@ -312,6 +312,8 @@ def _train_epochs(task, loader, cfg, *, stage, device, amp, channels_last, progr
             else:
                 optimizer.step()
             num_updates += 1
+            if getattr(task, "has_ema", None) is not None and task.has_ema():  # timm's ModelEmaV3, when set up
+                task.update_ema(step=num_updates)
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
             n = x.shape[0]
