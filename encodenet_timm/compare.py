@@ -224,8 +224,9 @@ class CompareResult:
                 parts.append(f"{word} {other} ({mean:+.2f}, p={p:.2f})")
         best = self.best
         same_size = "" if best == "encodenet" else f"; the most accurate same-size model here is {best!r}"
-        return (f"EncodeNet {'; '.join(parts)} [{split} accuracy, points, {len(self.seeds)} seeds, paired t-test]"
-                f"{same_size}")
+        n = len(self.seeds)
+        how = f"{n} seeds, paired t-test" if n > 1 else "1 seed: differences of a point or two can be noise"
+        return f"EncodeNet {'; '.join(parts)} [{split} accuracy, points, {how}]{same_size}"
 
     def table(self) -> str:
         """A Markdown table: per row, what it is, extra compute (supervised epochs), accuracy mean ± std."""
