@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cifar import _mean_std, _plain, paired  # noqa: E402  (the benchmark's shared statistics)
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig  # noqa: E402
-from encodenet_timm._env import machine, versions  # noqa: E402
-from encodenet_timm.cifar import CifarDataset, load_cifar, stratified_subset, train_val_split  # noqa: E402
+from encodenet_timm.env import machine, versions  # noqa: E402
+from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split  # noqa: E402
 from encodenet_timm.split import stage_names  # noqa: E402
 from encodenet_timm.training import evaluate, resolve_device, seed_everything, train_stage  # noqa: E402
 

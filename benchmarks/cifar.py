@@ -45,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from encodenet_timm import (AutoencoderConfig, EncodeNetConfig, EncodeNetWrapper, RepresentativesConfig,
                             StageConfig)
-from encodenet_timm._env import machine, versions
-from encodenet_timm.cifar import DATASETS, CifarDataset, load_cifar, stratified_subset
+from encodenet_timm.env import machine, versions
+from encodenet_timm.data import CIFAR_DATASETS as DATASETS, CifarDataset, load_cifar, stratified_subset
 from encodenet_timm.tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier
 from encodenet_timm.training import evaluate, resolve_device, seed_everything, train_stage
 
@@ -121,7 +121,7 @@ class Bench:
     args: argparse.Namespace
     profile: Profile
     device: torch.device
-    data: object                     # encodenet_timm.cifar.CifarArrays
+    data: object                     # encodenet_timm.data.CifarArrays
     out_dir: Path
     test_loader: DataLoader
     num_classes: int

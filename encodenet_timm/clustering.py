@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .representatives import centroid_distance
 
 __all__ = ["ClassClusters", "check_class_counts", "cluster_per_class", "silhouette_score"]

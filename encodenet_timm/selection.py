@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import distributed as dist
 from .clustering import cluster_per_class
 from .config import RepresentativesConfig
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .representatives import Representatives, pick_representatives
 from .training import BatchCheck, extract_features, make_loader
 

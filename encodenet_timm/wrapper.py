@@ -15,7 +15,7 @@ from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
-from ._env import machine, versions
+from .env import machine, versions
 from .checkpoint import Checkpoint, RunDir, load_model_file, load_state_into, model_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder

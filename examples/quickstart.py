@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 
 
 def main() -> None:

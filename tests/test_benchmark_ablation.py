@@ -3,7 +3,7 @@ import json
 
 
 from conftest import load_benchmark
-from test_cifar import make_image_zip
+from test_data_cifar import make_image_zip
 
 
 def test_every_variant_is_a_valid_config_on_the_paper_preset():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark
-from test_cifar import make_image_zip
+from test_data_cifar import make_image_zip
 
 METHODS = ["baseline", "baseline_equal", "kd", "encodenet"]
 

@@ -164,7 +164,7 @@ def test_centroid_dist_equals_centroid_distance(k):
 
 
 def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
-    from encodenet_timm.features import FeatureStore
+    from encodenet_timm.feature_store import FeatureStore
     feats, labels, _ = _blobs(num_classes=3, blobs=2, per_blob=20)
     order = np.random.default_rng(0).permutation(len(labels))  # classes scattered over the rows
     feats, labels = feats[order], labels[order]
@@ -181,6 +181,6 @@ def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
 
 
 def test_store_and_labels_must_agree(tmp_path):
-    from encodenet_timm.features import FeatureStore
+    from encodenet_timm.feature_store import FeatureStore
     with pytest.raises(ValueError, match=r"labels \(N,\), got \(10, 4\) and \(9,\)"):
         cluster_per_class(FeatureStore(10, 4), np.zeros(9, dtype=np.int64), 1, 1)

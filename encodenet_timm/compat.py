@@ -102,7 +102,7 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         step = "decoder"
         decoder = wrapper.decoder
         trail = decoder.shape_trail
-        record.update(layout=trail.layout, trace_path=trail.path, trail=[list(t) for t in trail.trail])
+        record.update(layout=trail.layout, trace_path=trail.trace, trail=[list(t) for t in trail.trail])
         flops = wrapper.flops()
         record.update(encoder_flops=flops["encoder"], decoder_flops=flops["decoder"], flops_ratio=flops["ratio"])
         x = torch.randn(batch_size, *input_size)
