@@ -214,7 +214,7 @@ def _step_flops(step, batch: int) -> float:
 
 
 def _features_and_logits(model: torch.nn.Module, x: torch.Tensor):
-    """What EncodeNet's feature pass computes per batch (`encodenet_timm.training.extract_features`)."""
+    """What EncodeNet's feature pass computes per batch (`encodenet_timm.representatives.extract_features`)."""
     z = model.forward_features(x)
     return model.forward_head(z, pre_logits=True), model.forward_head(z)
 

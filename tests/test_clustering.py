@@ -153,7 +153,7 @@ def test_faiss_gpu_always_without_gpu_is_a_clear_error():
 def test_centroid_dist_equals_centroid_distance(k):
     import torch
 
-    from encodenet_timm.representatives import centroid_distance
+    from encodenet_timm.clustering import centroid_distance
     rng = np.random.default_rng(0)
     feats = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 5, size=16)).astype(np.float32)
     labels = rng.integers(0, 3, size=300)

@@ -104,7 +104,7 @@ def test_each_run_of_consecutive_rows_is_one_read(tmp_path, monkeypatch):
     assert calls == [(20 * 48, 10 * 48)]
 
 
-# the child loads features.py by path: importing the package would pull in timm (seconds per process)
+# the child loads feature_store.py by path: importing the package would pull in timm (seconds per process)
 _CHILD = textwrap.dedent("""
     import importlib.util, sys
     import numpy as np

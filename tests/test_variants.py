@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, Subset
 
 import encodenet_timm  # noqa: F401  (registers resnet20_cifar)
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.representatives import centroid_distance, pick_representatives
+from encodenet_timm.clustering import centroid_distance
+from encodenet_timm.representatives import pick_representatives
 from encodenet_timm.split import modules_after, stage_names
 from encodenet_timm.tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, PartlyFrozenClassifier
 

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..loaders import seeded_loader
 from .cifar import CIFAR_DATASETS, cifar_splits
 from .digits import digits_datasets
 from .imagefolder import image_folder_splits
@@ -121,9 +122,7 @@ def make_loaders(data: DataSplits, *, batch_size: int, workers: int = 0, seed: i
                  pin_memory: bool = False) -> Dict[str, Optional[DataLoader]]:
     """{"train" (shuffled, seeded), "plain", "val", "test"} loaders; None for a missing split."""
     def loader(dataset: Optional[Dataset], shuffle: bool = False) -> Optional[DataLoader]:
-        if dataset is None:
-            return None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed) if shuffle else None)
+        return seeded_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, workers=workers,
+                             pin_memory=pin_memory)
     return {"train": loader(data.train, shuffle=True), "plain": loader(data.plain), "val": loader(data.val),
             "test": loader(data.test)}
