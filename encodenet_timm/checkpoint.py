@@ -17,7 +17,7 @@ Layout of a run directory::
         decoder.safetensors          once the decoder exists
         optimizer.pt                 training stages: optimizer.state_dict()
         representatives.safetensors  from the representatives stage on
-        tail.safetensors             split inside the encoder: the tail's pre-autoencoder weights
+        tail.safetensors             the modules after a split inside the encoder: their pre-autoencoder weights
         manifest.json                written last: stage, epoch, files, loop state (JSON)
     <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
     <run_dir>/cli.json, eval.json    the ``encodenet`` command's own: fit arguments, evaluation results
@@ -100,8 +100,8 @@ def read_json(path: PathLike) -> Dict[str, Any]:
 
 def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
     """Atomically write named tensors to a safetensors file (CPU copies, so shared storage is fine)."""
-    plain = _cpu(tensors)
-    write_atomic(path, lambda p: save_file(plain, str(p), metadata=metadata))
+    on_cpu = _cpu(tensors)
+    write_atomic(path, lambda p: save_file(on_cpu, str(p), metadata=metadata))
 
 
 def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:

@@ -323,15 +323,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     run_dir, to = Path(args.run_dir), Path(args.to)
     spec, config = _load_run(run_dir)
-    plain = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir).export()
-    save_tensors(to, plain.state_dict())  # atomic, like every file of a run
+    exported = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir).export()
+    save_tensors(to, exported.state_dict())  # atomic, like every file of a run
     kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
     sidecar = to.with_suffix(".json")
     write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
                          "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
                          "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
     args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
-    zoo = type(plain).__module__.startswith(__package__)
+    zoo = type(exported).__module__.startswith(__package__)
     print(f"wrote {to} and {sidecar}. To load it:")
     print(f"import timm, safetensors.torch{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
     print(f"model = timm.create_model({args_text})")

@@ -14,7 +14,7 @@ from timm.task import TrainingTask
 from torch.utils.data import Dataset
 
 __all__ = ["ConvertingAutoencoder", "ClusterTargets", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
-           "PartlyFrozenClassifier", "tail_state"]
+           "PartlyFrozenClassifier", "modules_state"]
 
 
 class ConvertingAutoencoder(nn.Module):
@@ -108,11 +108,12 @@ class PartlyFrozenClassifier(nn.Module):
         return self.model(x)
 
 
-def tail_state(model: nn.Module, tail: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """The parameters and buffers of the `tail` modules, submodules included, by qualified name in `model`
-    (live tensors). Recursive: a submodule whose weight is used functionally (beit's ``attn.qkv`` through
-    ``F.linear``) is not in the traced tail itself, but it is trained with its parent."""
-    prefixes = tuple(f"{name}." for name in tail)
+def modules_state(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The parameters and buffers of the modules `names` of `model` (the modules after the split), submodules
+    included, by qualified name in `model` (live tensors). Recursive: a submodule whose weight is used
+    functionally (beit's ``attn.qkv`` through ``F.linear``) is not among the traced modules itself, but it is
+    trained with its parent."""
+    prefixes = tuple(f"{name}." for name in names)
     named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
     return {key: t for key, t in named if key.startswith(prefixes)}
 

@@ -23,7 +23,7 @@ from .loaders import make_loader
 from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
-                    PartlyFrozenClassifier, tail_state)
+                    PartlyFrozenClassifier, modules_state)
 from .training import LoopOptions, TrainState, evaluate, resolve_device, seed_everything, train_stage
 
 __all__ = ["EncodeNetWrapper"]
@@ -71,8 +71,8 @@ class EncodeNetWrapper:
         self.head = Head(self.model, head_names)
         # split inside forward_features: these encoder modules restart from the baseline's weights and are
         # retrained with the head in transfer (empty for the paper's split="features")
-        self.tail: List[str] = modules_after(self.model, config.split, self.input_size)
-        self._tail_snapshot: Optional[Dict[str, torch.Tensor]] = None
+        self.after_split: List[str] = modules_after(self.model, config.split, self.input_size)
+        self._after_split_snapshot: Optional[Dict[str, torch.Tensor]] = None
         self._decoder: Optional[MirroredDecoder] = None
         self._decoder_trained = False
         self.representatives: Optional[Representatives] = None
@@ -187,8 +187,8 @@ class EncodeNetWrapper:
         tensors = {"model": self.model.state_dict()}
         if self._decoder is not None:
             tensors["decoder"] = self._decoder.state_dict()
-        if self._tail_snapshot is not None:
-            tensors["tail"] = self._tail_snapshot
+        if self._after_split_snapshot is not None:
+            tensors["tail"] = self._after_split_snapshot  # tail.safetensors (the run-directory file name)
         writers = {}
         if self.representatives is not None:
             writers["representatives.safetensors"] = self.representatives.save
@@ -213,7 +213,7 @@ class EncodeNetWrapper:
         if ckpt.has("representatives.safetensors"):
             self.representatives = Representatives.load(ckpt.path("representatives.safetensors"))
         if ckpt.has("tail.safetensors"):
-            self._tail_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
+            self._after_split_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
         self._run.continue_from(ckpt)
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
@@ -280,7 +280,7 @@ class EncodeNetWrapper:
         decoder = self.decoder
         if self.config.channels_last:
             decoder.to(memory_format=torch.channels_last)
-        self._snapshot_tail()
+        self._snapshot_after_split()
         self.encoder.requires_grad_(True)
         decoder.requires_grad_(True)
         head = self.head.requires_grad_(True) if cfg.ce_weight > 0 else None
@@ -297,16 +297,16 @@ class EncodeNetWrapper:
     def fit_transfer(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Freeze the encoder (no gradient, BatchNorm statistics fixed) and retrain the head.
 
-        With ``config.split`` inside the encoder, the stages after the split (`tail`) first return to
+        With ``config.split`` inside the encoder, the modules after the split (`after_split`) first return to
         the weights they had before the autoencoder (the baseline's) and are retrained with the head.
         """
         check_loader(train_loader, "train_loader")
         cfg = self.config.transfer
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
-        if self.tail:
-            if not self._run.resumes("transfer"):  # a resumed transfer already trains the restored tail
-                self._restore_tail()
-            trainable = PartlyFrozenClassifier(self.model, self.tail + self.head.part_names)
+        if self.after_split:
+            if not self._run.resumes("transfer"):  # a resumed transfer already trains the restored modules
+                self._restore_after_split()
+            trainable = PartlyFrozenClassifier(self.model, self.after_split + self.head.part_names)
         else:
             trainable = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
         task = ClassificationTask(trainable, criterion_kwargs=dict(smoothing=cfg.smoothing),
@@ -323,17 +323,17 @@ class EncodeNetWrapper:
         """Train every weight of the model (``config.finetune``, a short low-lr schedule) after transfer."""
         return self._fit_whole_model("finetune", train_loader, val_loader)
 
-    def _snapshot_tail(self) -> None:
-        """Remember the tail's weights before the autoencoder changes them (once: the baseline's)."""
-        if self.tail and self._tail_snapshot is None:
-            self._tail_snapshot = {k: t.detach().clone() for k, t in tail_state(self.model, self.tail).items()}
+    def _snapshot_after_split(self) -> None:
+        """Remember the weights after the split before the autoencoder changes them (once: the baseline's)."""
+        if self.after_split and self._after_split_snapshot is None:
+            self._after_split_snapshot = {k: t.detach().clone() for k, t in modules_state(self.model, self.after_split).items()}
 
-    def _restore_tail(self) -> None:
-        if self._tail_snapshot is None:
-            return  # no autoencoder ran: the tail still holds the baseline's weights
+    def _restore_after_split(self) -> None:
+        if self._after_split_snapshot is None:
+            return  # no autoencoder ran: they still hold the baseline's weights
         with torch.no_grad():
-            for key, t in tail_state(self.model, self.tail).items():
-                t.copy_(self._tail_snapshot[key])
+            for key, t in modules_state(self.model, self.after_split).items():
+                t.copy_(self._after_split_snapshot[key])
 
     # ---- use ---------------------------------------------------------------------------------------
     def load_weights(self, path: Union[str, Path]) -> None:
@@ -374,7 +374,7 @@ class EncodeNetWrapper:
 
         Same class and parameter count as the model passed in; it holds no encodenet_timm object.
         """
-        plain = _deepcopy(self.model).cpu().eval()
-        plain.requires_grad_(True)
-        return plain.to(memory_format=torch.contiguous_format)
+        exported = _deepcopy(self.model).cpu().eval()
+        exported.requires_grad_(True)
+        return exported.to(memory_format=torch.contiguous_format)
 
