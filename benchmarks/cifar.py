@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, StageConfig
-from encodenet_timm.cifar import DATASETS, CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
+from encodenet_timm.data import CIFAR_DATASETS, CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.training import resolve_device
 
 _logger = logging.getLogger("benchmarks.cifar")
@@ -103,7 +103,7 @@ def profile_config(profile: Profile, device: str, paper: bool = False) -> Encode
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    p.add_argument("--dataset", choices=CIFAR_DATASETS, default="cifar10")
     p.add_argument("--model", default="resnet20_cifar", help="any timm model name (the CIFAR zoo included)")
     p.add_argument("--data-dir", default="data", help="torchvision root, or the folder/zip of cifar10-jpeg")
     p.add_argument("--cache-dir", default=None, help="decoded cifar10-jpeg cache (default ~/.cache/encodenet_timm)")

@@ -45,10 +45,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm._env import machine, versions
-from encodenet_timm.cifar import CifarDataset, load_cifar, stratified_subset
+from encodenet_timm.env import machine, versions
+from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset
 from encodenet_timm.clustering import cluster_per_class
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 from encodenet_timm.representatives import pick_representatives, softmax_entropy
 
 _logger = logging.getLogger("benchmarks.cost")

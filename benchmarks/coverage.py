@@ -9,7 +9,7 @@ the encodenet_timm CIFAR zoo registers two more (``resnet_cifar``, ``vgg_cifar``
 2. input size: the first of 32, 64, 96, 128 and the model's default size (``pretrained_cfg``) at which
    the model's own ``forward_features`` runs. Where the model class takes ``img_size``, the model is
    built for that size (``img_size=32`` ...); the default size uses the default build.
-3. `encodenet_timm.coverage.check_model` at that size: split, decoder, one autoencoder step, one
+3. `encodenet_timm.compat.check_model` at that size: split, decoder, one autoencoder step, one
    transfer step, export. Each family runs under a time limit (``--time-limit``, SIGALRM).
 
 Writes ``<out>/coverage.json`` (every record, versions, machine, the exact command) and
@@ -36,8 +36,8 @@ import timm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import encodenet_timm  # registers the CIFAR zoo in timm
-from encodenet_timm._env import machine, versions
-from encodenet_timm.coverage import check_model
+from encodenet_timm.env import machine, versions
+from encodenet_timm.compat import check_model
 
 SIZES = (32, 64, 96, 128)  # tried in order before the model's default size
 LAYOUT_NAMES = {"NCHW": "NCHW", "NHWC": "NHWC", "NLC": "tokens", "NC": "vector"}

@@ -29,7 +29,7 @@ import torch
 from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, TensorDataset
 
-from encodenet_timm._env import machine, versions
+from encodenet_timm.env import machine, versions
 from encodenet_timm.clustering import _import_faiss, cluster_per_class
 from encodenet_timm.config import StageConfig
 from encodenet_timm.training import resolve_device, train_stage

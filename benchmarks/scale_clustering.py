@@ -37,9 +37,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from encodenet_timm._env import machine, versions
+from encodenet_timm.env import machine, versions
 from encodenet_timm.clustering import cluster_per_class
-from encodenet_timm.features import FeatureStore
+from encodenet_timm.feature_store import FeatureStore
 
 _RESULTS = Path(__file__).parent / "results" / "scale-clustering"
 _DISK_MARGIN = 512 << 20  # bytes left free on the store's disk beyond the matrix

@@ -4,10 +4,10 @@ Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...
 """
 from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
 from .compare import CompareResult, compare
-from .coverage import check_model
+from .compat import check_model
 from .config import AutoencoderConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
 from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .representatives import Representatives
 from .wrapper import EncodeNetWrapper
 

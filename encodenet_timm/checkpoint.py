@@ -1,4 +1,6 @@
-"""Run directories: atomic files, per-epoch stage checkpoints, and loading them back safely.
+"""Run directories: their layout and file names, atomic files, per-epoch stage checkpoints, loading them
+back safely, and the lifecycle of one `fit(run_dir=...)` (`Run`: begin or resume, a checkpoint at every
+epoch end, skipped and failed stages, finish).
 
 Every file is written to a temporary file in its own directory, fsynced, then renamed over its name
 (``os.replace``), so a reader never sees half a file. A checkpoint is complete only once its
@@ -15,18 +17,20 @@ Layout of a run directory::
         decoder.safetensors          once the decoder exists
         optimizer.pt                 training stages: optimizer.state_dict()
         representatives.safetensors  from the representatives stage on
-        tail.safetensors             split inside the encoder: the tail's pre-autoencoder weights
+        tail.safetensors             the modules after a split inside the encoder: their pre-autoencoder weights
         manifest.json                written last: stage, epoch, files, loop state (JSON)
     <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
+    <run_dir>/cli.json, eval.json    the ``encodenet`` command's own: fit arguments, evaluation results
 """
 import hashlib
 import json
 import os
 import re
 import shutil
+import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,13 +38,23 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .training import TrainState
 
-__all__ = ["write_atomic", "write_json", "read_json", "save_tensors", "load_tensors", "load_state_into",
-           "load_model_file", "model_fingerprint", "Checkpoint", "RunDir"]
+__all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "write_atomic",
+           "write_json", "read_json", "save_tensors", "load_tensors", "load_state_into", "load_model_file",
+           "model_fingerprint", "Checkpoint", "RunDir", "Run"]
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-MANIFEST = "manifest.json"
+# the files of a run directory (layout above)
+CONFIG_FILE = "config.yaml"       # the full config, written when the run begins
+RECORD_FILE = "run.json"          # the run record
+MODEL_FILE = "model.safetensors"  # the exported plain timm model (and each checkpoint's whole model)
+CLI_FILE = "cli.json"             # the `encodenet fit` arguments, written by the command
+EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results
+MANIFEST = "manifest.json"        # a checkpoint's, written last
 _FORMAT = "encodenet_timm.checkpoint/1"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 _RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
@@ -67,9 +81,9 @@ def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
             os.close(fd)
 
 
-def write_json(path: PathLike, data: Dict[str, Any]) -> None:
-    """Atomically write `data` as indented JSON."""
-    text = json.dumps(data, indent=1)
+def write_json(path: PathLike, data: Dict[str, Any], *, indent: int = 1, newline: bool = False) -> None:
+    """Atomically write `data` as indented JSON (`newline`: end the file with one)."""
+    text = json.dumps(data, indent=indent) + ("\n" if newline else "")
     write_atomic(path, lambda p: p.write_text(text))
 
 
@@ -86,8 +100,8 @@ def read_json(path: PathLike) -> Dict[str, Any]:
 
 def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
     """Atomically write named tensors to a safetensors file (CPU copies, so shared storage is fine)."""
-    plain = _cpu(tensors)
-    write_atomic(path, lambda p: save_file(plain, str(p), metadata=metadata))
+    on_cpu = _cpu(tensors)
+    write_atomic(path, lambda p: save_file(on_cpu, str(p), metadata=metadata))
 
 
 def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -173,7 +187,7 @@ def load_model_file(path: PathLike) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if (path / MANIFEST).is_file():
         return Checkpoint.read(path).tensors("model")
-    return load_tensors(path / "model.safetensors" if path.is_dir() else path)
+    return load_tensors(path / MODEL_FILE if path.is_dir() else path)
 
 
 class Checkpoint:
@@ -260,15 +274,15 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     @property
     def record_path(self) -> Path:
-        return self.path / "run.json"
+        return self.path / RECORD_FILE
 
     @property
     def model_path(self) -> Path:
-        return self.path / "model.safetensors"
+        return self.path / MODEL_FILE
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / "checkpoints" / stage
@@ -393,6 +407,105 @@ class RunDir:
     def _write_record(self) -> None:
         self.record["updated"] = _now()
         write_json(self.record_path, self.record)
+
+
+class Run:
+    """One `fit(run_dir=...)`, from begin to finish: what the wrapper calls at each point of its stages.
+
+    Rank 0 writes (config, run.json, the checkpoints, the final model); every rank reads the checkpoint
+    to resume from. ``Run()`` stands for a fit without a run directory: every call does nothing.
+
+    Attributes:
+        dir: the `RunDir`, or None.
+        writes: this process writes the run directory (rank 0 of a run with one).
+        done: the stages a resumed run completed before; fit passes over them.
+    """
+
+    def __init__(self, run_dir: Optional[RunDir] = None, *, writes: bool = False):
+        self.dir = run_dir
+        self.writes = writes and run_dir is not None
+        self.done: Tuple[str, ...] = ()
+        self._resume: Dict[str, TrainState] = {}  # stage -> loop state to continue it from
+
+    @classmethod
+    def begin(cls, path: Optional[PathLike], stages: Sequence[str], config: Dict[str, Any],
+              info: Callable[[], Dict[str, Any]], *, resume: bool) -> "Run":
+        """Start (or, with `resume`, reopen) the run in `path` (`RunDir.begin`); every rank calls it.
+
+        Args:
+            path: the run directory; None gives ``Run()``.
+            stages: the stage names in the order they run.
+            config: the full config as a plain dict.
+            info: returns the run facts for run.json (called on rank 0 only).
+        """
+        if path is None:
+            return cls()
+        run_dir = RunDir(path, stages)
+        if distributed.is_main():
+            run_dir.begin(config, info(), resume)
+        distributed.barrier()
+        return cls(run_dir, writes=distributed.is_main())
+
+    def latest(self) -> Checkpoint:
+        """The checkpoint to resume from: the latest complete one of the last stage that has one.
+
+        Raises:
+            ValueError: the run has no complete checkpoint.
+        """
+        ckpt = self.dir.latest()
+        if ckpt is None:
+            raise ValueError(f"{self.dir.path} holds no complete checkpoint to resume from; run without resume "
+                             f"to start it again")
+        return ckpt
+
+    def continue_from(self, ckpt: Checkpoint) -> None:
+        """Resume after `ckpt` (already loaded by the caller): its stage's loop state, if the stage is
+        unfinished, goes to `resume_state`, and the stages it completed to `done`."""
+        if not ckpt.stage_complete:
+            self._resume[ckpt.stage] = ckpt.train_state()
+        _logger.info("resuming %s from %s epoch %d/%d", self.dir.path, ckpt.stage, ckpt.epoch, ckpt.epochs)
+        self.done = self.dir.stages[:self.dir.stages.index(ckpt.stage) + ckpt.stage_complete]
+
+    def resumes(self, stage: str) -> bool:
+        """`stage` continues from a checkpoint taken in its middle."""
+        return stage in self._resume
+
+    def resume_state(self, stage: str) -> Optional[TrainState]:
+        """The loop state `stage` continues from (once; None when it starts afresh)."""
+        return self._resume.pop(stage, None)
+
+    def save(self, stage: str, epoch: int, epochs: int, **files: Any) -> None:
+        """`RunDir.save` on the writing rank; nothing elsewhere."""
+        if self.writes:
+            self.dir.save(stage, epoch, epochs, **files)
+
+    def run_stages(self, plan: Sequence[Tuple[str, bool, Callable[[], Any]]]) -> None:
+        """Run each (stage, enabled, run) of `plan` in order.
+
+        A stage in `done` is passed over and a disabled one recorded as skipped. A stage that raises (or
+        is interrupted) is recorded in run.json and the error re-raised; its last complete checkpoint stays.
+        """
+        stage = None
+        try:
+            for stage, enabled, run_stage in plan:
+                if stage in self.done:
+                    continue
+                if not enabled:
+                    if self.writes:
+                        self.dir.update_stage(stage, status="skipped")
+                    continue
+                run_stage()
+        except (Exception, KeyboardInterrupt) as e:
+            if self.writes:
+                self.dir.fail(stage, e)
+                _logger.error("%s stopped: %s; %s keeps the last complete checkpoint, fit(..., resume=True) "
+                              "continues from it", stage, e, self.dir.path)
+            raise
+
+    def finish(self, model_state: Callable[[], Dict[str, torch.Tensor]]) -> None:
+        """Write model.safetensors from ``model_state()`` and mark the run complete (writing rank only)."""
+        if self.writes:
+            self.dir.finish(model_state())
 
 
 def _cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -23,11 +23,11 @@ import timm
 import torch
 import yaml
 
-from . import distributed as dist
+from . import distributed
+from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, save_tensors, write_json
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
-from .checkpoint import write_json
 from .errors import EncodeNetError
 from .plots import save_run_plots
 from .wrapper import EncodeNetWrapper
@@ -36,11 +36,7 @@ __all__ = ["main", "build_parser"]
 
 _logger = logging.getLogger(__name__)
 
-CLI_JSON = "cli.json"        # the fit arguments, written by this command
-CONFIG_YAML = "config.yaml"  # the full config, written by EncodeNetWrapper.fit(run_dir=...)
-WEIGHTS = "model.safetensors"  # the exported plain timm model, written by EncodeNetWrapper.fit(run_dir=...)
-EVAL_JSON = "eval.json"
-COMPARE_JSON = "compare.json"  # what `compare` was asked for: model, data, seeds, controls, config
+COMPARE_JSON = "compare.json"  # what `encodenet compare` was asked for: model, data, seeds, controls, config
 # fit options recorded in cli.json, with their defaults; with --resume they come from cli.json
 _FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset": None, "data_dir": None,
                  "val_fraction": 0.1, "per_class": None, "batch_size": 128, "img_size": 32}
@@ -159,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
     ev.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
     ev.add_argument("--weights", metavar="FILE",
-                    help=f"a safetensors state dict to evaluate (default RUN_DIR/{WEIGHTS})")
+                    help=f"a safetensors state dict to evaluate (default RUN_DIR/{MODEL_FILE})")
     ev.add_argument("--batch-size", type=int, metavar="N", help="default: the run's")
     ev.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
     ev.add_argument("--device", metavar="DEVICE", help="default: the run's config (auto: CUDA when present)")
@@ -240,29 +236,25 @@ def _load_run(run_dir: Path) -> Tuple[Dict[str, Any], EncodeNetConfig]:
     """(the fit arguments from cli.json, the config from config.yaml) of a run directory."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
-    for name in (CLI_JSON, CONFIG_YAML):
+    for name in (CLI_FILE, CONFIG_FILE):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir} has no {name}: it is not a run directory written by 'encodenet fit' "
                                     f"(or its fit stopped before training began)")
-    spec = json.loads((run_dir / CLI_JSON).read_text())
-    return spec, EncodeNetConfig.from_yaml(run_dir / CONFIG_YAML)
+    spec = json.loads((run_dir / CLI_FILE).read_text())
+    return spec, EncodeNetConfig.from_yaml(run_dir / CONFIG_FILE)
 
 
 def _wrapper_with_weights(spec: Dict[str, Any], config: EncodeNetConfig, run_dir: Path,
                           weights: Optional[Path] = None) -> EncodeNetWrapper:
     """A wrapper around the run's model with `weights` (default RUN_DIR/model.safetensors) loaded."""
     if weights is None:
-        weights = run_dir / WEIGHTS
+        weights = run_dir / MODEL_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{run_dir} has no {WEIGHTS}: the run has not finished "
+            raise FileNotFoundError(f"{run_dir} has no {MODEL_FILE}: the run has not finished "
                                     f"(continue it with: encodenet fit --out {run_dir} --resume)")
     wrapper = EncodeNetWrapper(_create_model(spec), config)
     wrapper.load_weights(weights)
     return wrapper
-
-
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -272,11 +264,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.resume:
         spec, saved = _load_run(out)
         if given:
-            raise ValueError(f"--resume takes the model and data from {out}/{CLI_JSON}; drop "
+            raise ValueError(f"--resume takes the model and data from {out}/{CLI_FILE}; drop "
                              + ", ".join(f"--{k.replace('_', '-')}" for k in given))
         config = _config(args, base=saved)  # EncodeNetWrapper.fit refuses a change that alters results
     else:
-        if (out / CONFIG_YAML).exists():  # written when training begins
+        if (out / CONFIG_FILE).exists():  # written when training begins
             raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
         missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset") if k not in given]
         if missing:
@@ -289,11 +281,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             cfg = timm.models.get_pretrained_cfg(spec["model"])
             if cfg is not None:
                 spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
-    if not dist.is_main():  # under torchrun rank 0 reads (or downloads) the data first, then the others
-        dist.barrier()
+    if not distributed.is_main():  # under torchrun rank 0 reads (or downloads) the data first, then the others
+        distributed.barrier()
     data = _data(spec, config.seed, download=not args.no_download)
-    if dist.is_main():
-        dist.barrier()
+    if distributed.is_main():
+        distributed.barrier()
     if not args.resume:
         spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
                     std=data.std and list(data.std), input_size=list(data.input_size))
@@ -305,10 +297,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
     wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
-    dist.barrier()  # under torchrun: every rank has checked --out before rank 0 writes to it
-    if not args.resume and dist.is_main():
+    distributed.barrier()  # under torchrun: every rank has checked --out before rank 0 writes to it
+    if not args.resume and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CLI_JSON, spec)
+        write_json(out / CLI_FILE, spec, indent=2, newline=True)
     _logger.info("%s on %s: %d classes, %d training images, run dir %s", spec["model"], spec["dataset"],
                  data.num_classes, len(data.train), out)
     try:
@@ -318,12 +310,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(f"interrupted; continue with: encodenet fit --out {out} --resume", file=sys.stderr)
         return 130
     test = wrapper.evaluate(loaders["test"]) if loaders["test"] is not None else None  # every rank takes part
-    if not dist.is_main():
+    if not distributed.is_main():
         return 0
     denormalize = data.denormalize if data.mean is not None else None
     pictures = save_run_plots(wrapper, out, data.plain, denormalize, classes=data.classes)
     print(f"run dir: {out}")
-    print(f"  weights: {out / WEIGHTS}")
+    print(f"  weights: {out / MODEL_FILE}")
     print(f"  pictures: {', '.join(p.name for p in pictures)}")
     if test is not None:
         _report(out, "test", test, len(data.test))
@@ -392,10 +384,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _report(run_dir: Path, split: str, metrics: Dict[str, float], images: int) -> None:
     """Print the metrics and merge them into RUN_DIR/eval.json under `split`."""
-    path = run_dir / EVAL_JSON
+    path = run_dir / EVAL_FILE
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[split] = {**metrics, "images": images}
-    _write_json(path, results)
+    write_json(path, results, indent=2, newline=True)
     print(f"{split} accuracy: {metrics['accuracy']:.4f}  loss: {metrics['loss']:.4f}  ({images} images) -> {path}")
 
 
@@ -418,19 +410,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
     run_dir, to = Path(args.run_dir), Path(args.to)
     spec, config = _load_run(run_dir)
-    plain = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir).export()
-    to.parent.mkdir(parents=True, exist_ok=True)
-    save_file(plain.state_dict(), str(to))
+    exported = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir).export()
+    save_tensors(to, exported.state_dict())  # atomic, like every file of a run
     kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
     sidecar = to.with_suffix(".json")
-    _write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
-                          "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
-                          "run_dir": str(run_dir.resolve())})
+    write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
+                         "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
+                         "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
     args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
-    zoo = type(plain).__module__.startswith(__package__)
+    zoo = type(exported).__module__.startswith(__package__)
     print(f"wrote {to} and {sidecar}. To load it:")
     print(f"import timm, safetensors.torch{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
     print(f"model = timm.create_model({args_text})")
@@ -459,10 +449,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logging.getLogger(__package__).setLevel(logging.INFO)
     # under torchrun (WORLD_SIZE set) `fit` runs data-parallel: one process group for the command
-    group = args.command == "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed()
+    group = args.command == "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_distributed()
     if group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if not dist.is_main():  # one rank logs
+        if not distributed.is_main():  # one rank logs
             logging.getLogger(__package__).setLevel(logging.WARNING)
     try:
         return args.func(args)

@@ -1,4 +1,5 @@
-"""Per-class k-means on feature vectors with FAISS (GPU when available); the one module importing faiss."""
+"""Per-class k-means on feature vectors with FAISS (GPU when available), and each sample's distance to its
+cluster's centroid; the one module importing faiss."""
 import logging
 import math
 from dataclasses import dataclass
@@ -8,10 +9,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .features import FeatureStore
-from .representatives import centroid_distance
+from .checks import check_class_counts
+from .feature_store import FeatureStore
 
-__all__ = ["ClassClusters", "check_class_counts", "cluster_per_class", "silhouette_score"]
+__all__ = ["ClassClusters", "cluster_per_class", "centroid_distance", "silhouette_score"]
 
 _logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class ClassClusters:
         cluster_labels: (M,) int64, the class of each of the M clusters.
         k_per_class: (num_classes,) int64, clusters used for each class.
         centroid_dist: (N,) float64, squared Euclidean distance of every sample to the mean of its
-            cluster's members (`representatives.centroid_distance`, computed one class at a time).
+            cluster's members (`centroid_distance`, computed one class at a time).
     """
     cluster_ids: np.ndarray
     cluster_labels: np.ndarray
@@ -91,40 +92,6 @@ def silhouette_score(x: np.ndarray, assign: np.ndarray) -> float:
     return float(s.mean())
 
 
-def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class: Union[int, str]) -> np.ndarray:
-    """Images per class, (num_classes,) int64, after checking that clustering can run on them.
-
-    Args:
-        labels: (N,) int class of every image.
-        clusters_per_class: k for every class, or "auto".
-
-    Raises:
-        ValueError: a label outside [0, num_classes), a class without images, a class with fewer
-            images than `clusters_per_class`, or a bad `clusters_per_class`.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    auto = clusters_per_class == "auto"
-    if not auto and (not isinstance(clusters_per_class, int) or isinstance(clusters_per_class, bool)
-                     or clusters_per_class < 1):
-        raise ValueError(f"clusters_per_class must be a positive int or 'auto', got {clusters_per_class!r}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), found "
-                         f"{labels.min()}..{labels.max()}")
-    counts = np.bincount(labels, minlength=num_classes)
-    empty = np.flatnonzero(counts == 0).tolist()
-    if empty:
-        raise ValueError(f"classes {empty} have no images in the training set; every class of the model's "
-                         f"{num_classes} needs at least one (check the dataset, or the model's num_classes)")
-    if not auto:
-        few = np.flatnonzero(counts < clusters_per_class).tolist()
-        if few:
-            raise ValueError(
-                f"representatives.clusters_per_class={clusters_per_class} needs at least {clusters_per_class} images "
-                f"per class, but " + ", ".join(f"class {c} has {counts[c]}" for c in few) + "; lower "
-                f"representatives.clusters_per_class to at most {counts.min()}, or set it to 'auto'")
-    return counts
-
-
 def cluster_per_class(features: Union[np.ndarray, FeatureStore], labels: np.ndarray, num_classes: int,
                       clusters_per_class: Union[int, str] = 5, *, max_auto_clusters: int = 10,
                       niter: int = 25, nredo: int = 3, seed: int = 0, faiss_gpu: str = "auto",
@@ -178,6 +145,18 @@ def cluster_per_class(features: Union[np.ndarray, FeatureStore], labels: np.ndar
         k_per_class.append(k)
     cluster_labels = np.repeat(np.arange(num_classes), k_per_class)
     return ClassClusters(cluster_ids, cluster_labels, np.asarray(k_per_class, dtype=np.int64), centroid_dist)
+
+
+def centroid_distance(features: torch.Tensor, cluster_ids: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Squared Euclidean distance of every sample to the mean of its cluster: (N, D), (N,) -> (N,) float64.
+
+    With it as the score, `pick_representatives` returns each cluster's member nearest its centroid.
+    """
+    x = features.double().flatten(1)
+    ids = cluster_ids.long()
+    sums = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype).index_add_(0, ids, x)
+    counts = torch.bincount(ids, minlength=num_clusters).clamp_min(1).to(x.dtype)
+    return (x - (sums / counts[:, None])[ids]).square().sum(1)
 
 
 def _auto_k(faiss, x, max_k, niter, nredo, seed, gpu, rng):

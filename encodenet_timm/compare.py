@@ -41,11 +41,12 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import distributed
-from ._env import machine, versions
 from .checkpoint import write_atomic, write_json
+from .checks import check_batch, check_data, check_loader
 from .config import EncodeNetConfig, StageConfig
+from .env import machine, versions
 from .split import check_timm_classifier
-from .training import check_batch, check_data, check_loader, evaluate, resolve_device, seed_everything, train_stage
+from .training import LoopOptions, evaluate, resolve_device, seed_everything, train_stage
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["compare", "count_compute", "paired_difference", "CompareResult", "CONTROLS"]
@@ -416,8 +417,9 @@ class _Rows:
         loader, epochs = _budget_loader(self.train, images, seed)
         c = self.config
         seed_everything(seed)
-        hist = train_stage(task, loader, dataclasses.replace(cfg, epochs=epochs), stage=stage, device=self.device,
-                           amp=c.amp, channels_last=c.channels_last, progress=c.progress, compile=c.compile,
+        options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
+                              compile=c.compile)
+        hist = train_stage(task, loader, dataclasses.replace(cfg, epochs=epochs), stage=stage, options=options,
                            check=self._check(model), seed=seed)
         return hist, epochs * len(loader.sampler)
 

@@ -116,12 +116,12 @@ class EncodeNetConfig:
         `overrides` are dotted keys (``paper(**{"transfer.epochs": 5})``) or top-level fields.
         """
         base = cls()
-        plain = {"split": SPLIT_FEATURES, "representatives.clusters_per_class": 5,
+        paper = {"split": SPLIT_FEATURES, "representatives.clusters_per_class": 5,
                  "representatives.rule": "min_entropy", "autoencoder.ce_weight": 0.0,
                  "autoencoder.epochs": 10, "autoencoder.lr": 1e-3, "transfer.epochs": 10, "transfer.lr": 0.01,
                  "finetune.epochs": 0}
-        plain.update(overrides)
-        return base.override(plain)
+        paper.update(overrides)
+        return base.override(paper)
 
     @property
     def baseline_epochs(self) -> int:

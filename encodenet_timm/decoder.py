@@ -42,14 +42,14 @@ class ShapeTrail:
         trail: (C, H, W) at every resolution the encoder passes through, largest first, deepest last;
             the deepest equals the encoder output seen as a map.
         num_prefix_tokens: class/register tokens dropped before tokens become a map ("NLC" only).
-        path: "fx" when read from the traced graph, "hooks" when from forward hooks.
+        trace: "fx" when read from the traced graph, "hooks" when from forward hooks.
     """
     input_size: Tuple[int, int, int]
     layout: str
     output_shape: Tuple[int, ...]
     trail: List[Tuple[int, int, int]]
     num_prefix_tokens: int = 0
-    path: str = "fx"
+    trace: str = "fx"
 
 
 class _Features(nn.Module):
@@ -287,7 +287,7 @@ class MirroredDecoder(nn.Module):
 
     @property
     def trace_path(self) -> str:
-        return self.shape_trail.path
+        return self.shape_trail.trace
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder output (any supported layout) -> (B, C, H, W) in the model's normalised input space."""
@@ -366,5 +366,5 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
             f"decoder.min_channels or raise decoder.max_flops_ratio")
     decoder.flops, decoder.encoder_flops = dec_flops, enc_flops
     _logger.info("decoder for %s: trail %s via %s, width x%.3g, %.3g MFLOPs (encoder %.3g MFLOPs)",
-                 type(model).__name__, trail.trail, trail.path, width, dec_flops / 1e6, enc_flops / 1e6)
+                 type(model).__name__, trail.trail, trail.trace, width, dec_flops / 1e6, enc_flops / 1e6)
     return decoder.train()

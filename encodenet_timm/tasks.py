@@ -1,17 +1,20 @@
-"""Stage modules and timm `TrainingTask`s: the converting autoencoder, and the frozen-encoder classifier.
+"""Stage modules and timm `TrainingTask`s: the converting autoencoder (its module, targets and task), and
+the frozen-encoder classifiers of transfer.
 
 Baseline and transfer use timm's own `ClassificationTask`; the converting autoencoder uses
 `ConvertingAutoencoderTask` below. The training loop only calls ``task(x, y)["loss"]``.
 """
+from itertools import chain
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import TrainingTask
+from torch.utils.data import Dataset
 
-__all__ = ["ConvertingAutoencoder", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
-           "PartlyFrozenClassifier"]
+__all__ = ["ConvertingAutoencoder", "ClusterTargets", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
+           "PartlyFrozenClassifier", "modules_state"]
 
 
 class ConvertingAutoencoder(nn.Module):
@@ -33,6 +36,19 @@ class ConvertingAutoencoder(nn.Module):
         if with_logits:
             return self.decoder(z), self.head(z)
         return self.decoder(z)
+
+
+class ClusterTargets(Dataset):
+    """(image, label) dataset -> (image, cluster id of that index): what the autoencoder trains on."""
+
+    def __init__(self, dataset: Dataset, cluster_ids: torch.Tensor):
+        self.dataset, self.cluster_ids = dataset, cluster_ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], self.cluster_ids[i]
 
 
 class FrozenEncoderClassifier(nn.Module):
@@ -90,6 +106,16 @@ class PartlyFrozenClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def modules_state(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The parameters and buffers of the modules `names` of `model` (the modules after the split), submodules
+    included, by qualified name in `model` (live tensors). Recursive: a submodule whose weight is used
+    functionally (beit's ``attn.qkv`` through ``F.linear``) is not among the traced modules itself, but it is
+    trained with its parent."""
+    prefixes = tuple(f"{name}." for name in names)
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return {key: t for key, t in named if key.startswith(prefixes)}
 
 
 class ConvertingAutoencoderTask(TrainingTask):

@@ -5,26 +5,26 @@ baseline (optional) -> representatives -> converting autoencoder -> transfer -> 
 import logging
 import time
 from copy import deepcopy as _deepcopy
-from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from . import distributed as dist
-from ._env import machine, versions
-from .checkpoint import Checkpoint, RunDir, load_model_file, load_state_into, model_fingerprint
+from . import distributed
+from .checkpoint import Checkpoint, Run, load_model_file, load_state_into, model_fingerprint
+from .checks import check_batch, check_data, check_loader
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .representatives import Representatives
-from .selection import select_representatives
+from .env import machine, versions
+from .loaders import make_loader
+from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
-from .tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier, PartlyFrozenClassifier
-from .training import (TrainState, check_batch, check_data, check_loader, evaluate, make_loader, resolve_device,
-                       seed_everything, train_stage)
+from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
+                    PartlyFrozenClassifier, modules_state)
+from .training import LoopOptions, TrainState, evaluate, resolve_device, seed_everything, train_stage
 
 __all__ = ["EncodeNetWrapper"]
 
@@ -34,19 +34,6 @@ _logger = logging.getLogger(__name__)
 _SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3, "finetune": 4}
 # what a run directory checkpoints, in order; "initial" is the model as passed in
 RUN_STAGES = ("initial", "baseline", "representatives", "autoencoder", "transfer", "finetune")
-
-
-class _ClusterTargets(Dataset):
-    """(image, label) dataset -> (image, cluster id of that index)."""
-
-    def __init__(self, dataset: Dataset, cluster_ids: torch.Tensor):
-        self.dataset, self.cluster_ids = dataset, cluster_ids
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        return self.dataset[i][0], self.cluster_ids[i]
 
 
 class EncodeNetWrapper:
@@ -71,8 +58,8 @@ class EncodeNetWrapper:
         # a validated copy: a value of the wrong type set by hand -> ValueError, and a plain StageConfig
         # given for a stage with more options (autoencoder) gets their defaults
         config = self.config = type(config).from_dict(config.to_dict())
-        self.device = resolve_device(dist.local_device(config.device))
-        if self.device.type == "cuda" and dist.is_distributed():
+        self.device = resolve_device(distributed.local_device(config.device))
+        if self.device.type == "cuda" and distributed.is_distributed():
             torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         self.model = (_deepcopy(model) if copy else model).to(self.device)
         if config.channels_last:
@@ -84,14 +71,13 @@ class EncodeNetWrapper:
         self.head = Head(self.model, head_names)
         # split inside forward_features: these encoder modules restart from the baseline's weights and are
         # retrained with the head in transfer (empty for the paper's split="features")
-        self.tail: List[str] = modules_after(self.model, config.split, self.input_size)
-        self._tail_snapshot: Optional[Dict[str, torch.Tensor]] = None
+        self.after_split: List[str] = modules_after(self.model, config.split, self.input_size)
+        self._after_split_snapshot: Optional[Dict[str, torch.Tensor]] = None
         self._decoder: Optional[MirroredDecoder] = None
         self._decoder_trained = False
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
-        self._run: Optional[RunDir] = None  # set while fit(run_dir=...) runs
-        self._resume: Dict[str, TrainState] = {}  # stage -> loop state to continue it from
+        self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
 
     # ---- parts -------------------------------------------------------------------------------------
     @property
@@ -129,8 +115,9 @@ class EncodeNetWrapper:
     def _train_kwargs(self, stage: str) -> Dict[str, Any]:
         c = self.config
         epochs = getattr(c, stage).epochs
-        return dict(device=self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
-                    compile=c.compile, seed=c.seed + _SEED_OFFSET[stage], resume=self._resume.pop(stage, None),
+        options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
+                              compile=c.compile)
+        return dict(options=options, seed=c.seed + _SEED_OFFSET[stage], resume=self._run.resume_state(stage),
                     on_epoch_end=lambda state: self._checkpoint(stage, state.epoch, epochs, state))
 
     def _val_fn(self, val_loader: Optional[DataLoader]):
@@ -168,56 +155,40 @@ class EncodeNetWrapper:
             raise ValueError("resume=True needs the run_dir of the run to continue")
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
                    clusters_per_class=self.config.representatives.clusters_per_class)
-        done: Tuple[str, ...] = ()
-        if run_dir is not None:  # under torchrun rank 0 writes it, every rank reads it to resume
-            run_dir_ = RunDir(run_dir, RUN_STAGES)
-            if dist.is_main():
-                run_dir_.begin(self.config.to_dict(), {"model": model_fingerprint(self.model), "seed": self.config.seed,
-                                                       "versions": versions(), "machine": machine(self.device)}, resume)
-                self._run = run_dir_
-            dist.barrier()
-            if resume:
-                done = self._restore(run_dir_)
-            else:
-                self._checkpoint("initial", 0, 0)
         c = self.config
         plan = (("baseline", c.baseline.epochs > 0, lambda: self.fit_baseline(train_loader, val_loader)),
                 ("representatives", True, lambda: self.select_representatives(plain_loader or train_loader)),
                 ("autoencoder", True, lambda: self.fit_autoencoder(train_loader, self.representatives)),
                 ("transfer", True, lambda: self.fit_transfer(train_loader, val_loader)),
                 ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
-        run = self._run
+        # under torchrun rank 0 writes the run directory, every rank reads it to resume
+        run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(), self._run_facts, resume=resume)
         try:
-            for stage, enabled, run_stage in plan:
-                if stage in done:
-                    continue
-                if not enabled:
-                    if run is not None:
-                        run.update_stage(stage, status="skipped")
-                    continue
-                run_stage()
-        except (Exception, KeyboardInterrupt) as e:
-            if run is not None:
-                run.fail(stage, e)
-                _logger.error("%s stopped: %s; %s keeps the last complete checkpoint, fit(..., resume=True) "
-                              "continues from it", stage, e, run.path)
-            raise
+            if resume:
+                self._restore(self._run.latest())
+            elif run_dir is not None:
+                self._checkpoint("initial", 0, 0)
+            run.run_stages(plan)
         finally:
-            self._run, self._resume = None, {}
-        if run is not None:
-            run.finish(self.export().state_dict())
-        dist.barrier()  # the other ranks return once the run directory is complete
+            self._run = Run()
+        run.finish(lambda: self.export().state_dict())
+        distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
+
+    def _run_facts(self) -> Dict[str, Any]:
+        """What run.json records about the run: the model's fingerprint, the seed, versions and machine."""
+        return {"model": model_fingerprint(self.model), "seed": self.config.seed, "versions": versions(),
+                "machine": machine(self.device)}
 
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
         """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
-        if self._run is None:
+        if not self._run.writes:
             return
         tensors = {"model": self.model.state_dict()}
         if self._decoder is not None:
             tensors["decoder"] = self._decoder.state_dict()
-        if self._tail_snapshot is not None:
-            tensors["tail"] = self._tail_snapshot
+        if self._after_split_snapshot is not None:
+            tensors["tail"] = self._after_split_snapshot  # tail.safetensors (the run-directory file name)
         writers = {}
         if self.representatives is not None:
             writers["representatives.safetensors"] = self.representatives.save
@@ -226,16 +197,12 @@ class EncodeNetWrapper:
         state = {"history": history, "input_size": list(self.input_size), "decoder_trained": decoder_trained}
         self._run.save(stage, epoch, epochs, tensors=tensors, state=state, train=train, writers=writers)
 
-    def _restore(self, run: RunDir) -> Tuple[str, ...]:
-        """Load the wrapper's state from the run's latest checkpoint; returns the stages it completed.
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Load the wrapper's state from a run's checkpoint (`Run.latest`), then continue the run from it.
 
         Raises:
-            ValueError: the run has no complete checkpoint, or one of its files is corrupted.
+            ValueError: one of the checkpoint's files is corrupted.
         """
-        ckpt: Optional[Checkpoint] = run.latest()
-        if ckpt is None:
-            raise ValueError(f"{run.path} holds no complete checkpoint to resume from; run without resume "
-                             f"to start it again")
         load_state_into(self.model, ckpt.tensors("model"), str(ckpt.directory))
         self.history = dict(ckpt.state["history"])
         self.input_size = tuple(ckpt.state["input_size"])
@@ -246,11 +213,8 @@ class EncodeNetWrapper:
         if ckpt.has("representatives.safetensors"):
             self.representatives = Representatives.load(ckpt.path("representatives.safetensors"))
         if ckpt.has("tail.safetensors"):
-            self._tail_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
-        if not ckpt.stage_complete:
-            self._resume[ckpt.stage] = ckpt.train_state()
-        _logger.info("resuming %s from %s epoch %d/%d", run.path, ckpt.stage, ckpt.epoch, ckpt.epochs)
-        return RUN_STAGES[:RUN_STAGES.index(ckpt.stage) + ckpt.stage_complete]
+            self._after_split_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
+        self._run.continue_from(ckpt)
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Ordinary supervised training of the whole model (``config.baseline``)."""
@@ -273,7 +237,7 @@ class EncodeNetWrapper:
     def select_representatives(self, train_loader: DataLoader) -> Representatives:
         """Cluster each class's pre-logits features and pick each cluster's representative: its
         lowest-entropy image (``representatives.rule="min_entropy"``, the paper's) or the image nearest
-        its centroid (``"nearest_centroid"``). See `encodenet_timm.selection.select_representatives`.
+        its centroid (``"nearest_centroid"``). See `encodenet_timm.representatives.select_representatives`.
 
         The model runs in eval mode over ``train_loader.dataset`` in dataset order (a fresh,
         unshuffled loader with the same workers). Use a loader without random augmentation.
@@ -311,12 +275,12 @@ class EncodeNetWrapper:
         self._match_input_size(reps.images)
         cfg = self.config.autoencoder
         seed_everything(self.config.seed + _SEED_OFFSET["autoencoder"])
-        loader = make_loader(_ClusterTargets(dataset, reps.cluster_ids), train_loader, shuffle=True,
+        loader = make_loader(ClusterTargets(dataset, reps.cluster_ids), train_loader, shuffle=True,
                              seed=self.config.seed + _SEED_OFFSET["autoencoder"])
         decoder = self.decoder
         if self.config.channels_last:
             decoder.to(memory_format=torch.channels_last)
-        self._snapshot_tail()
+        self._snapshot_after_split()
         self.encoder.requires_grad_(True)
         decoder.requires_grad_(True)
         head = self.head.requires_grad_(True) if cfg.ce_weight > 0 else None
@@ -333,16 +297,16 @@ class EncodeNetWrapper:
     def fit_transfer(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Freeze the encoder (no gradient, BatchNorm statistics fixed) and retrain the head.
 
-        With ``config.split`` inside the encoder, the stages after the split (`tail`) first return to
+        With ``config.split`` inside the encoder, the modules after the split (`after_split`) first return to
         the weights they had before the autoencoder (the baseline's) and are retrained with the head.
         """
         check_loader(train_loader, "train_loader")
         cfg = self.config.transfer
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
-        if self.tail:
-            if "transfer" not in self._resume:  # a resumed transfer already trains the restored tail
-                self._restore_tail()
-            trainable = PartlyFrozenClassifier(self.model, self.tail + self.head.part_names)
+        if self.after_split:
+            if not self._run.resumes("transfer"):  # a resumed transfer already trains the restored modules
+                self._restore_after_split()
+            trainable = PartlyFrozenClassifier(self.model, self.after_split + self.head.part_names)
         else:
             trainable = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
         task = ClassificationTask(trainable, criterion_kwargs=dict(smoothing=cfg.smoothing),
@@ -359,26 +323,17 @@ class EncodeNetWrapper:
         """Train every weight of the model (``config.finetune``, a short low-lr schedule) after transfer."""
         return self._fit_whole_model("finetune", train_loader, val_loader)
 
-    def _tail_state(self) -> Dict[str, torch.Tensor]:
-        """The tail's parameters and buffers, submodules included, by qualified name in the model (live
-        tensors). Recursive: a submodule whose weight is used functionally (beit's ``attn.qkv`` through
-        ``F.linear``) is not in the traced tail itself, but it is trained with its parent."""
-        prefixes = tuple(f"{name}." for name in self.tail)
-        named = chain(self.model.named_parameters(remove_duplicate=False),
-                      self.model.named_buffers(remove_duplicate=False))
-        return {key: t for key, t in named if key.startswith(prefixes)}
+    def _snapshot_after_split(self) -> None:
+        """Remember the weights after the split before the autoencoder changes them (once: the baseline's)."""
+        if self.after_split and self._after_split_snapshot is None:
+            self._after_split_snapshot = {k: t.detach().clone() for k, t in modules_state(self.model, self.after_split).items()}
 
-    def _snapshot_tail(self) -> None:
-        """Remember the tail's weights before the autoencoder changes them (once: the baseline's)."""
-        if self.tail and self._tail_snapshot is None:
-            self._tail_snapshot = {k: t.detach().clone() for k, t in self._tail_state().items()}
-
-    def _restore_tail(self) -> None:
-        if self._tail_snapshot is None:
-            return  # no autoencoder ran: the tail still holds the baseline's weights
+    def _restore_after_split(self) -> None:
+        if self._after_split_snapshot is None:
+            return  # no autoencoder ran: they still hold the baseline's weights
         with torch.no_grad():
-            for key, t in self._tail_state().items():
-                t.copy_(self._tail_snapshot[key])
+            for key, t in modules_state(self.model, self.after_split).items():
+                t.copy_(self._after_split_snapshot[key])
 
     # ---- use ---------------------------------------------------------------------------------------
     def load_weights(self, path: Union[str, Path]) -> None:
@@ -419,7 +374,7 @@ class EncodeNetWrapper:
 
         Same class and parameter count as the model passed in; it holds no encodenet_timm object.
         """
-        plain = _deepcopy(self.model).cpu().eval()
-        plain.requires_grad_(True)
-        return plain.to(memory_format=torch.contiguous_format)
+        exported = _deepcopy(self.model).cpu().eval()
+        exported.requires_grad_(True)
+        return exported.to(memory_format=torch.contiguous_format)
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 
 
 def main() -> None:

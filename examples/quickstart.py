@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from encodenet_timm import EncodeNetConfig, compare
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 
 # (timm name, create kwargs for a 32x32 input, same for 64x64): the families the core must cover
 FAMILIES = {

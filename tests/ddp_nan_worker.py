@@ -13,7 +13,7 @@ from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 
 NAN_STEP = 3
 

@@ -4,7 +4,7 @@ import json
 import timm
 
 from conftest import load_benchmark
-from test_cifar import make_image_zip
+from test_data_cifar import make_image_zip
 
 
 def test_every_variant_is_a_valid_config_at_the_regime_lengths():

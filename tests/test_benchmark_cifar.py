@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark
-from test_cifar import make_image_zip
+from test_data_cifar import make_image_zip
 
 
 def test_benchmark_pipeline_end_to_end(tmp_path, one_thread):

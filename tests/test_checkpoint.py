@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
 from encodenet_timm.checkpoint import (MANIFEST, RunDir, load_state_into, load_tensors, model_fingerprint,
                                        save_tensors, write_atomic)
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import digits_datasets
 from encodenet_timm.training import TrainState
 from encodenet_timm.wrapper import RUN_STAGES
 

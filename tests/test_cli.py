@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm.cli import main
 from encodenet_timm.data import build_datasets
-from test_data import make_image_folder
+from test_data_imagefolder import make_image_folder
 
 # tiny training: one epoch per EncodeNet stage, 2 clusters per class, CPU
 TINY = ["--batch-size", "32", "--device", "cpu", "--set", "progress=false", "--representatives.clusters_per_class",

@@ -153,7 +153,7 @@ def test_faiss_gpu_always_without_gpu_is_a_clear_error():
 def test_centroid_dist_equals_centroid_distance(k):
     import torch
 
-    from encodenet_timm.representatives import centroid_distance
+    from encodenet_timm.clustering import centroid_distance
     rng = np.random.default_rng(0)
     feats = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 5, size=16)).astype(np.float32)
     labels = rng.integers(0, 3, size=300)
@@ -164,7 +164,7 @@ def test_centroid_dist_equals_centroid_distance(k):
 
 
 def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
-    from encodenet_timm.features import FeatureStore
+    from encodenet_timm.feature_store import FeatureStore
     feats, labels, _ = _blobs(num_classes=3, blobs=2, per_blob=20)
     order = np.random.default_rng(0).permutation(len(labels))  # classes scattered over the rows
     feats, labels = feats[order], labels[order]
@@ -181,6 +181,6 @@ def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
 
 
 def test_store_and_labels_must_agree(tmp_path):
-    from encodenet_timm.features import FeatureStore
+    from encodenet_timm.feature_store import FeatureStore
     with pytest.raises(ValueError, match=r"labels \(N,\), got \(10, 4\) and \(9,\)"):
         cluster_per_class(FeatureStore(10, 4), np.zeros(9, dtype=np.int64), 1, 1)

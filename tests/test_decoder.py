@@ -48,7 +48,7 @@ def test_hook_fallback_when_fx_fails(monkeypatch):
 
     monkeypatch.setattr(decoder_mod, "_shapes_fx", broken)
     hook_trail = trace_shape_trail(model, (3, 32, 32))
-    assert hook_trail.path == "hooks" and fx_trail.path == "fx"
+    assert hook_trail.trace == "hooks" and fx_trail.trace == "fx"
     assert hook_trail.trail == fx_trail.trail
     dec = build_decoder(model, (3, 32, 32))
     assert dec.trace_path == "hooks"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm import distributed as dist_utils
+from encodenet_timm import distributed, loaders
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_fit.py"
 
@@ -118,7 +118,7 @@ def one_rank_group(tmp_path):
         yield
     finally:
         dist.destroy_process_group()
-    assert not dist_utils.is_distributed()
+    assert not distributed.is_distributed()
 
 
 def _reps(digits, **overrides):
@@ -142,29 +142,29 @@ def test_group_representatives_equal_plain_process(digits, one_rank_group, tmp_p
 
 def test_train_loader_shards_cover_the_dataset(digits, one_rank_group):
     loader = DataLoader(Subset(digits[0], range(100)), batch_size=16, shuffle=True)
-    sharded = dist_utils.train_loader(loader, seed=3)
+    sharded = loaders.train_loader(loader, seed=3)
     assert isinstance(sharded.sampler, torch.utils.data.DistributedSampler) and sharded.batch_size == 16
-    dist_utils.set_epoch(sharded, 1)
+    loaders.set_epoch(sharded, 1)
     first = list(sharded.sampler)
-    dist_utils.set_epoch(sharded, 2)
+    loaders.set_epoch(sharded, 2)
     assert sorted(first) == list(range(100)) and list(sharded.sampler) != first  # reshuffled per epoch
-    assert dist_utils.train_loader(sharded, seed=0) is sharded  # a DistributedSampler is kept
+    assert loaders.train_loader(sharded, seed=0) is sharded  # a DistributedSampler is kept
 
 
 def test_shard_batches_keeps_batches_whole(digits, one_rank_group):
     loader = DataLoader(Subset(digits[0], range(100)), batch_size=32)
-    sharded = dist_utils.shard_batches(loader)
-    assert dist_utils.batch_starts(sharded) == [0, 32, 64, 96]
+    sharded = loaders.shard_batches(loader)
+    assert loaders.batch_starts(sharded) == [0, 32, 64, 96]
     assert [len(y) for _, y in sharded] == [32, 32, 32, 4]
 
 
 def test_without_a_group_everything_is_the_identity(digits):
     loader = DataLoader(Subset(digits[0], range(10)), batch_size=4, shuffle=True)
-    assert not dist_utils.is_distributed() and dist_utils.world_size() == 1 and dist_utils.is_main()
-    assert dist_utils.train_loader(loader, seed=0) is loader and dist_utils.shard_batches(loader) is loader
-    assert dist_utils.all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2.0]
-    assert dist_utils.broadcast_object({"a": 1}) == {"a": 1} and dist_utils.gather_objects(3) == [3]
-    assert np.isnan(dist_utils.all_reduce_sum([float("nan")], torch.device("cpu"))[0])
+    assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_main()
+    assert loaders.train_loader(loader, seed=0) is loader and loaders.shard_batches(loader) is loader
+    assert distributed.all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2.0]
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.gather_objects(3) == [3]
+    assert np.isnan(distributed.all_reduce_sum([float("nan")], torch.device("cpu"))[0])
 
 
 @pytest.mark.gpu

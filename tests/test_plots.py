@@ -5,8 +5,8 @@ from matplotlib.image import imread
 from torch.utils.data import DataLoader, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.cifar import stratified_subset
-from encodenet_timm.datasets import digits_datasets
+from encodenet_timm.data import stratified_subset
+from encodenet_timm.data import digits_datasets
 from encodenet_timm.plots import save_run_plots
 from conftest import make_model
 

@@ -3,34 +3,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from encodenet_timm.config import StageConfig
-from encodenet_timm.training import check_batch, make_loader, resolve_device, train_stage
+from encodenet_timm.training import LoopOptions, resolve_device, train_stage
 from timm.task import ClassificationTask
 
 from conftest import make_model
-
-
-def test_check_batch_accepts_good_and_names_what_is_wrong():
-    ok = dict(num_classes=10, in_chans=3)
-    check_batch(torch.randn(2, 3, 8, 8), torch.tensor([0, 9]), **ok)
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        check_batch(torch.randn(3, 8, 8), torch.tensor([0]), **ok)
-    with pytest.raises(ValueError, match="integer"):
-        check_batch(torch.randn(2, 3, 8, 8), torch.tensor([0.0, 1.0]), **ok)
-    with pytest.raises(ValueError, match=r"found -1\.\.0"):
-        check_batch(torch.randn(2, 3, 8, 8), torch.tensor([-1, 0]), **ok)
-    with pytest.raises(ValueError, match="inf"):
-        check_batch(torch.full((2, 3, 8, 8), float("inf")), torch.tensor([0, 1]), **ok)
-    with pytest.raises(ValueError, match="decoder was built for"):
-        check_batch(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), image_size=(16, 16), **ok)
-
-
-def test_seeded_loader_order_repeats():
-    ds = TensorDataset(torch.arange(50).float()[:, None], torch.zeros(50, dtype=torch.long))
-    like = DataLoader(ds, batch_size=7)
-    a = [b[0].flatten().tolist() for b in make_loader(ds, like, shuffle=True, seed=1)]
-    b = [b[0].flatten().tolist() for b in make_loader(ds, like, shuffle=True, seed=1)]
-    c = [b[0].flatten().tolist() for b in make_loader(ds, like, shuffle=True, seed=2)]
-    assert a == b != c and len(a[0]) == 7
 
 
 def test_device_resolution():
@@ -130,3 +106,14 @@ def test_zero_epochs_skips_the_stage_and_negative_is_an_error():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="epochs must be >= 0"):
         train_stage(task, loader, StageConfig(epochs=-1), stage="transfer", device=torch.device("cpu"))
+
+
+def test_options_or_their_keywords_not_both():
+    model = make_model("resnet10t", num_classes=2)
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    task = ClassificationTask(model, verbose=False)
+    cfg = StageConfig(epochs=1, sched="none")
+    with pytest.raises(TypeError, match="not both"):
+        train_stage(task, loader, cfg, stage="t", options=LoopOptions(torch.device("cpu")), progress=False)
+    with pytest.raises(TypeError):
+        train_stage(task, loader, cfg, stage="t", device=torch.device("cpu"), no_such_option=True)

@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, Subset
 
 import encodenet_timm  # noqa: F401  (registers resnet20_cifar)
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.representatives import centroid_distance, pick_representatives
+from encodenet_timm.clustering import centroid_distance
+from encodenet_timm.representatives import pick_representatives
 from encodenet_timm.split import modules_after, stage_names
 from encodenet_timm.tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, PartlyFrozenClassifier
 
@@ -189,27 +190,27 @@ def test_finetune_stage_runs_after_transfer_and_trains_every_weight(digits):
 def test_default_split_retrains_only_the_last_stage_and_head(name):
     """The default split ("last_stage") finds a tail on every core family; transfer trains only it and the head."""
     w = EncodeNetWrapper(make_model(name), EncodeNetConfig(progress=False, device="cpu"))
-    assert w.tail, "no modules after the split"
-    trainable = PartlyFrozenClassifier(w.model, w.tail + w.head.part_names).train()
+    assert w.after_split, "no modules after the split"
+    trainable = PartlyFrozenClassifier(w.model, w.after_split + w.head.part_names).train()
     trainable(torch.randn(2, 3, 32, 32)).float().square().mean().backward()
-    tail = set(w.tail) | set(w.head.part_names)
+    tail = set(w.after_split) | set(w.head.part_names)
     grads = {n: p.grad is not None for n, p in w.model.named_parameters()}
     in_tail = {n: any(n == t or n.startswith(t + ".") for t in tail) for n in grads}
     assert any(grads[n] for n in grads if in_tail[n])
     assert not any(grads[n] for n in grads if not in_tail[n]), [n for n in grads if grads[n] and not in_tail[n]][:3]
 
 
-def test_tail_restore_covers_weights_used_functionally():
+def test_after_split_restore_covers_weights_used_functionally():
     """beit's attention reads ``attn.qkv.weight`` through F.linear, so FX never sees ``attn.qkv`` called:
     the snapshot still holds it (it trains with its parent ``attn``) and transfer restores it."""
     model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
                               depth=2, embed_dim=64, num_heads=2)
     w = EncodeNetWrapper(model, EncodeNetConfig(progress=False, device="cpu"))
-    assert "blocks.1.attn" in w.tail and "blocks.1.attn.qkv" not in w.tail
-    w._snapshot_tail()
-    assert "blocks.1.attn.qkv.weight" in w._tail_snapshot
+    assert "blocks.1.attn" in w.after_split and "blocks.1.attn.qkv" not in w.after_split
+    w._snapshot_after_split()
+    assert "blocks.1.attn.qkv.weight" in w._after_split_snapshot
     with torch.no_grad():
         w.model.blocks[1].attn.qkv.weight.add_(1.0)  # what the autoencoder stage does to the tail
-    w._restore_tail()
-    assert torch.equal(w.model.blocks[1].attn.qkv.weight, w._tail_snapshot["blocks.1.attn.qkv.weight"])
+    w._restore_after_split()
+    assert torch.equal(w.model.blocks[1].attn.qkv.weight, w._after_split_snapshot["blocks.1.attn.qkv.weight"])
     assert torch.equal(w.model.blocks[1].attn.qkv.weight, model.blocks[1].attn.qkv.weight)  # the baseline's

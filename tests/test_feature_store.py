@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from encodenet_timm import features as features_module
+from encodenet_timm import feature_store as store_module
 from encodenet_timm.clustering import cluster_per_class
-from encodenet_timm.features import FeatureStore
+from encodenet_timm.feature_store import FeatureStore
 
 
 def _rows(n=50, d=12, seed=0):
@@ -95,7 +95,7 @@ def test_each_run_of_consecutive_rows_is_one_read(tmp_path, monkeypatch):
         calls.append((offset, sum(len(b) for b in buffers)))
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(features_module.os, "preadv", spy)
+    monkeypatch.setattr(store_module.os, "preadv", spy)
     idx = np.r_[0:10, 20:30, 50]
     np.testing.assert_array_equal(store.rows(idx), x[idx])
     assert calls == [(0, 10 * 48), (20 * 48, 10 * 48), (50 * 48, 48)]
@@ -104,7 +104,7 @@ def test_each_run_of_consecutive_rows_is_one_read(tmp_path, monkeypatch):
     assert calls == [(20 * 48, 10 * 48)]
 
 
-# the child loads features.py by path: importing the package would pull in timm (seconds per process)
+# the child loads feature_store.py by path: importing the package would pull in timm (seconds per process)
 _CHILD = textwrap.dedent("""
     import importlib.util, sys
     import numpy as np
@@ -122,7 +122,7 @@ _CHILD = textwrap.dedent("""
 def test_second_process_writes_disjoint_rows_of_an_open_store(tmp_path):
     x = _rows(n=64, d=12, seed=0)  # the child generates the same matrix and writes its second half
     store = FeatureStore(64, 12, tmp_path / "s")
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, features_module.__file__, str(tmp_path / "s")])
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, store_module.__file__, str(tmp_path / "s")])
     for start in range(0, 32, 5):  # the first half, while the child writes the second
         store.write(start, x[start:min(start + 5, 32)])
     assert child.wait(timeout=60) == 0

@@ -1,3 +1,4 @@
+"""encodenet_timm.data.imagefolder, through build_datasets(\"imagefolder\", ...)."""
 from pathlib import Path
 from typing import Dict, Sequence
 
@@ -77,23 +78,3 @@ def test_image_folder_grey(tmp_path):
     make_image_folder(tmp_path, {"train": 3}, classes=(0, 1))
     data = build_datasets("imagefolder", tmp_path, in_chans=1, val_fraction=0)
     assert data.input_size == (1, 32, 32) and len(data.mean) == 1 and data.val is None and data.test is None
-
-
-def test_digits_subset_and_validation():
-    data = build_datasets("digits", per_class=20, val_fraction=0.25, seed=1, img_size=16, in_chans=1)
-    assert len(data.train) == 150 and len(data.val) == 50 and len(data.test) == 450
-    assert data.input_size == (1, 16, 16) and data.mean is None
-    assert np.bincount(_labels(data.val)).tolist() == [5] * 10
-    with pytest.raises(ValueError, match="no mean/std"):
-        data.denormalize(data.plain[0][0])
-
-
-def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="dataset must be one of"):
-        build_datasets("mnist")
-    with pytest.raises(ValueError, match="val_fraction"):
-        build_datasets("digits", val_fraction=1.0)
-    with pytest.raises(ValueError, match="3x32x32"):
-        build_datasets("cifar10", tmp_path, img_size=64, download=False)
-    with pytest.raises(FileNotFoundError, match="cifar10 is not in"):
-        build_datasets("cifar10", tmp_path, download=False)

@@ -102,7 +102,7 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         step = "decoder"
         decoder = wrapper.decoder
         trail = decoder.shape_trail
-        record.update(layout=trail.layout, trace_path=trail.path, trail=[list(t) for t in trail.trail])
+        record.update(layout=trail.layout, trace_path=trail.trace, trail=[list(t) for t in trail.trail])
         flops = wrapper.flops()
         record.update(encoder_flops=flops["encoder"], decoder_flops=flops["decoder"], flops_ratio=flops["ratio"])
         x = torch.randn(batch_size, *input_size)
@@ -124,9 +124,9 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         hist = wrapper.fit_transfer(loader)
         record["transfer_loss"] = hist[-1]["loss"]
         _expect(torch.isfinite(torch.tensor(record["transfer_loss"])).item(), f"transfer loss {record['transfer_loss']}")
-        tail = tuple(f"{t}." for t in wrapper.tail)  # split inside the encoder: these modules (and their
+        after = tuple(f"{t}." for t in wrapper.after_split)  # split inside the encoder: these modules (and their
         changed = [k for k, v in wrapper.encoder.state_dict().items()  # submodules) are retrained, the rest frozen
-                   if not torch.equal(v, enc_before[k]) and not k.startswith(tail)]
+                   if not torch.equal(v, enc_before[k]) and not k.startswith(after)]
         _expect(not changed, f"transfer changed the frozen encoder: {changed[:3]}")
 
         step = "export"

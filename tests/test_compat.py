@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from encodenet_timm.coverage import check_model
+from encodenet_timm.compat import check_model
 
 from conftest import make_model
 

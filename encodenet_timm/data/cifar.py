@@ -26,17 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["CIFAR_STATS", "DATASETS", "CifarArrays", "CifarDataset", "load_cifar", "read_image_zip",
-           "stratified_subset", "train_val_split"]
+from ..models._cifar import CIFAR10_MEAN, CIFAR10_STD
+from .splits import denormalize
+
+__all__ = ["CIFAR_STATS", "CIFAR_DATASETS", "CifarArrays", "CifarDataset", "load_cifar", "read_image_zip",
+           "cifar_splits"]
 
 _logger = logging.getLogger(__name__)
 
 # per-channel (mean, std) of the training images, pixel values in [0, 1]
 CIFAR_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),  # the zoo's pretrained cfg uses the same (models/_cifar.py)
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-DATASETS = ("cifar10", "cifar100", "cifar10-jpeg")
+CIFAR_DATASETS = ("cifar10", "cifar100", "cifar10-jpeg")
 _ZIP_NAME = "cifar10-jpeg.zip"
 _MEMBER = re.compile(r"^(?:[^/]+/)*?(train|test)/([^/]+)/[^/]+\.(?:jpe?g|png)$", re.IGNORECASE)
 
@@ -77,8 +80,8 @@ def load_cifar(name: str, data_dir: Union[str, Path], *, cache_dir: Optional[Uni
         ValueError: an unknown `name`.
         FileNotFoundError: no zip for ``"cifar10-jpeg"``.
     """
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if name not in CIFAR_DATASETS:
+        raise ValueError(f"dataset must be one of {CIFAR_DATASETS}, got {name!r}")
     if name == "cifar10-jpeg":
         path = Path(data_dir)
         zip_path = path if path.suffix == ".zip" else path / _ZIP_NAME
@@ -143,32 +146,6 @@ def read_image_zip(zip_path: Union[str, Path], *, cache_dir: Optional[Union[str,
     return (*out, classes)
 
 
-def stratified_subset(labels: np.ndarray, per_class: Optional[int], seed: int) -> np.ndarray:
-    """Sorted indices of `per_class` random samples of every class (all of a smaller class); None: all."""
-    labels = np.asarray(labels)
-    if per_class is None:
-        return np.arange(len(labels))
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(picks))
-
-
-def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Stratified (train indices, validation indices), both sorted; `val_fraction` of each class is held out."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        val.append(idx[:int(round(len(idx) * val_fraction))])
-    val = np.sort(np.concatenate(val))
-    return np.setdiff1d(np.arange(len(labels)), val), val
-
-
 class CifarDataset(Dataset):
     """(image (3, H, W) float32 normalised, label int) over uint8 images; augmentation as tensor ops.
 
@@ -214,4 +191,21 @@ class CifarDataset(Dataset):
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (..., 3, H, W) -> pixel values in [0, 1] (clamped), for display."""
-        return (x * self.std.to(x.device) + self.mean.to(x.device)).clamp(0.0, 1.0)
+        return denormalize(x, self.mean.flatten().tolist(), self.std.flatten().tolist())
+
+
+def cifar_splits(name: str, data_dir: Union[str, Path], img_size: int, in_chans: int, download: bool,
+           mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+    """CIFAR splits: (augmented, plain, labels, val=None, test, classes, mean, std)."""
+    if img_size != 32 or in_chans != 3:
+        raise ValueError(f"{name} images are 3x32x32; got img_size={img_size}, in_chans={in_chans}")
+    try:
+        arrays = load_cifar(name, data_dir, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(f"{name} is not in {data_dir} ({e}); allow the download or point "
+                                f"--data-dir at torchvision's copy") from e
+    mean, std = tuple(mean or arrays.mean), tuple(std or arrays.std)
+    augmented = CifarDataset(arrays.train_images, arrays.train_labels, mean, std, augment=True)
+    plain = CifarDataset(arrays.train_images, arrays.train_labels, mean, std)
+    test = CifarDataset(arrays.test_images, arrays.test_labels, mean, std)
+    return augmented, plain, arrays.train_labels, None, test, arrays.classes, mean, std

@@ -1,4 +1,4 @@
-"""Every kind of bad input gets a clear error before compute is spent (issue #5, item 3)."""
+"""encodenet_timm.checks: every kind of bad input gets a clear error before compute is spent (issue #5, item 3)."""
 import os
 
 import pytest
@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
 from encodenet_timm.checkpoint import save_tensors
+from encodenet_timm.checks import check_batch
 
 from conftest import make_model
 
@@ -217,3 +218,18 @@ def test_checkpoint_from_another_model(weights, tmp_path):
     save_tensors(tmp_path / "other.safetensors", other.state_dict())
     wrapper.load_weights(tmp_path / "other.safetensors")
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in wrapper.model.state_dict().items())
+
+
+def test_check_batch_accepts_good_and_names_what_is_wrong():
+    ok = dict(num_classes=10, in_chans=3)
+    check_batch(torch.randn(2, 3, 8, 8), torch.tensor([0, 9]), **ok)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        check_batch(torch.randn(3, 8, 8), torch.tensor([0]), **ok)
+    with pytest.raises(ValueError, match="integer"):
+        check_batch(torch.randn(2, 3, 8, 8), torch.tensor([0.0, 1.0]), **ok)
+    with pytest.raises(ValueError, match=r"found -1\.\.0"):
+        check_batch(torch.randn(2, 3, 8, 8), torch.tensor([-1, 0]), **ok)
+    with pytest.raises(ValueError, match="inf"):
+        check_batch(torch.full((2, 3, 8, 8), float("inf")), torch.tensor([0, 1]), **ok)
+    with pytest.raises(ValueError, match="decoder was built for"):
+        check_batch(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), image_size=(16, 16), **ok)

@@ -1,0 +1,110 @@
+"""Every DataLoader the package builds: seeded re-orderings of a dataset, and the shards a rank reads.
+
+A stage never iterates a loader the caller passed in a different order than the caller asked for, except
+where it needs dataset order (the feature pass) or a rank's share (torchrun); these are built here.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+from . import distributed
+
+__all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "shard_batches",
+           "batch_starts"]
+
+
+def make_loader(dataset: Dataset, like: DataLoader, *, shuffle: bool, seed: int,
+                batch_size: Optional[int] = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader over `dataset` with the worker settings of `like` and a seeded shuffle."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size or like.batch_size or 1, shuffle=shuffle,
+                      num_workers=like.num_workers, collate_fn=like.collate_fn, pin_memory=like.pin_memory,
+                      drop_last=drop_last, generator=generator,
+                      persistent_workers=like.persistent_workers and like.num_workers > 0)
+
+
+def seeded_loader(dataset: Optional[Dataset], *, batch_size: int, shuffle: bool = False, seed: int = 0,
+                  workers: int = 0, pin_memory: bool = False) -> Optional[DataLoader]:
+    """A DataLoader over `dataset` (None for None), shuffled by a generator seeded with `seed` when `shuffle`."""
+    if dataset is None:
+        return None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+def reseed_loader(loader: DataLoader, seed: int) -> None:
+    """Re-seed the torch.Generators the loader shuffles with (its own and its sampler's), in place.
+
+    A loader without one draws its order from the global torch RNG, which `seed_everything` covers.
+    """
+    sampler = getattr(loader.batch_sampler, "sampler", None)
+    found = {id(g): g for g in (loader.generator, getattr(loader.sampler, "generator", None),
+                                getattr(sampler, "generator", None)) if isinstance(g, torch.Generator)}
+    for g in found.values():
+        g.manual_seed(seed)
+
+
+def train_loader(loader: DataLoader, seed: int) -> DataLoader:
+    """The loader a training stage iterates: `loader` itself in one process; in a process group, the
+    same dataset, batch size (per rank) and workers with a `DistributedSampler` (shuffled like `loader`,
+    by `seed` and the epoch). A loader that already has a DistributedSampler is used as it is.
+
+    The ranks' shards of one epoch are disjoint and cover the (padded) dataset; with ``N`` divisible
+    by ``world_size x batch_size``, step s of all ranks together sees the samples that step s of a
+    1-process group with ``world_size x batch_size`` sees.
+    """
+    if not distributed.is_distributed() or isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if loader.batch_size is None:
+        raise ValueError("under torch.distributed the training loader needs a batch_size (not a custom "
+                         "batch_sampler); or give it a DistributedSampler yourself")
+    sampler = DistributedSampler(loader.dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
+                                 drop_last=loader.drop_last)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      persistent_workers=loader.persistent_workers and loader.num_workers > 0)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell a DistributedSampler which epoch starts (it shuffles by seed + epoch)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+class _Batches(Sampler):
+    """A fixed list of index batches."""
+
+    def __init__(self, batches: Sequence[List[int]]):
+        self.batches = [list(b) for b in batches]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def shard_batches(loader: DataLoader) -> DataLoader:
+    """For evaluation passes: this rank's share of `loader`'s batches, batches kept whole.
+
+    Batch b goes to rank ``b % world_size``, so every image is seen exactly once (no padding) and in
+    the batch it would be in one process: per-image eval-mode outputs match a single-process pass.
+    In one process, `loader` itself.
+    """
+    if not distributed.is_distributed():
+        return loader
+    batches = list(loader.batch_sampler if loader.batch_sampler is not None
+                   else BatchSampler(loader.sampler, loader.batch_size or 1, loader.drop_last))
+    return DataLoader(loader.dataset, batch_sampler=_Batches(batches[distributed.rank()::distributed.world_size()]),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+
+def batch_starts(loader: DataLoader) -> Optional[List[int]]:
+    """First dataset index of each batch of a `shard_batches` loader, in order; None for other loaders."""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, _Batches):
+        return [b[0] for b in sampler.batches]
+    return None
