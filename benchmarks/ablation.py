@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
 from encodenet_timm.checkpoint import write_json
-from encodenet_timm.compare import CONTROLS, compare, paired_difference
+from encodenet_timm.compare import CONTROLS, CompareResult, compare, paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, versions
 from encodenet_timm.training import evaluate, resolve_device
@@ -227,6 +227,30 @@ def validate(ctx):
     return run_compare(ctx, ctx["args"].seeds)
 
 
+def load_result(ctx) -> CompareResult:
+    """The finished records as a `CompareResult`, training nothing: the seeds on which every row finished
+    or, while none has, the first seed with the rows it has finished (a partial report, said in its notes)."""
+    out = ctx["out"]
+    expected = ["baseline", "encodenet", *ctx["variants"], *CONTROLS]
+    records: Dict[str, Dict[int, Dict]] = {}
+    for path in sorted((out / "runs").glob("*.json")):
+        record = json.loads(path.read_text())
+        records.setdefault(record["row"], {})[record["seed"]] = record
+    seen = sorted({s for by_seed in records.values() for s in by_seed if s in ctx["args"].seeds})
+    complete = [s for s in seen if all(s in records.get(r, {}) for r in expected)]
+    seeds = complete or seen[:1]
+    rows = [r for r in expected if seeds and all(s in records.get(r, {}) for s in seeds)]
+    if "encodenet" not in rows:
+        raise SystemExit(f"{out}: the default recipe has not finished on any seed yet; nothing to report")
+    notes = [] if complete else [f"partial: seed {seeds[0]} only, {len(rows)} of {len(expected)} rows finished "
+                                 f"({', '.join(r for r in expected if r not in rows)} still to run)"]
+    return CompareResult(records={r: {s: records[r][s] for s in seeds} for r in rows},
+                         compute=json.loads((out / "compute.json").read_text()), seeds=seeds,
+                         controls=[c for c in CONTROLS if c in rows], config=records["encodenet"][seeds[0]]
+                         ["fingerprint"]["config"], notes=notes, model_fn=_model_fn(ctx["args"], ctx["num_classes"]),
+                         out_dir=out)
+
+
 def choose(result, rows: List[str]) -> str:
     """The EncodeNet row (default or variant) with the highest mean validation accuracy; controls never."""
     return max(rows, key=lambda r: np.mean(result.accuracy(r)))
@@ -237,7 +261,7 @@ def test_phase(ctx, result) -> Dict:
 
     Each row's test accuracy was measured once, when it finished (compare's test_loader), and is read only
     here, after the choice on validation."""
-    chosen = choose(result, ["encodenet", *ctx["variants"]])
+    chosen = choose(result, [r for r in ("encodenet", *ctx["variants"]) if r in result.records])
     out = {row: {str(s): result.records[row][s]["test_accuracy"] for s in result.seeds}
            for row in dict.fromkeys([chosen, "paper", "encodenet", "baseline", *result.controls])
            if row in result.records}
@@ -263,7 +287,8 @@ def report(ctx, result) -> Dict:
     lines = [f"# Ablation: {ctx['args'].dataset} / {ctx['args'].model} / regime `{ctx['args'].regime}`", "",
              f"`python benchmarks/ablation.py {' '.join(ctx['args'].argv)}`", "",
              f"Regime: {ctx['regime'].description}.", "",
-             f"Seeds {result.seeds}. Machine: {machine()}. Versions: {versions()}.", ""]
+             f"Seeds {result.seeds}. Machine: {machine()}. Versions: {versions()}.", "",
+             *[f"**{n}.**\n" for n in result.notes]]
     if conv is not None:
         lines += ["## Convergence of the baseline (seed 0, from scratch)", "",
                   "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |", "|---:|---:|---:|---:|"]
@@ -284,7 +309,7 @@ def report(ctx, result) -> Dict:
         mark = " †" if extra > X * 1.05 else ""
         lines.append(f"| {r} | {what} | {extra:.2f}{mark} | {_pct(result.accuracy(r))} | "
                      f"{', '.join(f'{100 * a:.2f}' for a in result.accuracy(r))} | {delta} |")
-    lines += ["", f"compare's verdict for the default (validation): {result.verdict}", ""]
+    lines += ["", f"compare's verdict for the default, on validation: {result.verdict_on('val')}", ""]
     if tested is not None:
         t = {r: [v[str(s)] for s in result.seeds] for r, v in tested["test_accuracy"].items()}
         lines += ["## Test (once, after choosing on validation)", "",
@@ -342,9 +367,11 @@ def main(argv: Optional[List[str]] = None):
         if regime.convergence_epochs and not (out / "converge.json").is_file():
             converge(ctx)
         result = validate(ctx)
+    elif args.phase == "report":  # what has finished, without training anything
+        result = load_result(ctx)
     else:
         result = run_compare(ctx, args.seeds)
-    if args.phase in ("test", "all"):
+    if args.phase in ("test", "all") or (args.phase == "report" and result.notes == []):
         test_phase(ctx, result)
     return {"result": result, **report(ctx, result)}
 

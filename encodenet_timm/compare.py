@@ -212,8 +212,13 @@ class CompareResult:
 
     @property
     def verdict(self) -> str:
-        """One plain sentence: beats / ties / loses to each row (mean paired difference in points, p)."""
-        split = self._split(None)
+        """One plain sentence: beats / ties / loses to each row (mean paired difference in points, p), on
+        test accuracy when compare got a test_loader, else on validation."""
+        return self.verdict_on(None)
+
+    def verdict_on(self, split: Optional[str]) -> str:
+        """`verdict` on ``"val"`` or ``"test"`` accuracy."""
+        split = self._split(split)
         parts = []
         for other, d in self.deltas(split).items():
             mean, p = 100 * d["mean"], d["p"]

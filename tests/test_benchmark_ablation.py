@@ -57,3 +57,12 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
     assert ab.main(argv)["result"].records == result.records
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
+    # --phase report trains nothing: it reports the seeds every row finished, or one seed in part
+    (out / "runs" / "kd-seed1.json").unlink()
+    part = ab.main(argv + ["--phase", "report"])["result"]
+    assert part.seeds == [0] and part.notes == [] and "kd" in part.rows
+    (out / "runs" / "kd-seed0.json").unlink()
+    part = ab.main(argv + ["--phase", "report"])["result"]
+    assert part.seeds == [0] and "kd" not in part.rows and "partial" in part.notes[0]
+    assert "partial" in (out / "ablation.md").read_text()
+    assert not (out / "runs" / "kd-seed0.json").exists()
