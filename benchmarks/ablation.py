@@ -77,7 +77,7 @@ REGIMES = {
                     "autoencoder 10, transfer 10, fine-tune 5 epochs (the package defaults)",
         per_class=250, val_per_class=500, batch_size=128, baseline=_sgd(0, 0.1),
         autoencoder=_adamw(10), transfer=_sgd(10, 0.01), finetune=_sgd(5, 0.01),
-        convergence_epochs=(40, 80, 120, 60, 180)),
+        convergence_epochs=(40, 80, 120, 60, 180, 90, 270)),
     "short": Regime(description="2 CPU cores: 500 images per class (450 train + 50 validation), 12 baseline epochs; "
                                 "autoencoder 2, transfer 3, fine-tune 2 epochs",
                     per_class=500, batch_size=128, baseline=_sgd(12, 0.1), autoencoder=_adamw(2),
@@ -162,7 +162,9 @@ def converge(ctx) -> Dict:
     path = out / "converge.json"
     done = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     device = resolve_device(ctx["args"].device)
-    for epochs in regime.convergence_epochs:  # in order, until E/2, E and 1.5E show convergence
+    lengths = ctx["args"].epochs or regime.convergence_epochs
+    for epochs in lengths:  # in order, until E/2, E and 1.5E show convergence
+        done = json.loads(path.read_text()) if path.is_file() else done  # another process may have added runs
         if choose_epochs(done["runs"]) is not None:
             break
         if str(epochs) in done["runs"]:
@@ -179,7 +181,11 @@ def converge(ctx) -> Dict:
         _logger.info("converge: %d epochs -> val %.4f, train %.4f (%.0f s)", epochs,
                      done["runs"][str(epochs)]["val_accuracy"], done["runs"][str(epochs)]["train_accuracy"],
                      done["runs"][str(epochs)]["seconds"])
+        record = done["runs"][str(epochs)]
+        done = json.loads(path.read_text()) if path.is_file() else done
+        done["runs"][str(epochs)] = record
         write_json(path, done)
+    done = json.loads(path.read_text()) if path.is_file() else done
     done["chosen"] = choose_epochs(done["runs"])
     done["rule"] = "E = the shortest length whose 1.5E schedule gains < 0.5 validation points (seed 0)"
     write_json(path, done)
@@ -198,7 +204,9 @@ def choose_epochs(runs: Dict[str, Dict]) -> Optional[int]:
 
 def baseline_epochs(ctx) -> int:
     regime = ctx["regime"]
-    if not regime.convergence_epochs or ctx["args"].regime in ("short",):
+    if ctx["args"].baseline_epochs is not None:
+        return ctx["args"].baseline_epochs
+    if not regime.convergence_epochs:
         return regime.baseline.epochs
     path = ctx["out"] / "converge.json"
     chosen = json.loads(path.read_text()).get("chosen") if path.is_file() else None
@@ -344,6 +352,10 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant rows (default: all)")
+    p.add_argument("--epochs", type=int, nargs="+", default=None,
+                   help="converge phase: train these lengths (default: the regime's convergence_epochs)")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="the baseline's E instead of converge.json's choice (the records say which E they used)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
