@@ -30,6 +30,7 @@ from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .errors import EncodeNetError
 from .plots import save_run_plots
+from .training import seed_everything
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["main", "build_parser"]
@@ -296,6 +297,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                             "EncodeNet will start from an untrained model; set --baseline.epochs N")
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
+    seed_everything(config.seed)  # the model's random init too: same seed and config => same weights
     wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
     distributed.barrier()  # under torchrun: every rank has checked --out before rank 0 writes to it
     if not args.resume and distributed.is_main():

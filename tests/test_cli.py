@@ -215,3 +215,18 @@ def test_interrupted_fit_resumes(capsys, tmp_path, monkeypatch):
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete" and len(record["resumed"]) == 1
     assert record["stages"]["transfer"]["status"] == "complete"
+
+
+def test_two_fits_with_the_same_seed_give_the_same_weights(tmp_path, capsys):
+    """The model's random init is seeded too (issue #16.6): the CLI repeats itself as the API does."""
+    from safetensors.torch import load_file
+    args = ["--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "12", "--batch-size", "32",
+            "--progress", "false", "--baseline.epochs", "1", "--autoencoder.epochs", "1", "--transfer.epochs", "1",
+            "--finetune.epochs", "0", "--representatives.clusters_per_class", "2", "--seed", "3"]
+    weights = []
+    for name in ("a", "b"):
+        assert main(["fit", "--out", str(tmp_path / name), *args]) == 0
+        weights.append(load_file(str(tmp_path / name / "model.safetensors")))
+    capsys.readouterr()
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
