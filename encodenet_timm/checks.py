@@ -3,6 +3,7 @@
 Bad input is a `ValueError` / `TypeError` that names the bad value and what is allowed. `check_data` runs
 them all on a training loader before the first stage; `check_batch` runs on every batch of every stage.
 """
+import difflib
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple, Union
 
@@ -11,10 +12,31 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-__all__ = ["BatchCheck", "check_loader", "check_batch", "check_class_counts", "check_data", "dataset_targets",
-           "first_sample", "eval_mode"]
+__all__ = ["BatchCheck", "check_config", "check_loader", "check_batch", "check_class_counts", "check_data",
+           "dataset_targets", "first_sample", "eval_mode"]
 
 BatchCheck = Callable[[torch.Tensor, torch.Tensor], None]  # (images, labels) -> None, or ValueError
+
+
+def check_config(config) -> None:
+    """Raise ValueError, before any training, for a stage optimizer or scheduler that timm does not know.
+
+    (Ranges and types are checked when the `EncodeNetConfig` is built; this needs timm's registries.)
+    """
+    from timm.optim import list_optimizers
+    known = set(list_optimizers())
+    scheds = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt", "none")
+    for stage in ("baseline", "autoencoder", "transfer", "finetune"):
+        cfg = getattr(config, stage)
+        opt = cfg.opt.lower()
+        if opt.split("_")[-1] not in known:
+            close = difflib.get_close_matches(opt, sorted(known), n=3)
+            raise ValueError(f"config key '{stage}.opt': timm has no optimizer {cfg.opt!r}"
+                             + (f"; did you mean {', '.join(close)}?" if close else "")
+                             + " (timm.optim.list_optimizers() lists them)")
+        if cfg.sched not in scheds:
+            raise ValueError(f"config key '{stage}.sched' must be one of {', '.join(scheds)} (timm's "
+                             f"create_scheduler_v2 names, or none), got {cfg.sched!r}")
 
 
 def check_loader(loader: DataLoader, what: str = "loader", map_style: bool = False) -> DataLoader:

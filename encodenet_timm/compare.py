@@ -129,7 +129,8 @@ def count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: DataL
     one = config.override({"device": "cpu", "progress": False, "channels_last": False, "compile": False,
                            "amp": "none", "representatives.clusters_per_class": 1,
                            "representatives.feature_store": None,
-                           **{f"{s}.epochs": min(1, getattr(config, s).epochs) for s in stages}})
+                           **{f"{s}.epochs": min(1, getattr(config, s).epochs) for s in stages},
+                           **{f"{s}.warmup_epochs": 0 for s in stages}})  # FLOPs do not depend on the schedule
     w = EncodeNetWrapper(probe, one)
     w.decoder  # built (and its own FLOPs probed) outside the counters below
     per_epoch = {"features": _flops(lambda: w.select_representatives(loader)) / n}

@@ -4,6 +4,8 @@ Every documented default is the dataclass default. Keys are dotted paths (``tran
 same in Python, in YAML and on the command line.
 """
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +17,25 @@ __all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "Decoder
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
+AMP_VALUES = ("none", "bf16", "fp16")
+FAISS_GPU_VALUES = ("auto", "never", "always")
+
+
+class _Strict:
+    """Setting an attribute a config does not have is an error, not a silent new attribute."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = getattr(self, "__dataclass_fields__", {})
+        if name not in fields and not isinstance(getattr(type(self), name, None), property):
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AttributeError(f"{type(self).__name__} has no option {name!r}{hint} "
+                                 f"(options: {', '.join(fields)})")
+        super().__setattr__(name, value)
 
 
 @dataclass
-class StageConfig:
+class StageConfig(_Strict):
     """One training stage (baseline, autoencoder or transfer); all run through the same loop."""
     epochs: int = 10                 # passes over the training loader; 0 skips the stage
     lr: float = 0.05                 # peak learning rate
@@ -39,7 +56,7 @@ class AutoencoderConfig(StageConfig):
 
 
 @dataclass
-class RepresentativesConfig:
+class RepresentativesConfig(_Strict):
     """Per-class clustering of pre-logits features and the pick of each cluster's representative."""
     clusters_per_class: Union[int, str] = 5  # k per class, or "auto" (silhouette, 2..max_auto_clusters)
     max_auto_clusters: int = 10      # upper bound on k when clusters_per_class is "auto"
@@ -64,7 +81,7 @@ class RepresentativesConfig:
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(_Strict):
     """The mirrored decoder built from the encoder's traced shape trail."""
     width: float = 1.0               # multiplier on the mirrored channel widths (shrunk to fit the FLOPs cap)
     min_channels: int = 8            # no decoder layer is narrower than this
@@ -82,7 +99,7 @@ def _stage(cls: type = StageConfig, **kw) -> Any:
 
 
 @dataclass
-class EncodeNetConfig:
+class EncodeNetConfig(_Strict):
     """Everything `EncodeNetWrapper` needs.
 
     The defaults are the recipe that won the validation ablation (benchmarks/results/ablation-short):
@@ -107,6 +124,9 @@ class EncodeNetConfig:
     transfer: StageConfig = _stage(epochs=10, lr=0.01)
     finetune: StageConfig = _stage(epochs=5, lr=0.01)  # after transfer: every weight trained at a low lr
                                                        # (0 epochs: skipped, as in the paper)
+
+    def __post_init__(self):
+        check_ranges(self)
 
     @classmethod
     def paper(cls, **overrides: Any) -> "EncodeNetConfig":
@@ -224,5 +244,66 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             return value
     elif isinstance(hint, type) and isinstance(value, hint):
         return value
-    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-    raise ValueError(f"config key {path!r} must be {name}, got {value!r}")
+    raise ValueError(f"config key {path!r} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words: ``Optional[float]`` -> "a number or null", ``Union[int, str]`` -> "an int or a str"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        n = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {n}{_describe(args[0]).split(' ', 1)[1]}s"
+    return {type(None): "null", float: "a number", int: "an int", bool: "true or false",
+            str: "a str"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fail(key: str, rule: str, value: Any) -> None:
+    raise ValueError(f"config key {key!r} must be {rule}, got {value!r}")
+
+
+def check_ranges(cfg: "EncodeNetConfig") -> None:
+    """Raise ValueError naming the dotted key of the first value out of its range (no torch, no timm:
+    optimizer and scheduler names are checked against timm's registries by `checks.check_config`)."""
+    if cfg.amp not in AMP_VALUES:
+        _fail("amp", f"one of {AMP_VALUES}", cfg.amp)
+    if cfg.input_size is not None and any(v < 1 for v in cfg.input_size):
+        _fail("input_size", "(C, H, W) with every entry >= 1, or null", cfg.input_size)
+    stages = {name: getattr(cfg, name) for name in ("baseline", "autoencoder", "transfer", "finetune")}
+    for name, st in stages.items():
+        if not isinstance(st, StageConfig):
+            _fail(name, "a StageConfig", st)
+        if st.epochs < 0:
+            _fail(f"{name}.epochs", ">= 0 (0 skips the stage)", st.epochs)
+        if not (st.lr > 0 and math.isfinite(st.lr)):
+            _fail(f"{name}.lr", "a finite number > 0", st.lr)
+        if st.momentum < 0:
+            _fail(f"{name}.momentum", ">= 0", st.momentum)
+        if st.weight_decay < 0:
+            _fail(f"{name}.weight_decay", ">= 0", st.weight_decay)
+        if st.warmup_epochs < 0 or (st.epochs > 0 and st.warmup_epochs > st.epochs):
+            _fail(f"{name}.warmup_epochs", f"in [0, {name}.epochs={st.epochs}] (warm-up is part of the epochs)",
+                  st.warmup_epochs)
+        if st.clip_grad is not None and not st.clip_grad > 0:
+            _fail(f"{name}.clip_grad", "> 0, or null to disable clipping", st.clip_grad)
+        if not 0.0 <= st.smoothing < 1.0:
+            _fail(f"{name}.smoothing", "in [0, 1)", st.smoothing)
+    if cfg.autoencoder.ce_weight < 0:
+        _fail("autoencoder.ce_weight", ">= 0 (0: the paper's pure MSE)", cfg.autoencoder.ce_weight)
+    r = cfg.representatives
+    k = r.clusters_per_class
+    if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        _fail("representatives.clusters_per_class", "an int >= 1 or 'auto'", k)
+    for key, low in (("max_auto_clusters", 2), ("niter", 1), ("nredo", 1), ("batch_size", 1)):
+        if getattr(r, key) < low:
+            _fail(f"representatives.{key}", f">= {low}", getattr(r, key))
+    if r.faiss_gpu not in FAISS_GPU_VALUES:
+        _fail("representatives.faiss_gpu", f"one of {FAISS_GPU_VALUES}", r.faiss_gpu)
+    d = cfg.decoder
+    if not d.width > 0:
+        _fail("decoder.width", "> 0", d.width)
+    if d.min_channels < 1:
+        _fail("decoder.min_channels", ">= 1", d.min_channels)
+    if not d.max_flops_ratio > 0:
+        _fail("decoder.max_flops_ratio", "> 0", d.max_flops_ratio)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .checkpoint import Checkpoint, Run, load_model_file, load_state_into, model_fingerprint
-from .checks import check_batch, check_data, check_loader
+from .checks import check_batch, check_config, check_data, check_loader
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, versions
@@ -58,6 +58,7 @@ class EncodeNetWrapper:
         # a validated copy: a value of the wrong type set by hand -> ValueError, and a plain StageConfig
         # given for a stage with more options (autoencoder) gets their defaults
         config = self.config = type(config).from_dict(config.to_dict())
+        check_config(config)  # every stage's optimizer and scheduler, before any stage runs
         self.device = resolve_device(distributed.local_device(config.device))
         if self.device.type == "cuda" and distributed.is_distributed():
             torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device

@@ -175,11 +175,11 @@ def test_module_that_is_not_a_timm_classifier():
 def test_config_with_an_unknown_key_or_a_wrong_type():
     with pytest.raises(ValueError, match="unknown config key 'transfer.lrr'"):
         EncodeNetConfig.from_yaml("transfer:\n  lrr: 0.1\n")
-    with pytest.raises(ValueError, match="'transfer.epochs' must be int, got 'ten'"):
+    with pytest.raises(ValueError, match="'transfer.epochs' must be an int, got 'ten'"):
         EncodeNetConfig.from_dict({"transfer": {"epochs": "ten"}})
     cfg = _cfg()
     cfg.transfer.lr = "fast"  # set on the dataclass: caught when the wrapper is built
-    with pytest.raises(ValueError, match="'transfer.lr' must be float, got 'fast'"):
+    with pytest.raises(ValueError, match="'transfer.lr' must be a number, got 'fast'"):
         EncodeNetWrapper(make_model("resnet10t"), cfg)
     with pytest.raises(TypeError, match="EncodeNetConfig"):
         EncodeNetWrapper(make_model("resnet10t"), {"seed": 1})

@@ -53,3 +53,50 @@ def test_baseline_epochs_shorthand():
     assert cfg.baseline_epochs == 0
     cfg.baseline_epochs = 4
     assert cfg.baseline.epochs == 4
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("transfer.clip_grad", -1.0, "'transfer.clip_grad' must be > 0"),
+    ("baseline.lr", 0.0, "'baseline.lr' must be a finite number > 0"),
+    ("finetune.smoothing", 1.0, "'finetune.smoothing' must be in [0, 1)"),
+    ("transfer.warmup_epochs", 11, "'transfer.warmup_epochs' must be in [0, transfer.epochs=10]"),
+    ("autoencoder.epochs", -1, "'autoencoder.epochs' must be >= 0"),
+    ("autoencoder.ce_weight", -0.5, "'autoencoder.ce_weight' must be >= 0"),
+    ("amp", "fp8", "'amp' must be one of"),
+    ("decoder.width", 0.0, "'decoder.width' must be > 0"),
+    ("representatives.clusters_per_class", 0, "'representatives.clusters_per_class' must be an int >= 1 or 'auto'"),
+    ("representatives.faiss_gpu", "yes", "'representatives.faiss_gpu' must be one of"),
+])
+def test_every_range_is_checked_with_its_dotted_key(key, value, says):
+    with pytest.raises(ValueError) as info:
+        EncodeNetConfig().override({key: value})
+    assert says in str(info.value) and repr(value) in str(info.value)
+
+
+def test_an_attribute_a_config_does_not_have_is_an_error():
+    cfg = EncodeNetConfig()
+    with pytest.raises(AttributeError, match="no option 'epoch'; did you mean 'epochs'"):
+        cfg.baseline.epoch = 3
+    with pytest.raises(AttributeError, match="no option 'sead'"):
+        cfg.sead = 1
+    cfg.baseline_epochs = 4  # a property, not a typo
+    assert cfg.baseline.epochs == 4
+
+
+def test_type_errors_name_the_allowed_values():
+    with pytest.raises(ValueError, match="'transfer.clip_grad' must be a number or null, got 'big'"):
+        EncodeNetConfig().override({"transfer.clip_grad": "big"})
+    with pytest.raises(ValueError, match="'input_size' must be a list of 3 ints or null"):
+        EncodeNetConfig().override({"input_size": [3, 32]})
+
+
+def test_optimizer_and_scheduler_names_are_checked_before_any_stage(digits_loaders):
+    import timm
+    from encodenet_timm import EncodeNetWrapper
+    cfg = EncodeNetConfig()
+    cfg.transfer.opt = "sgdd"  # the last stage: found before the baseline or the autoencoder run
+    with pytest.raises(ValueError, match="'transfer.opt': timm has no optimizer 'sgdd'; did you mean sgd"):
+        EncodeNetWrapper(timm.create_model("resnet20_cifar"), cfg)
+    cfg.transfer.opt, cfg.finetune.sched = "lookahead_adamw", "cosinus"
+    with pytest.raises(ValueError, match="'finetune.sched' must be one of"):
+        EncodeNetWrapper(timm.create_model("resnet20_cifar"), cfg)
