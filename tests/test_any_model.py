@@ -10,9 +10,9 @@ from encodenet_timm.split import Encoder, Head, model_input_size, split_model
 from encodenet_timm.wrapper import EncodeNetWrapper
 
 
-def _create(name, **kwargs):
+def _create(name, num_classes=10, **kwargs):
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 # forward_features returns a list: (name, create kwargs, input size, mirrored element, its layout, deepest map)
@@ -103,3 +103,19 @@ def test_a_module_list_stage_ends_with_its_last_block():
     model = _create("coat_tiny", img_size=32)
     assert modules_after(model, "last_stage", (3, 32, 32)) == ["norm2", "norm3", "norm4"]
     assert modules_after(model, "serial_blocks1", (3, 32, 32))[0] == "patch_embed2"
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_a_list_output_model_runs_every_stage(preset):
+    # representatives (the pre-logits feature pass), autoencoder, transfer, fine-tune, reconstruct
+    model = _create("efficientvim_m1", num_classes=2)
+    x, y = torch.randn(24, 3, 32, 32), torch.arange(24) % 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    cfg = EncodeNetConfig.paper() if preset == "paper" else EncodeNetConfig()
+    cfg = cfg.override({"device": "cpu", "progress": False, "representatives.clusters_per_class": 2,
+                        "autoencoder.epochs": 1, "transfer.epochs": 1, "finetune.epochs": 1})
+    wrapper = EncodeNetWrapper(model, cfg)
+    history = wrapper.fit(loader)
+    losses = [e["loss"] for stage in ("autoencoder", "transfer") for e in history[stage]]
+    assert torch.isfinite(torch.tensor(losses)).all()
+    assert wrapper.reconstruct(x[:2]).shape == (2, 3, 32, 32)
