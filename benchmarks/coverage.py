@@ -40,7 +40,7 @@ from encodenet_timm.env import machine, versions
 from encodenet_timm.compat import check_model
 
 SIZES = (32, 64, 96, 128)  # tried in order before the model's default size
-LAYOUT_NAMES = {"NCHW": "NCHW", "NHWC": "NHWC", "NLC": "tokens", "NC": "vector"}
+LAYOUT_NAMES = {"NCHW": "NCHW", "NHWC": "NHWC", "NLC": "tokens", "NCL": "NCL", "NC": "vector"}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -211,8 +211,10 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
         "smallest input size it runs at. Checked: split (every parameter on one side, `head(encoder(x)) == "
         "model(x)`), decoder output shape and FLOPs cap, one autoencoder step and one transfer step with a "
         "finite loss (encoder unchanged by the transfer), `export()` parameter count. "
-        "Layout: the encoder output (tokens = `(B, N, D)`); trace: how the shape trail was read "
-        "(FX graph, or forward hooks where FX fails).",
+        "Layout: the encoder output (tokens = `(B, N, D)`, NCL = a flattened map `(B, C, h*w)`; `list[i]`: "
+        "forward_features returns a list, the decoder mirrors its element i, the largest map); trace: how the "
+        "shape trail was read (FX graph, or forward hooks where FX fails); `(n light)`: a tiny encoder, the "
+        "decoder's n highest-resolution blocks are depthwise to fit the FLOPs cap.",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -224,6 +226,11 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
         if r.get("create_kwargs"):
             size += " (" + ", ".join(f"{k}={v}" for k, v in r["create_kwargs"].items()) + ")"
         ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") is not None else ""
+        if r.get("light_blocks"):
+            ratio += f" ({r['light_blocks']} light)"
+        layout = LAYOUT_NAMES.get(r.get("layout"), "")
+        if r.get("output_index") is not None:
+            layout = f"list[{r['output_index']}]: {layout}"
         if r["status"] == "fail":
             reason = f"{r['step']}: {r['error_type']}: {r['reason']}"
         elif r["status"] == "pass" and r.get("sizes_rejected"):
@@ -232,7 +239,7 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
             reason = r["reason"] or ""
         lines.append(
             f"| {r['family']} | {r['model'] or ''} | {r['params'] / 1e6:.2f}M | {size} | "
-            f"{LAYOUT_NAMES.get(r.get('layout'), '')} | {r.get('trace_path') or ''} | {ratio} | "
+            f"{layout} | {r.get('trace_path') or ''} | {ratio} | "
             f"{_fmt_flops(r.get('encoder_flops'))} | {r['status']} | {reason.replace('|', '/')} |"
             if r["params"] is not None else
             f"| {r['family']} | | | | | | | | {r['status']} | {reason.replace('|', '/')} |")

@@ -62,8 +62,9 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         TypeError: `model_or_name` is neither an nn.Module nor a str (any later failure is recorded).
 
     Returns:
-        A dict: model, params, input_size, layout ("NCHW", "NHWC", "NLC" tokens, "NC"), trace_path
-        ("fx" or "hooks"), trail, encoder_flops, decoder_flops, flops_ratio, ae_loss, transfer_loss,
+        A dict: model, params, input_size, layout ("NCHW", "NHWC", "NLC" tokens, "NCL" flattened map,
+        "NC"), trace_path ("fx" or "hooks"), trail, output_index (the element of a list output the decoder
+        mirrors; None for one tensor), light_blocks (depthwise decoder blocks a tiny encoder needed), encoder_flops, decoder_flops, flops_ratio, ae_loss, transfer_loss,
         status ("pass" or "fail"), step (the failing check), error_type (the exception's class name;
         "CheckFailed" when a check on the package's own output failed), reason (one line), clean (True
         when the failure is an `EncodeNetError`, i.e. the package said why), seconds.
@@ -74,7 +75,7 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
     record: Dict[str, Any] = {
         "model": model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__,
         "params": None, "input_size": list(input_size) if input_size else None, "layout": None,
-        "trace_path": None, "trail": None, "encoder_flops": None, "decoder_flops": None, "flops_ratio": None,
+        "trace_path": None, "trail": None, "output_index": None, "light_blocks": None, "encoder_flops": None, "decoder_flops": None, "flops_ratio": None,
         "ae_loss": None, "transfer_loss": None, "status": "fail", "step": None, "error_type": None,
         "reason": None, "clean": None, "seconds": None,
     }
@@ -102,7 +103,8 @@ def check_model(model_or_name: Union[nn.Module, str], input_size: Optional[Tuple
         step = "decoder"
         decoder = wrapper.decoder
         trail = decoder.shape_trail
-        record.update(layout=trail.layout, trace_path=trail.trace, trail=[list(t) for t in trail.trail])
+        record.update(layout=trail.layout, trace_path=trail.trace, trail=[list(t) for t in trail.trail],
+                      output_index=trail.output_index, light_blocks=decoder.light_blocks)
         flops = wrapper.flops()
         record.update(encoder_flops=flops["encoder"], decoder_flops=flops["decoder"], flops_ratio=flops["ratio"])
         x = torch.randn(batch_size, *input_size)

@@ -8,6 +8,13 @@ also run on attention maps) that read as a downsampled image map, no larger than
 stem; a larger one is an attention map), give the trail: one entry ``(C, H, W)`` per resolution, with the
 channels of the last layer at that resolution; the decoder has one upsampling block per entry, from the
 deepest back to the input size.
+
+An encoder that returns a list of tensors (CoaT, CrossViT, EfficientViM) passes the whole list to
+``forward_head``, which uses every element; the decoder mirrors one of them (`ShapeTrail.output_index`):
+the element that reads as the largest map of the image (most spatial positions; the first on a tie).
+It carries the most spatial information to rebuild an image from, and its trail is the longest stretch
+of the encoder's downsampling path. Elements that read as no map of the input (EfficientViM's state-space
+hidden states, whose size does not follow the image) are never chosen.
 """
 import logging
 import math
@@ -29,6 +36,7 @@ __all__ = ["ShapeTrail", "trace_shape_trail", "MirroredDecoder", "build_decoder"
 _logger = logging.getLogger(__name__)
 
 _PROBE_BATCH = 3  # odd, so windowed tensors (B * num_windows, ...) are told apart from maps
+_MAX_PREFIX = 16  # class/distillation/register tokens a token element of a list output may lead with
 
 
 @dataclass
@@ -37,12 +45,14 @@ class ShapeTrail:
 
     Attributes:
         input_size: (C, H, W) of the images.
-        layout: encoder output layout: "NCHW", "NHWC" (Swin-like), "NLC" (tokens) or "NC" (vector).
-        output_shape: encoder output shape without the batch dim.
+        layout: encoder output layout: "NCHW", "NHWC" (Swin-like), "NLC" (tokens), "NCL" (a flattened
+            NCHW map; list elements only) or "NC" (vector).
+        output_shape: encoder output shape without the batch dim (of the mirrored element, for a list).
         trail: (C, H, W) at every resolution the encoder passes through, largest first, deepest last;
             the deepest equals the encoder output seen as a map.
         num_prefix_tokens: class/register tokens dropped before tokens become a map ("NLC" only).
         trace: "fx" when read from the traced graph, "hooks" when from forward hooks.
+        output_index: for an encoder that returns a list, the element the decoder mirrors; None otherwise.
     """
     input_size: Tuple[int, int, int]
     layout: str
@@ -50,6 +60,7 @@ class ShapeTrail:
     trail: List[Tuple[int, int, int]]
     num_prefix_tokens: int = 0
     trace: str = "fx"
+    output_index: Optional[int] = None
 
 
 class _Features(nn.Module):
@@ -150,9 +161,10 @@ def trace_shape_trail(model: nn.Module, input_size: Tuple[int, int, int]) -> Sha
             out = model.forward_features(x)
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape[0] != _PROBE_BATCH:
-        raise UnsupportedModelError(f"{type(model).__name__}.forward_features must return one (B, ...) tensor")
-    out_shape = tuple(out.shape)
+    is_list = isinstance(out, (list, tuple)) and len(out) > 0 and all(isinstance(t, torch.Tensor) for t in out)
+    if not is_list and (not isinstance(out, torch.Tensor) or out.shape[0] != _PROBE_BATCH):
+        raise UnsupportedModelError(f"{type(model).__name__}.forward_features must return a (B, ...) tensor "
+                                    f"or a list of them, got {type(out).__name__}")
 
     by_res: Dict[Tuple[int, int], int] = {}  # (H, W) -> channels of the last activation at that size
     first_area = None  # the first map (the stem): nothing on the downsampling path is larger
@@ -166,8 +178,12 @@ def trace_shape_trail(model: nn.Module, input_size: Tuple[int, int, int]) -> Sha
             continue  # e.g. a (B, N, N, heads) attention map through a Linear (CaiT's talking heads)
         by_res[m[1:]] = m[0]
 
-    prefix = 0
-    if len(out_shape) == 4:
+    prefix, index = 0, None
+    if is_list:
+        index, layout, m, prefix = _pick_output(model, out, by_res, (h_in, w_in), prefer_nhwc)
+        out_shape = tuple(out[index].shape)
+    elif len(out.shape) == 4:
+        out_shape = tuple(out.shape)
         m = _as_map(out_shape, (h_in, w_in), prefer_nhwc)
         if m is None:
             raise UnsupportedModelError(
@@ -175,19 +191,62 @@ def trace_shape_trail(model: nn.Module, input_size: Tuple[int, int, int]) -> Sha
                 f"of a {h_in}x{w_in} input")
         layout = "NHWC" if (prefer_nhwc and m == (out_shape[3], out_shape[1], out_shape[2])) or (
             m != (out_shape[1], out_shape[2], out_shape[3])) else "NCHW"
-    elif len(out_shape) == 3:
+    elif len(out.shape) == 3:
+        out_shape = tuple(out.shape)
         layout, (n_tok, dim) = "NLC", out_shape[1:]
         m, prefix = _token_grid(model, n_tok, dim, by_res, (h_in, w_in))
-    elif len(out_shape) == 2:
+    elif len(out.shape) == 2:
+        out_shape = tuple(out.shape)
         layout, m = "NC", (out_shape[1], 1, 1)
     else:
-        raise UnsupportedModelError(f"{type(model).__name__}: encoder output of shape {out_shape} is not supported")
+        raise UnsupportedModelError(f"{type(model).__name__}: encoder output of shape {tuple(out.shape)} "
+                                    f"is not supported")
 
     by_res[m[1:]] = m[0]
     deepest = m[1] * m[2]
     trail = sorted(((c, h, w) for (h, w), c in by_res.items() if h * w >= deepest), key=lambda t: -t[1] * t[2])
     trail = [t for t in trail if t[1:] != m[1:]] + [m]  # the encoder output is always the deepest entry
-    return ShapeTrail(tuple(input_size), layout, out_shape[1:], trail, prefix, path)
+    return ShapeTrail(tuple(input_size), layout, out_shape[1:], trail, prefix, path, index)
+
+
+def _pick_output(model, outs, by_res, hw, prefer_nhwc) -> Tuple[int, str, Tuple[int, int, int], int]:
+    """(index, layout, (C, h, w), prefix tokens) of the list element the decoder mirrors: the one that reads
+    as the largest map of the image, the first on a tie (see the module docstring for why)."""
+    read = [(i, _read_element(t, by_res, hw, prefer_nhwc)) for i, t in enumerate(outs)]
+    read = [(i, r) for i, r in read if r is not None]
+    if not read:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.forward_features returned a list of shapes "
+            f"{[tuple(t.shape) for t in outs]}; none reads as a map, tokens or a vector of the {hw[0]}x{hw[1]} input")
+    i, (layout, m, prefix) = max(read, key=lambda ir: (ir[1][1][1] * ir[1][1][2], -ir[0]))
+    return i, layout, m, prefix
+
+
+def _read_element(t, by_res, hw, prefer_nhwc) -> Optional[Tuple[str, Tuple[int, int, int], int]]:
+    """(layout, (C, h, w), prefix tokens) of one list element, or None if it is no map of the input.
+
+    Strict, unlike a single output: a 3-d element must put its positions on a grid the encoder's own
+    layers pass through, either as tokens (B, N, D) after at most `_MAX_PREFIX` leading tokens, or as a
+    flattened map (B, C, h*w).
+    """
+    shape = tuple(t.shape)
+    if shape[0] != _PROBE_BATCH:
+        return None
+    if len(shape) == 4:
+        m = _as_map(shape, hw, prefer_nhwc)
+        return None if m is None else ("NCHW" if m == shape[1:] else "NHWC", m, 0)
+    if len(shape) == 3:
+        grids = {h * w: (h, w) for (h, w) in sorted(by_res, key=lambda g: abs(g[0] * hw[1] - g[1] * hw[0]),
+                                                    reverse=True)}  # area -> grid, the most input-like wins
+        for prefix in range(min(_MAX_PREFIX, shape[1] - 1) + 1):  # (B, N, D): prefix + h*w tokens
+            if shape[1] - prefix in grids:
+                return "NLC", (shape[2], *grids[shape[1] - prefix]), prefix
+        if shape[2] in grids:  # (B, C, h*w)
+            return "NCL", (shape[1], *grids[shape[2]]), 0
+        return None
+    if len(shape) == 2:
+        return "NC", (shape[1], 1, 1), 0
+    return None
 
 
 def _token_grid(model, n_tok, dim, by_res, hw) -> Tuple[Tuple[int, int, int], int]:
@@ -208,22 +267,28 @@ def _token_grid(model, n_tok, dim, by_res, hw) -> Tuple[Tuple[int, int, int], in
 class _ToMap(nn.Module):
     """Encoder output -> (B, C, h, w) map, whatever its layout."""
 
-    def __init__(self, layout: str, grid: Tuple[int, int], num_prefix_tokens: int = 0):
+    def __init__(self, layout: str, grid: Tuple[int, int], num_prefix_tokens: int = 0,
+                 index: Optional[int] = None):
         super().__init__()
-        self.layout, self.grid, self.num_prefix_tokens = layout, tuple(grid), num_prefix_tokens
+        self.layout, self.grid, self.num_prefix_tokens, self.index = layout, tuple(grid), num_prefix_tokens, index
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if self.index is not None:
+            x = x[self.index]  # a list output: the element the decoder mirrors
         if self.layout == "NHWC":
             return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
         if self.layout == "NLC":
             x = x[:, self.num_prefix_tokens:]  # (B, N, D) -> (B, h*w, D)
             return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.grid)  # -> (B, D, h, w)
+        if self.layout == "NCL":
+            return x.reshape(x.shape[0], x.shape[1], *self.grid)  # (B, C, h*w) -> (B, C, h, w)
         if self.layout == "NC":
             return x[:, :, None, None]  # (B, D) -> (B, D, 1, 1)
         return x
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout}, grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens}"
+        text = f"layout={self.layout}, grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens}"
+        return text if self.index is None else f"{text}, index={self.index}"
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -236,13 +301,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class _UpBlock(nn.Module):
-    """(B, cin, h, w) -> (B, cout, *size): 1x1 channel change, nearest resize, 3x3 conv-norm-ReLU."""
+    """(B, cin, h, w) -> (B, cout, *size): 1x1 channel change, nearest resize, 3x3 conv-norm-ReLU.
 
-    def __init__(self, cin: int, cout: int, size: Tuple[int, int], norm: str = "batch"):
+    ``light=True`` (for tiny encoders, at the highest resolutions) makes the 3x3 conv depthwise; the 1x1
+    conv, always present then, mixes the channels at the lower input resolution.
+    """
+
+    def __init__(self, cin: int, cout: int, size: Tuple[int, int], norm: str = "batch", light: bool = False):
         super().__init__()
         self.size = tuple(size)
-        self.reduce = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
-        self.conv = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.reduce = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout or light else nn.Identity()
+        self.conv = nn.Conv2d(cout, cout, 3, padding=1, groups=cout if light else 1, bias=False)
         self.bn = _norm(norm, cout)
         self.act = nn.ReLU(inplace=True)
 
@@ -262,26 +331,31 @@ class MirroredDecoder(nn.Module):
         plan: (C, H, W) produced by each block, in order.
         flops / encoder_flops: FLOPs of one image through the decoder / the encoder (FlopCounterMode).
         width: the channel multiplier actually used (after fitting the FLOPs cap).
+        light_blocks: how many of the last (highest-resolution) blocks are light (depthwise 3x3).
+        light_head: the output conv is 1x1 instead of 3x3.
     """
 
-    def __init__(self, shape_trail: ShapeTrail, width: float = 1.0, min_channels: int = 8, norm: str = "batch"):
+    def __init__(self, shape_trail: ShapeTrail, width: float = 1.0, min_channels: int = 8, norm: str = "batch",
+                 light_blocks: int = 0, light_head: bool = False):
         super().__init__()
         self.shape_trail = shape_trail
         self.width = width
+        self.light_blocks, self.light_head = light_blocks, light_head
         c_in, h_in, w_in = shape_trail.input_size
         start = shape_trail.trail[-1]
-        self.to_map = _ToMap(shape_trail.layout, start[1:], shape_trail.num_prefix_tokens)
+        self.to_map = _ToMap(shape_trail.layout, start[1:], shape_trail.num_prefix_tokens, shape_trail.output_index)
 
         def scaled(c: int) -> int:
             return max(min_channels, int(round(c * width)))
 
         self.plan = _plan(shape_trail.trail, (h_in, w_in))
         blocks, cin = [], start[0]  # the first block takes the encoder's own width
-        for c, h, w in self.plan:
-            blocks.append(_UpBlock(cin, scaled(c), (h, w), norm))
+        first_light = len(self.plan) - light_blocks
+        for i, (c, h, w) in enumerate(self.plan):
+            blocks.append(_UpBlock(cin, scaled(c), (h, w), norm, light=i >= first_light))
             cin = scaled(c)
         self.blocks = nn.Sequential(*blocks)
-        self.to_image = nn.Conv2d(cin, c_in, 3, padding=1)
+        self.to_image = nn.Conv2d(cin, c_in, 1) if light_head else nn.Conv2d(cin, c_in, 3, padding=1)
         self.flops: int = 0
         self.encoder_flops: int = 0
 
@@ -289,12 +363,14 @@ class MirroredDecoder(nn.Module):
     def trace_path(self) -> str:
         return self.shape_trail.trace
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder output (any supported layout) -> (B, C, H, W) in the model's normalised input space."""
+    def forward(self, z) -> torch.Tensor:
+        """Encoder output (any supported layout, or the encoder's whole list) -> (B, C, H, W) in the
+        model's normalised input space."""
         x = self.to_map(z)
         if x.shape[1:] != torch.Size(self.shape_trail.trail[-1]):
+            got = z[self.shape_trail.output_index] if self.shape_trail.output_index is not None else z
             raise ValueError(f"decoder expects encoder output {self.shape_trail.output_shape}, "
-                             f"got {tuple(z.shape[1:])}; the decoder was built for input size "
+                             f"got {tuple(got.shape[1:])}; the decoder was built for input size "
                              f"{self.shape_trail.input_size}")
         return self.to_image(self.blocks(x))
 
@@ -334,10 +410,13 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
     """Trace `model`'s encoder at `input_size` and build the widest decoder under the FLOPs cap.
 
     The width starts at ``cfg.width`` and halves until decoder FLOPs <= ``cfg.max_flops_ratio`` x
-    encoder FLOPs (both for one (1, C, H, W) image).
+    encoder FLOPs (both for one (1, C, H, W) image). If every block is at ``cfg.min_channels`` and the
+    decoder is still over the cap (a tiny encoder, e.g. lcnet_035 at 32x32), its blocks turn light
+    (depthwise 3x3) one at a time from the highest resolution down, and last its output conv turns
+    1x1, until it fits. The block sizes, hence the output shape, never change.
 
     Raises:
-        UnsupportedModelError: no width down to ``cfg.min_channels`` meets the cap.
+        UnsupportedModelError: even the lightest decoder at ``cfg.min_channels`` is over the cap.
     """
     cfg = cfg or DecoderConfig()
     trail = trace_shape_trail(model, input_size)
@@ -347,7 +426,8 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
     model.eval()
     try:
         enc_flops = count_flops(model.forward_features, x)
-        z = model.forward_features(x).detach()
+        z = model.forward_features(x)
+        z = [t.detach() for t in z] if isinstance(z, (list, tuple)) else z.detach()
     finally:
         model.train(was_training)
     width = cfg.width
@@ -359,12 +439,22 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
         if dec_flops <= cfg.max_flops_ratio * enc_flops or at_floor:
             break
         width /= 2
+    light_blocks, light_head = 0, False
+    while dec_flops > cfg.max_flops_ratio * enc_flops and not light_head:  # at the floor: cheaper blocks
+        if light_blocks < len(decoder.plan):
+            light_blocks += 1  # the highest-resolution full block left
+        else:
+            light_head = True
+        decoder = MirroredDecoder(trail, width=width, min_channels=cfg.min_channels, norm=cfg.norm,
+                                  light_blocks=light_blocks, light_head=light_head).to(device).eval()
+        dec_flops = count_flops(decoder, z)
     if dec_flops > cfg.max_flops_ratio * enc_flops:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: the narrowest mirrored decoder costs {dec_flops:,} FLOPs, over "
+            f"{type(model).__name__}: the lightest mirrored decoder costs {dec_flops:,} FLOPs, over "
             f"{cfg.max_flops_ratio} x the encoder's {enc_flops:,} at input {tuple(input_size)}; lower "
             f"decoder.min_channels or raise decoder.max_flops_ratio")
     decoder.flops, decoder.encoder_flops = dec_flops, enc_flops
-    _logger.info("decoder for %s: trail %s via %s, width x%.3g, %.3g MFLOPs (encoder %.3g MFLOPs)",
-                 type(model).__name__, trail.trail, trail.trace, width, dec_flops / 1e6, enc_flops / 1e6)
+    _logger.info("decoder for %s: trail %s via %s, width x%.3g, %d light blocks%s, %.3g MFLOPs (encoder "
+                 "%.3g MFLOPs)", type(model).__name__, trail.trail, trail.trace, width, light_blocks,
+                 ", 1x1 output conv" if light_head else "", dec_flops / 1e6, enc_flops / 1e6)
     return decoder.train()

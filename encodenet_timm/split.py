@@ -41,14 +41,32 @@ def check_timm_classifier(model: object) -> nn.Module:
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """The (C, H, W) the model was built for: patch-embed image size if fixed, else `pretrained_cfg`."""
+    """The (C, H, W) the model was built for.
+
+    timm's own ``resolve_model_data_config`` reads only ``pretrained_cfg``, which keeps the registered
+    size (224) when the model was built with ``img_size=64``; the built size is what the model runs at.
+    It is read, in order, from ``model.patch_embed.img_size`` (ViT, Swin, ...), ``model.img_size``
+    (MaxViT, CrossViT, ...), then the first submodule with an ``img_size`` (CoaT's ``patch_embed1``);
+    models that store none (CNNs) get ``pretrained_cfg["input_size"]``. ``config.input_size`` overrides it.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     c = getattr(model, "in_chans", None) or _first_conv_in_channels(model) or c
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    img_size = _built_img_size(model)
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     return int(c), int(h), int(w)
+
+
+def _built_img_size(model: nn.Module):
+    """An int or (H, W) image size the model stores from its constructor, or None."""
+    first = (getattr(model, "patch_embed", None), model)
+    for m in (*first, *model.modules()):
+        size = getattr(m, "img_size", None) if m is not None else None
+        if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2
+                                     and all(isinstance(v, int) for v in size)):
+            return size
+    return None
 
 
 def _first_conv_in_channels(model: nn.Module):
@@ -95,13 +113,12 @@ def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[Lis
         model.eval()
         x = torch.randn(2, *input_size, device=_device_of(model))
         feats = model.forward_features(x)
-        if not isinstance(feats, torch.Tensor):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}.forward_features returned {type(feats).__name__}, not a tensor; "
-                f"EncodeNet needs a single feature tensor.")
-        enc_grads = torch.autograd.grad(feats.float().square().sum(), list(params.values()), allow_unused=True)
+        tensors = _feature_tensors(model, feats)
+        enc_grads = torch.autograd.grad(sum(t.float().square().sum() for t in tensors), list(params.values()),
+                                        allow_unused=True)
         side[0] = "head"
-        out = model.forward_head(feats.detach().requires_grad_(True))
+        detached = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+        out = model.forward_head(detached if isinstance(feats, (list, tuple)) else detached[0])
         head_grads = torch.autograd.grad(out.float().square().sum(), list(params.values()), allow_unused=True)
     except UnsupportedModelError:
         raise
@@ -135,6 +152,18 @@ def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[Lis
         raise UnsupportedModelError(
             f"{type(model).__name__}: forward_head uses no parameters; EncodeNet needs a trainable classifier.")
     return encoder, head
+
+
+def _feature_tensors(model: nn.Module, feats) -> List[torch.Tensor]:
+    """The tensors of a ``forward_features`` output: one tensor, or a list/tuple of them (CoaT, CrossViT,
+    EfficientViM), which the encoder passes to ``forward_head`` unchanged."""
+    if isinstance(feats, torch.Tensor):
+        return [feats]
+    if isinstance(feats, (list, tuple)) and feats and all(isinstance(t, torch.Tensor) for t in feats):
+        return list(feats)
+    raise UnsupportedModelError(
+        f"{type(model).__name__}.forward_features returned {type(feats).__name__}; EncodeNet needs a tensor or "
+        f"a list of tensors.")
 
 
 def stage_names(model: nn.Module) -> List[str]:
@@ -177,6 +206,11 @@ def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]
     hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: order.append(name))
              for name, m in modules.items() if name]
     hooks.append(modules[stage].register_forward_hook(lambda mod, inp, out: done.append(len(order))))
+    # a ModuleList stage (CoaT's "parallel_blocks") is never called itself, only its blocks are: then it
+    # ends when the last of its submodules returns
+    sub_done: List[int] = []
+    hooks += [m.register_forward_hook(lambda mod, inp, out: sub_done.append(len(order)))
+              for m in list(modules[stage].modules())[1:]]
     was_training = model.training
     try:
         model.eval()
@@ -186,6 +220,7 @@ def modules_after(model: nn.Module, stage: str, input_size: Tuple[int, int, int]
         for h in hooks:
             h.remove()
         model.train(was_training)
+    done = done or sub_done
     if not done:
         raise ValueError(f"split={stage!r}: forward_features of {type(model).__name__} never calls it")
     after = set(order[done[-1]:])
@@ -224,14 +259,15 @@ class _ModelView(nn.Module):
 
 
 class Encoder(_ModelView):
-    """The model's feature extractor: ``(B, C, H, W) -> model.forward_features(x)``."""
+    """The model's feature extractor: ``(B, C, H, W) -> model.forward_features(x)``, a tensor or, for
+    CoaT, CrossViT and EfficientViM, the list of tensors ``forward_head`` consumes (passed on unchanged)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         return self._model.forward_features(x)
 
 
 class Head(_ModelView):
-    """The model's classifier: ``forward_features`` output -> logits (B, num_classes)."""
+    """The model's classifier: ``forward_features`` output (a tensor or a list) -> logits (B, num_classes)."""
 
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward(self, x, pre_logits: bool = False) -> torch.Tensor:
         return self._model.forward_head(x, pre_logits=pre_logits)

@@ -42,12 +42,36 @@ def test_attention_maps_stay_out_of_the_shape_trail():
     assert r["status"] == "pass" and r["trail"] == [[192, 2, 2]]
 
 
+class _DictFeatures(torch.nn.Module):
+    """A timm-style classifier whose forward_features returns a dict: no tensor or list to split at."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_classes = 10
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.Linear(8, 10)
+
+    def forward_features(self, x):
+        return {"map": self.conv(x)}
+
+    def forward_head(self, feats, pre_logits=False):
+        x = feats["map"].mean((2, 3))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.fc
+
+    def reset_classifier(self, num_classes):
+        self.num_classes, self.fc = num_classes, torch.nn.Linear(8, num_classes)
+
+
 def test_unsupported_model_fails_with_a_clean_reason():
-    # EfficientViM's forward_features returns a list of feature tensors, one per stage
-    r = check_model("efficientvim_m1", (3, 64, 64))
+    r = check_model(_DictFeatures(), (3, 32, 32))
     assert r["status"] == "fail" and r["step"] == "split"
     assert r["error_type"] == "UnsupportedModelError" and r["clean"]
-    assert "returned list" in r["reason"] and "\n" not in r["reason"]
+    assert "returned dict" in r["reason"] and "\n" not in r["reason"]
 
 
 def test_a_given_model_is_checked_on_a_copy():

@@ -21,6 +21,7 @@ def test_decoder_restores_input_shape_within_encoder_flops(name, size):
     assert out.shape == x.shape
     assert dec.trace_path == "fx"
     assert 0 < dec.flops <= dec.encoder_flops
+    assert dec.light_blocks == 0 and not dec.light_head  # only tiny encoders need the light blocks
     assert dec.encoder_flops == count_flops(model.forward_features, torch.randn(1, 3, size, size))
 
 
