@@ -27,6 +27,7 @@ from . import distributed as dist
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
+from .device_data import on_cuda_device
 from .checkpoint import write_json
 from .errors import EncodeNetError
 from .plots import save_run_plots
@@ -302,6 +303,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if config.baseline.epochs == 0 and not spec["pretrained"]:
             _logger.warning("the model starts from random weights (no --pretrained) and baseline.epochs is 0: "
                             "EncodeNet will start from an untrained model; set --baseline.epochs N")
+    data = on_cuda_device(data, config.device)  # #15: on a GPU the splits that fit live and batch there
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
     wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
@@ -377,6 +379,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / COMPARE_JSON, {"spec": spec, "run": run, "config": config.to_dict()})
+    data = on_cuda_device(data, config.device)  # #15: on a GPU the splits that fit live and batch there
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
     result = compare(lambda: _create_model(spec, pretrained=spec["pretrained"]), loaders["train"], loaders["val"],

@@ -91,7 +91,7 @@ class EncodeNetConfig:
     """
     seed: int = 0                    # one seed for torch, data order and FAISS
     device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    amp: str = "none"                # autocast dtype on CUDA: "none", "bf16", "fp16"
+    amp: str = "none"                # autocast dtype on CUDA: "none", "auto" (bf16 if supported), "bf16", "fp16"
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     compile: bool = False            # torch.compile the trainable module of every training stage
     input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's

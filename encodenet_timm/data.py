@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .cifar import CifarDataset, load_cifar, stratified_subset, train_val_split
 from .datasets import digits_datasets
+from .device_data import device_loader_kwargs
 
 __all__ = ["DATASETS", "DataSplits", "build_datasets", "make_loaders"]
 
@@ -126,8 +127,9 @@ def make_loaders(data: DataSplits, *, batch_size: int, workers: int = 0, seed: i
     def loader(dataset: Optional[Dataset], shuffle: bool = False) -> Optional[DataLoader]:
         if dataset is None:
             return None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed) if shuffle else None)
+        kwargs = {"num_workers": workers, "pin_memory": pin_memory, **device_loader_kwargs(dataset)}
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs,
+                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
     return {"train": loader(data.train, shuffle=True), "plain": loader(data.plain), "val": loader(data.val),
             "test": loader(data.test)}
 

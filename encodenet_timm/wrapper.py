@@ -19,6 +19,7 @@ from ._env import machine, versions
 from .checkpoint import Checkpoint, RunDir, load_model_file, load_state_into, model_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
+from .device_data import DeviceBatch
 from .representatives import Representatives
 from .selection import select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
@@ -48,6 +49,12 @@ class _ClusterTargets(Dataset):
     def __getitem__(self, i: int):
         return self.dataset[i][0], self.cluster_ids[i]
 
+    def __getitems__(self, indices):  # a device dataset builds the whole batch at once (device_data.py)
+        batch = self.dataset.__getitems__(indices) if hasattr(self.dataset, "__getitems__") else None
+        if isinstance(batch, DeviceBatch):
+            return DeviceBatch((batch[0], self.cluster_ids[torch.as_tensor(indices)]))
+        return [(x, self.cluster_ids[i]) for (x, _), i in zip(batch or [self.dataset[i] for i in indices], indices)]
+
 
 class EncodeNetWrapper:
     """Apply EncodeNet to a timm classifier.
@@ -72,6 +79,8 @@ class EncodeNetWrapper:
         # given for a stage with more options (autoencoder) gets their defaults
         config = self.config = type(config).from_dict(config.to_dict())
         self.device = resolve_device(dist.local_device(config.device))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         if self.device.type == "cuda" and dist.is_distributed():
             torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         self.model = (_deepcopy(model) if copy else model).to(self.device)
