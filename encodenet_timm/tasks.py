@@ -139,7 +139,10 @@ class ConvertingAutoencoderTask(TrainingTask):
             output, logits = self.trainable_module(input, with_logits=True)
         else:
             output = self.trainable_module(input)
-        goal = self.rep_images[target].to(dtype=output.dtype, memory_format=torch.contiguous_format)
+        # the goal in the output's layout (channels_last decoders): no strided mixing in the loss or its gradient
+        nhwc = output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last)
+        goal = self.rep_images[target].to(dtype=output.dtype,
+                                          memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         mse = F.mse_loss(output.float(), goal.float())
         result = {"loss": mse, "mse": mse.detach(), "output": output}
         if logits is not None:

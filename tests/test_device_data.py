@@ -185,3 +185,23 @@ def test_bad_arrays_are_refused():
         DeviceArrayDataset(images, labels[:3], MEAN, STD)
     with pytest.raises(ValueError, match="normalised"):
         DeviceArrayDataset(images.astype(np.float32), labels, MEAN, STD)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_batches_match_the_cpu_path_and_train():
+    images, labels = _arrays(n=60, h=32, w=32)
+    labels = np.arange(60) % 10
+    cifar = CifarDataset(images, labels, MEAN, STD)
+    dev = DeviceArrayDataset(images, labels, MEAN, STD, device="cuda")
+    x, y = dev.__getitems__(list(range(60)))
+    assert x.is_cuda and torch.allclose(x.cpu(), torch.stack([cifar[i][0] for i in range(60)]), atol=1e-6)
+    aug = DeviceArrayDataset(images, labels, MEAN, STD, augment=True, device="cuda")
+    loader = DataLoader(aug, batch_size=20, shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=device_collate)
+    cfg = EncodeNetConfig(device="cuda", progress=False, amp="auto", channels_last=True)
+    for stage in ("baseline", "autoencoder", "transfer"):
+        getattr(cfg, stage).epochs = 1
+    cfg.representatives.clusters_per_class = 1
+    history = EncodeNetWrapper(make_model("resnet20_cifar"), cfg).fit(loader)
+    assert np.isfinite(history["transfer"][0]["loss"])
