@@ -113,13 +113,23 @@ def markdown(res: Dict) -> str:
     lines += ["", f"Training: resnet20_cifar in `train_stage`, {t['img_per_s']:.0f} img/s (amp {t['amp']}, "
               f"channels_last {t['channels_last']}; images already on the device). Goal: loader >= 5x this.", ""]
     if res.get("stages"):
-        lines += ["## Stage epochs (default config, second of two epochs each)", "",
+        batch = min(a["batch_size"], 128) if res["machine"]["device"] == "cpu" else a["batch_size"]
+        lines += [f"## Stage epochs (default config, batch {batch}, second of two epochs each; one run, cores shared)", "",
                   "| path | images | baseline s | autoencoder s | transfer s | representatives s | AE / baseline |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in res["stages"].items():
             lines.append(f"| {name} | {r['images']} | {r['baseline']:.2f} | {r['autoencoder']:.2f} | "
                          f"{r['transfer']:.2f} | {r['representatives']:.2f} | {r['autoencoder_over_baseline']:.3f} |")
         lines.append("")
+        if res["machine"]["device"] == "cpu":
+            lines += ["On 2 CPU cores shared with other jobs one epoch of 2,000 images varies by tens of per cent "
+                      "between runs: the stage seconds above are one sample each. The CPU autoencoder is compute-bound "
+                      "(see benchmarks/results/profile-autoencoder-cpu: the same operators as a baseline epoch, in "
+                      "proportion to its FLOPs).", ""]
+    if res["machine"]["device"] == "cpu":
+        lines += ["## GPU rows", "", "Not run: no GPU lent to this task; command: "
+                  "`python benchmarks/data_path.py --device cuda --data-dir /work/shared/data --batch-size 512` "
+                  "(all of #15's GPU rows: `benchmarks/run_gpu_15.sh`).", ""]
     lines += [f"Machine: {res['machine']}.", "", f"Versions: {res['versions']}.", ""]
     return "\n".join(lines)
 
