@@ -205,3 +205,22 @@ def test_cuda_device_batches_match_the_cpu_path_and_train():
     cfg.representatives.clusters_per_class = 1
     history = EncodeNetWrapper(make_model("resnet20_cifar"), cfg).fit(loader)
     assert np.isfinite(history["transfer"][0]["loss"])
+
+
+def test_image_folder_is_decoded_once_and_matches_the_per_sample_splits(tmp_path):
+    from test_data import make_image_folder
+    from encodenet_timm.data import build_datasets
+    root = make_image_folder(tmp_path, {"train": 6, "test": 2}, size=28)
+    data = build_datasets("imagefolder", root, img_size=24, val_fraction=0.25, seed=0)
+    moved = device_splits(data, "cpu")
+    assert all(is_device_dataset(d) for d in (moved.train, moved.plain, moved.val, moved.test))
+    assert moved.train.dataset.augment and not moved.plain.dataset.augment and moved.train.dataset.pad == 3
+    for split in ("plain", "val", "test"):
+        per_sample, on_device = getattr(data, split), getattr(moved, split)
+        xa = torch.stack([per_sample[i][0] for i in range(len(per_sample))])
+        xb, yb = on_device.__getitems__(list(range(len(on_device))))
+        torch.testing.assert_close(xb, xa, rtol=0, atol=1e-6)
+        assert yb.tolist() == [int(per_sample[i][1]) for i in range(len(per_sample))]
+    assert moved.train.dataset.classes == data.classes
+    small = device_splits(data, "cpu", budget_bytes=100)  # over budget: the per-sample splits stay
+    assert not is_device_dataset(small.train) and not is_device_dataset(small.test)
