@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader
 from encodenet_timm import EncodeNetConfig, StageConfig
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
 from encodenet_timm.data import CIFAR_DATASETS, CifarDataset, load_cifar, stratified_subset, train_val_split
+from encodenet_timm.data.device import to_device_dataset
+from encodenet_timm.device_data import device_loader_kwargs
 from encodenet_timm.training import resolve_device
 
 _logger = logging.getLogger("benchmarks.cifar")
@@ -126,11 +128,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _on_gpu(dataset, device: torch.device):
+    """On CUDA the split is held and batched on the GPU (#15); on CPU the per-sample path, as before."""
+    return to_device_dataset(dataset, device) if device.type == "cuda" else dataset
+
+
 def _loader(dataset, profile: Profile, batch_size: int, shuffle: bool) -> DataLoader:
+    kw = dict(num_workers=profile.num_workers, pin_memory=profile.num_workers > 0 and torch.cuda.is_available(),
+              **device_loader_kwargs(dataset))  # #15: a device dataset takes no workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(0) if shuffle else None,
-                      num_workers=profile.num_workers, persistent_workers=profile.num_workers > 0,
-                      pin_memory=profile.num_workers > 0 and torch.cuda.is_available())
+                      persistent_workers=kw["num_workers"] > 0, **kw)
 
 
 def main(argv: Optional[List[str]] = None) -> CompareResult:
@@ -138,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> CompareResult:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("encodenet_timm").setLevel(logging.WARNING)
     logging.getLogger("encodenet_timm.compare").setLevel(logging.INFO)
-    resolve_device(args.device)  # ValueError for cuda without a GPU, before any data is read
+    device = resolve_device(args.device)  # ValueError for cuda without a GPU, before any data is read
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
@@ -147,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> CompareResult:
     tr, va = train_val_split(d.train_labels[sub], profile.val_fraction, seed=0)
     tr, va = sub[tr], sub[va]
     test_idx = stratified_subset(d.test_labels, profile.test_per_class, seed=0)
-    ds = lambda images, labels, augment=False: CifarDataset(images, labels, d.mean, d.std, augment=augment)
+    ds = lambda images, labels, augment=False: _on_gpu(CifarDataset(images, labels, d.mean, d.std, augment=augment),
+                                                       device)
     train = _loader(ds(d.train_images[tr], d.train_labels[tr], True), profile, profile.batch_size, True)
     plain = _loader(ds(d.train_images[tr], d.train_labels[tr]), profile, profile.eval_batch_size, False)
     val = _loader(ds(d.train_images[va], d.train_labels[va]), profile, profile.eval_batch_size, False)

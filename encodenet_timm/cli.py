@@ -28,6 +28,7 @@ from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, save_tenso
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
+from .data.device import on_cuda_device
 from .errors import EncodeNetError
 from .plots import save_run_plots
 from .training import seed_everything
@@ -295,6 +296,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if config.baseline.epochs == 0 and not spec["pretrained"]:
             _logger.warning("the model starts from random weights (no --pretrained) and baseline.epochs is 0: "
                             "EncodeNet will start from an untrained model; set --baseline.epochs N")
+    data = on_cuda_device(data, config.device)  # #15: on a GPU the splits that fit live and batch there
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
     seed_everything(config.seed)  # the model's random init too: same seed and config => same weights
@@ -371,6 +373,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / COMPARE_JSON, {"spec": spec, "run": run, "config": config.to_dict()})
+    data = on_cuda_device(data, config.device)  # #15: on a GPU the splits that fit live and batch there
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
                            pin_memory=torch.cuda.is_available())
     result = compare(lambda: _create_model(spec, pretrained=spec["pretrained"]), loaders["train"], loaders["val"],

@@ -17,7 +17,7 @@ __all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "Decoder
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
-AMP_VALUES = ("none", "bf16", "fp16")
+AMP_VALUES = ("none", "auto", "bf16", "fp16")
 FAISS_GPU_VALUES = ("auto", "never", "always")
 
 
@@ -108,7 +108,7 @@ class EncodeNetConfig(_Strict):
     """
     seed: int = 0                    # one seed for torch, data order and FAISS
     device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    amp: str = "none"                # autocast dtype on CUDA: "none", "bf16", "fp16"
+    amp: str = "none"                # autocast dtype on CUDA: "none", "auto" (bf16 if supported), "bf16", "fp16"
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     compile: bool = False            # torch.compile the trainable module of every training stage
     input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from timm.task import TrainingTask
 from torch.utils.data import Dataset
 
+from .device_data import DeviceBatch
+
 __all__ = ["ConvertingAutoencoder", "ClusterTargets", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
            "PartlyFrozenClassifier", "modules_state"]
 
@@ -49,6 +51,12 @@ class ClusterTargets(Dataset):
 
     def __getitem__(self, i: int):
         return self.dataset[i][0], self.cluster_ids[i]
+
+    def __getitems__(self, indices):  # a device dataset builds the whole batch at once (device_data.py)
+        batch = self.dataset.__getitems__(indices) if hasattr(self.dataset, "__getitems__") else None
+        if isinstance(batch, DeviceBatch):
+            return DeviceBatch((batch[0], self.cluster_ids[torch.as_tensor(indices)]))
+        return [(x, self.cluster_ids[i]) for (x, _), i in zip(batch or [self.dataset[i] for i in indices], indices)]
 
 
 class FrozenEncoderClassifier(nn.Module):
@@ -165,7 +173,10 @@ class ConvertingAutoencoderTask(TrainingTask):
             output, logits = self.trainable_module(input, with_logits=True)
         else:
             output = self.trainable_module(input)
-        goal = self.rep_images[target].to(dtype=output.dtype, memory_format=torch.contiguous_format)
+        # the goal in the output's layout (channels_last decoders): no strided mixing in the loss or its gradient
+        nhwc = output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last)
+        goal = self.rep_images[target].to(dtype=output.dtype,
+                                          memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         mse = F.mse_loss(output.float(), goal.float())
         result = {"loss": mse, "mse": mse.detach(), "output": output}
         if logits is not None:

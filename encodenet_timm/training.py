@@ -53,11 +53,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _autocast(device: torch.device, amp: str):
+    if amp == "auto":  # bf16 where the GPU supports it, else none; CPU: none
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     if amp == "none" or device.type != "cuda":
         return nullcontext()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in dtypes:
-        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+        raise ValueError(f"amp must be 'none', 'auto', 'bf16' or 'fp16', got {amp!r}")
     return torch.autocast(device_type="cuda", dtype=dtypes[amp])
 
 

@@ -60,6 +60,8 @@ class EncodeNetWrapper:
         config = self.config = type(config).from_dict(config.to_dict())
         check_config(config)  # every stage's optimizer and scheduler, before any stage runs
         self.device = resolve_device(distributed.local_device(config.device))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         if self.device.type == "cuda" and distributed.is_distributed():
             torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         self.model = (_deepcopy(model) if copy else model).to(self.device)

@@ -18,8 +18,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
-from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, distributed
 from encodenet_timm.data import digits_datasets
+from encodenet_timm.data.device import to_device_dataset
+from encodenet_timm.device_data import device_collate
 
 
 def main() -> None:
@@ -31,6 +33,7 @@ def main() -> None:
     p.add_argument("--feature-store", default=None, help="directory for on-disk features (shared by the ranks)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--all-ranks", action="store_true")
+    p.add_argument("--device-data", action="store_true", help="hold the digits on the device (device_data.py)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -38,7 +41,10 @@ def main() -> None:
     try:
         train, _ = digits_datasets(size=32, in_chans=3, seed=0)
         train = Subset(train, range(min(args.train_size, len(train))))
-        loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
+        if args.device_data:  # the same images, batched on the device; DistributedSampler shards it unchanged
+            train = to_device_dataset(train, distributed.local_device("cuda" if torch.cuda.is_available() else "cpu"))
+        loader = DataLoader(train, batch_size=args.batch_size, shuffle=True,
+                            collate_fn=device_collate if args.device_data else None)
         # a small ConvNeXt: LayerNorm only, so a rank's batch statistics never enter the result (its decoder
         # needs decoder.max_flops_ratio 2: the encoder is tiny)
         torch.manual_seed(0)

@@ -33,6 +33,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     _torchrun(2, root / "two", 32, "--all-ranks", "--feature-store", str(root / "store"))
     _torchrun(2, root / "two_ram", 32)
+    _torchrun(2, root / "two_device", 32, "--device-data")  # #15: the digits held and batched on the device
     _torchrun(1, root / "one", 64)
     return root
 
@@ -47,6 +48,12 @@ def test_features_on_disk_or_in_ram_give_the_same_run(runs):
     for name in ("model.safetensors", "representatives.safetensors"):
         disk, ram = load_file(str(runs / "two" / name)), load_file(str(runs / "two_ram" / name))
         assert disk.keys() == ram.keys() and all(torch.equal(disk[k], ram[k]) for k in disk), name
+
+
+def test_device_data_gives_the_same_two_rank_run(runs):
+    for name in ("model.safetensors", "representatives.safetensors"):
+        a, b = load_file(str(runs / "two" / name)), load_file(str(runs / "two_device" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_two_ranks_match_one_process(runs):

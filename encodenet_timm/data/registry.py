@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..device_data import device_loader_kwargs
 from ..loaders import seeded_loader
 from .cifar import CIFAR_DATASETS, cifar_splits
 from .digits import digits_datasets
@@ -122,6 +123,12 @@ def make_loaders(data: DataSplits, *, batch_size: int, workers: int = 0, seed: i
                  pin_memory: bool = False) -> Dict[str, Optional[DataLoader]]:
     """{"train" (shuffled, seeded), "plain", "val", "test"} loaders; None for a missing split."""
     def loader(dataset: Optional[Dataset], shuffle: bool = False) -> Optional[DataLoader]:
+        if dataset is None:
+            return None
+        extra = device_loader_kwargs(dataset)  # a device dataset: no workers, no pinning, device_collate
+        if extra:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **extra,
+                              generator=torch.Generator().manual_seed(seed) if shuffle else None)
         return seeded_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, workers=workers,
                              pin_memory=pin_memory)
     return {"train": loader(data.train, shuffle=True), "plain": loader(data.plain), "val": loader(data.val),
