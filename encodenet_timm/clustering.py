@@ -130,7 +130,8 @@ def cluster_per_class(features: Union[np.ndarray, FeatureStore], labels: np.ndar
     cluster_ids = np.empty(len(labels), dtype=np.int64)
     centroid_dist = np.empty(len(labels), dtype=np.float64)
     k_per_class: List[int] = []
-    for c in tqdm(range(num_classes), desc="clustering", unit="class", disable=not progress, leave=False):
+    bar = tqdm(range(num_classes), desc="clustering", unit="class", disable=(not progress) or None, leave=False)
+    for c in bar:  # a bar in a terminal only (disable=None: tqdm's own TTY check)
         idx = np.flatnonzero(labels == c)
         x = read(idx)  # (n_c, D) float32
         if auto:

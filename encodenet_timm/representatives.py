@@ -196,7 +196,8 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
     indices, entropy, labels = [], [], []
     start = 0
     with eval_mode(model):
-        bar = tqdm(loader, desc="features", disable=not progress or not distributed.is_main(), leave=False)
+        bar = tqdm(loader, desc="features", leave=False,
+                   disable=(not progress or not distributed.is_main()) or None)  # None: a terminal only
         for b, (x, y) in enumerate(bar):
             if check is not None:
                 check(x, y)

@@ -190,7 +190,9 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         task.train()
         start = time.perf_counter()
         loss_sum, correct, seen, classifies = 0.0, 0, 0, False
-        bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        # a bar in a terminal; with output redirected (CI, a log file) tqdm stays silent (disable=None) and
+        # the epoch's one logging line below is the record
+        bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{cfg.epochs}", disable=(not progress) or None, leave=False)
         for step, (x, y) in enumerate(bar):
             if check is not None:
                 check(x, y)
@@ -263,7 +265,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chec
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     with eval_mode(model):
         for x, y in tqdm(shard_batches(loader), desc="evaluate",
-                         disable=not progress or not distributed.is_main(), leave=False):
+                         disable=(not progress or not distributed.is_main()) or None, leave=False):
             if check is not None:
                 check(x, y)
             x, y = x.to(device, memory_format=memory_format), y.to(device)

@@ -228,6 +228,10 @@ class EncodeNetWrapper:
         """Supervised training of every weight with ``config.<stage>`` (baseline and finetune)."""
         check_loader(train_loader, "train_loader")
         cfg = getattr(self.config, stage)
+        if cfg.epochs == 0:  # called by hand: say so rather than return [] having trained nothing
+            self._check()(*next(iter(train_loader))[:2])  # bad data is still named first
+            raise ValueError(f"fit_{stage} trains nothing: config.{stage}.epochs is 0 (set it, e.g. "
+                             f"EncodeNetConfig().override({{'{stage}.epochs': 10}}))")
         seed_everything(self.config.seed + _SEED_OFFSET[stage])
         self.model.requires_grad_(True)
         task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),

@@ -1,7 +1,7 @@
 import pytest
 import timm
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 
@@ -200,3 +200,30 @@ def test_compile_option_trains_like_eager(digits):
         losses[compiled] = w.fit_transfer(loader)[0]["loss"]
         assert type(w.export()).__name__ == "ResNet"  # the exported model is never the compiled wrapper
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_a_stage_called_by_hand_with_0_epochs_says_so(digits_loaders):
+    """Issue #13.3: no silent no-op; bad data is still an error first."""
+    train, _ = digits_loaders
+    wrapper = EncodeNetWrapper(make_model("resnet20_cifar"), EncodeNetConfig(progress=False))  # baseline.epochs 0
+    with pytest.raises(ValueError, match=r"fit_baseline trains nothing: config.baseline.epochs is 0"):
+        wrapper.fit_baseline(train)
+    bad = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.full((8,), 12)), batch_size=4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        wrapper.fit_baseline(bad)
+    assert wrapper.history == {}
+
+
+def test_no_progress_bars_when_output_is_not_a_terminal(digits_loaders, capsys, caplog):
+    """Issue #13.4: with output redirected, tqdm stays silent and each epoch is one logging line."""
+    import logging
+    train, _ = digits_loaders
+    cfg = EncodeNetConfig(progress=True)
+    cfg.baseline.epochs = 2
+    wrapper = EncodeNetWrapper(make_model("resnet20_cifar"), cfg)
+    with caplog.at_level(logging.INFO, logger="encodenet_timm.training"):
+        wrapper.fit_baseline(DataLoader(Subset(train.dataset, range(64)), batch_size=32))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err  # pytest's capture is not a TTY
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "epoch" in r.getMessage()] == \
+        ["baseline epoch 1/2", "baseline epoch 2/2"]
