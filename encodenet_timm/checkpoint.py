@@ -22,6 +22,7 @@ Layout of a run directory::
     <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
     <run_dir>/cli.json, eval.json    the ``encodenet`` command's own: fit arguments, evaluation results
 """
+import csv
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ RECORD_FILE = "run.json"          # the run record
 MODEL_FILE = "model.safetensors"  # the exported plain timm model (and each checkpoint's whole model)
 CLI_FILE = "cli.json"             # the `encodenet fit` arguments, written by the command
 EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results
+SUMMARY_FILE = "summary.csv"      # one row per epoch of every stage (as timm's train.py writes), rewritten each epoch
 MANIFEST = "manifest.json"        # a checkpoint's, written last
 _FORMAT = "encodenet_timm.checkpoint/1"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
@@ -475,9 +477,13 @@ class Run:
         return self._resume.pop(stage, None)
 
     def save(self, stage: str, epoch: int, epochs: int, **files: Any) -> None:
-        """`RunDir.save` on the writing rank; nothing elsewhere."""
+        """`RunDir.save` on the writing rank, then summary.csv from the history in ``files["state"]``;
+        nothing elsewhere."""
         if self.writes:
             self.dir.save(stage, epoch, epochs, **files)
+            history = (files.get("state") or {}).get("history")
+            if history:
+                write_summary(self.dir.path / SUMMARY_FILE, history)
 
     def run_stages(self, plan: Sequence[Tuple[str, bool, Callable[[], Any]]]) -> None:
         """Run each (stage, enabled, run) of `plan` in order.
@@ -506,6 +512,23 @@ class Run:
         """Write model.safetensors from ``model_state()`` and mark the run complete (writing rank only)."""
         if self.writes:
             self.dir.finish(model_state())
+
+
+def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
+    """Atomically write `history` (stage -> per-epoch records; non-list entries are left out) as a CSV:
+    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent."""
+    rows = [{"stage": stage, **record} for stage, records in history.items() if isinstance(records, list)
+            for record in records]
+    if not rows:
+        return
+    columns = ["stage", "epoch", *dict.fromkeys(k for r in rows for k in r if k not in ("stage", "epoch"))]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
 
 
 def _cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

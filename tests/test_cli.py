@@ -230,3 +230,16 @@ def test_two_fits_with_the_same_seed_give_the_same_weights(tmp_path, capsys):
     capsys.readouterr()
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_run_dir_has_a_summary_csv_of_every_epoch(digits_run):
+    """Issue #13.4: summary.csv, one row per epoch of every stage, the same numbers as run.json."""
+    import csv
+    stages = json.loads((digits_run / "run.json").read_text())["stages"]
+    history = {stage: rec["history"] for stage, rec in stages.items() if isinstance(rec.get("history"), list)}
+    with open(digits_run / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = [(stage, r) for stage, records in history.items() if isinstance(records, list) for r in records]
+    assert len(rows) == len(expected) and len(rows) >= 3
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [(s, r["epoch"]) for s, r in expected]
+    assert all(float(r["loss"]) == pytest.approx(e["loss"]) for r, (_, e) in zip(rows, expected))
