@@ -46,8 +46,9 @@ def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
     timm's own ``resolve_model_data_config`` reads only ``pretrained_cfg``, which keeps the registered
     size (224) when the model was built with ``img_size=64``; the built size is what the model runs at.
     It is read, in order, from ``model.patch_embed.img_size`` (ViT, Swin, ...), ``model.img_size``
-    (MaxViT, CrossViT, ...), then the first submodule with an ``img_size`` (CoaT's ``patch_embed1``);
-    models that store none (CNNs) get ``pretrained_cfg["input_size"]``. ``config.input_size`` overrides it.
+    (MaxViT, CrossViT, ...), then the first submodule with an ``img_size`` (CoaT's ``patch_embed1``), then
+    the first ``feature_info`` stage's ``feat_size`` x its reduction (GCViT); models that store none (CNNs)
+    get ``pretrained_cfg["input_size"]``. ``config.input_size`` overrides it.
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
@@ -66,6 +67,14 @@ def _built_img_size(model: nn.Module):
         if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2
                                      and all(isinstance(v, int) for v in size)):
             return size
+    for info in getattr(model, "feature_info", None) or []:  # GCViT: a stage's feat_size x its reduction
+        try:
+            stage = model.get_submodule(info["module"])
+        except (AttributeError, KeyError, TypeError):
+            continue
+        feat = getattr(stage, "feat_size", None)
+        if isinstance(feat, (tuple, list)) and len(feat) == 2 and all(isinstance(v, int) for v in feat):
+            return tuple(int(v) * int(info["reduction"]) for v in feat)
     return None
 
 

@@ -78,6 +78,7 @@ def test_a_decoder_with_no_room_still_says_why():
     ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4), 64),  # patch_embed.img_size
     ("coat_lite_tiny", dict(img_size=64), 64),                               # patch_embed1.img_size
     ("maxvit_nano_rw_256", dict(img_size=64), 64),                           # model.img_size
+    ("gcvit_xxtiny", dict(img_size=64), 64),                                 # stages.0.feat_size x 4
 ])
 def test_input_size_is_the_size_the_model_was_built_for(name, kwargs, size):
     with torch.device("meta"):
