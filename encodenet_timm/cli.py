@@ -168,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "write a run's model as a plain timm state dict (+ a .json sidecar)",
                     "example:\n  encodenet export runs/digits --to digits.safetensors\n")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
-    ex.add_argument("--to", required=True, metavar="FILE.safetensors", help="the file to write")
+    ex.add_argument("--to", required=True, metavar="FILE.safetensors", help="the file (or, --format timm, the "
+                                                                             "directory) to write")
+    ex.add_argument("--format", choices=("safetensors", "timm"), default="safetensors",
+                    help="safetensors + a .json sidecar (default), or timm's own folder (config.json + "
+                         "model.safetensors) that timm.create_model('local-dir:DIR', pretrained=True) loads")
     ex.set_defaults(func=_cmd_export)
 
     cf = _subparser(sub, "config", "encodenet config --dump [--config YAML] [--set KEY=VALUE ...] [--KEY V ...]",
@@ -417,7 +421,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     run_dir, to = Path(args.run_dir), Path(args.to)
     spec, config = _load_run(run_dir)
-    exported = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir).export()
+    wrapper = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir)
+    exported = wrapper.export()
+    zoo = type(exported).__module__.startswith(__package__)
+    if args.format == "timm":
+        wrapper.export_timm(to, label_names=spec["classes"], mean=spec["mean"], std=spec["std"])
+        print(f"wrote {to / 'config.json'} and {to / 'model.safetensors'}. To load it:")
+        print(f"import timm{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
+        print(f"model = timm.create_model('local-dir:{to.resolve()}', pretrained=True)")
+        return 0
     save_tensors(to, exported.state_dict())  # atomic, like every file of a run
     kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
     sidecar = to.with_suffix(".json")
@@ -425,7 +437,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
                          "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
                          "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
     args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
-    zoo = type(exported).__module__.startswith(__package__)
     print(f"wrote {to} and {sidecar}. To load it:")
     print(f"import timm, safetensors.torch{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
     print(f"model = timm.create_model({args_text})")

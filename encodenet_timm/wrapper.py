@@ -6,7 +6,7 @@ import logging
 import time
 from copy import deepcopy as _deepcopy
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -384,4 +384,32 @@ class EncodeNetWrapper:
         exported = _deepcopy(self.model).cpu().eval()
         exported.requires_grad_(True)
         return exported.to(memory_format=torch.contiguous_format)
+
+    def export_timm(self, directory: Union[str, Path], *, label_names: Optional[Sequence[str]] = None,
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Path:
+        """Write the exported model as timm's own folder (`timm.models.save_for_hf`): ``config.json``
+        (architecture, num_classes, label names, mean/std, input size) and ``model.safetensors``.
+
+        ``timm.create_model("local-dir:DIR", pretrained=True)`` loads it (after ``import encodenet_timm``
+        for the CIFAR zoo), and ``timm.models.push_to_hf_hub`` can publish it.
+
+        Raises:
+            ValueError: `directory` holds other files (nothing of yours is overwritten), or `label_names`
+                does not have ``num_classes`` names.
+        """
+        from timm.models import save_for_hf
+        directory = Path(directory)
+        if directory.is_file() or (directory.is_dir() and set(p.name for p in directory.iterdir())
+                                   - {"config.json", "model.safetensors"}):
+            raise ValueError(f"{directory} is a file or holds other files; export_timm writes config.json and "
+                             f"model.safetensors into an empty (or its own) directory")
+        if label_names is not None and len(label_names) != self.num_classes:
+            raise ValueError(f"label_names has {len(label_names)} names but the model has {self.num_classes} "
+                             f"classes")
+        data_config: Dict[str, Any] = {"input_size": tuple(self.input_size)}
+        if mean is not None and std is not None:
+            data_config.update(mean=tuple(mean), std=tuple(std))
+        save_for_hf(self.export(), str(directory), safe_serialization=True, data_config=data_config,
+                    model_config={"label_names": list(label_names)} if label_names is not None else None)
+        return directory
 

@@ -243,3 +243,16 @@ def test_the_run_dir_has_a_summary_csv_of_every_epoch(digits_run):
     assert len(rows) == len(expected) and len(rows) >= 3
     assert [(r["stage"], int(r["epoch"])) for r in rows] == [(s, r["epoch"]) for s, r in expected]
     assert all(float(r["loss"]) == pytest.approx(e["loss"]) for r, (_, e) in zip(rows, expected))
+
+
+def test_export_format_timm_round_trips_through_local_dir(digits_run, tmp_path, capsys):
+    """Issue #13.5: ``encodenet export --format timm`` writes timm's folder; timm loads it bit for bit."""
+    import timm
+    from safetensors.torch import load_file
+    code, out, _ = run(capsys, "export", digits_run, "--to", tmp_path / "exp", "--format", "timm")
+    assert code == 0 and "local-dir:" in out
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert config["architecture"] == "resnet20_cifar" and len(config["label_names"]) == config["num_classes"] == 10
+    model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True)  # the zoo: registered on import
+    saved = load_file(str(digits_run / "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())

@@ -227,3 +227,31 @@ def test_no_progress_bars_when_output_is_not_a_terminal(digits_loaders, capsys, 
     assert "\r" not in err and "it/s" not in err  # pytest's capture is not a TTY
     assert [r.getMessage().split(":")[0] for r in caplog.records if "epoch" in r.getMessage()] == \
         ["baseline epoch 1/2", "baseline epoch 2/2"]
+
+
+def test_export_timm_loads_with_timm_alone_and_predicts_the_same(tmp_path):
+    """Issue #13.5: timm's own folder; a fresh process that imports only timm loads it (local-dir:)."""
+    import json
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), EncodeNetConfig(progress=False, input_size=(3, 32, 32)))
+    names = [f"digit{i}" for i in range(10)]
+    out = wrapper.export_timm(tmp_path / "exp", label_names=names, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["num_classes"] == 10 and config["label_names"] == names
+    assert config["pretrained_cfg"]["mean"] == [0.5] * 3 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, timm, torch; m = timm.create_model('local-dir:' + sys.argv[1], pretrained=True).eval(); "
+            "assert 'encodenet_timm' not in sys.modules; "
+            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, timeout=300)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), wrapper.export()(x))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        wrapper.export_timm(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
