@@ -376,7 +376,7 @@ def main(argv: Optional[List[str]] = None):
     if args.phase == "converge":
         return converge(ctx)
     if args.phase in ("validate", "all"):
-        if regime.convergence_epochs and not (out / "converge.json").is_file():
+        if regime.convergence_epochs and args.baseline_epochs is None and not (out / "converge.json").is_file():
             converge(ctx)
         result = validate(ctx)
     elif args.phase == "report":  # what has finished, without training anything
