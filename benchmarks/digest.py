@@ -15,15 +15,12 @@ A re-layout of the package must leave every line unchanged. One torch thread, so
 import contextlib
 import hashlib
 import importlib.util
-import io
 import json
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
-import numpy as np
 import timm
 import torch
 from torch.utils.data import DataLoader
@@ -95,20 +92,13 @@ def cli_digest(work: Path) -> Dict[str, str]:
             "cli.eval.json": _json_sha(json.loads((out / "eval.json").read_text()))}
 
 
-def _image_zip(path: Path, classes=("a", "b", "c", "d"), n_train=12, n_test=5, size=32, seed=0) -> None:
-    """A zip in the cifar10-jpeg layout; class c is tinted channel c % 3 (as tests/ builds one)."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    with zipfile.ZipFile(path, "w") as zf:
-        for split, n in (("train", n_train), ("test", n_test)):
-            for c, name in enumerate(sorted(classes)):
-                for i in range(n):
-                    img = np.full((size, size, 3), 40.0)
-                    img[..., c % 3] = 200
-                    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
-                    buf = io.BytesIO()
-                    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-                    zf.writestr(f"{split}/{name}/{i:04d}.jpg", buf.getvalue())
+def _image_zip(path: Path) -> None:
+    """The tests' zip in the cifar10-jpeg layout (tests/test_data_cifar.make_image_zip), 4 classes."""
+    spec = importlib.util.spec_from_file_location("test_data_cifar",
+                                                  Path(__file__).parents[1] / "tests" / "test_data_cifar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make_image_zip(path, classes=("a", "b", "c", "d"), n_train=12, n_test=5)
 
 
 def ablation_digest(work: Path) -> Dict[str, str]:

@@ -264,6 +264,23 @@ def _wrapper_with_weights(spec: Dict[str, Any], config: EncodeNetConfig, run_dir
 
 
 # ---- commands -----------------------------------------------------------------------------------------
+def _new_spec(given: Dict[str, Any], command: str, what: str) -> Dict[str, Any]:
+    """The model and data settings of a new fit or compare (recorded in its directory), checked before
+    any data is read: --model and --dataset given, the model name known to timm; with --pretrained, the
+    mean/std its weights expect."""
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset") if k not in given]
+    if missing:
+        raise ValueError(f"{command} needs {' and '.join(missing)} (or --resume to continue {what})")
+    spec = {**_FIT_DEFAULTS, **given}
+    spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
+    _check_model_name(spec["model"])
+    if spec["pretrained"]:  # pretrained weights expect their own normalisation
+        cfg = timm.models.get_pretrained_cfg(spec["model"])
+        if cfg is not None:
+            spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
+    return spec
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     given = {k: getattr(args, k) for k in _FIT_DEFAULTS if getattr(args, k) is not None}
@@ -276,17 +293,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     else:
         if (out / CONFIG_FILE).exists():  # written when training begins
             raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
-        missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset") if k not in given]
-        if missing:
-            raise ValueError(f"fit needs {' and '.join(missing)} (or --resume to continue a run)")
-        spec = {**_FIT_DEFAULTS, **given}
-        spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
+        spec = _new_spec(given, "fit", "a run")
         config = _config(args)
-        _check_model_name(spec["model"])  # before any data is read
-        if spec["pretrained"]:  # pretrained weights expect their own normalisation
-            cfg = timm.models.get_pretrained_cfg(spec["model"])
-            if cfg is not None:
-                spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
     if not distributed.is_main():  # under torchrun rank 0 reads (or downloads) the data first, then the others
         distributed.barrier()
     data = _data(spec, config.seed, download=not args.no_download)
@@ -347,13 +355,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     else:
         if (out / COMPARE_JSON).exists():
             raise ValueError(f"{out} already holds a comparison: continue it with --resume, or pick another --out")
-        missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset") if k not in given]
-        if missing:
-            raise ValueError(f"compare needs {' and '.join(missing)} (or --resume to continue a comparison)")
-        spec = {**_FIT_DEFAULTS, **given}
-        spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
+        spec = _new_spec(given, "compare", "a comparison")
         config = _config(args)
-        _check_model_name(spec["model"])
         if config.baseline.epochs == 0 and not spec["pretrained"]:
             raise ValueError("compare trains the baseline from the model's random weights: set --baseline.epochs N "
                              "(or --pretrained to start every row from timm's weights)")
@@ -362,10 +365,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         unknown = [c for c in run["controls"] if c not in CONTROLS]
         if unknown:
             raise ValueError(f"unknown --controls {unknown}; choose from {','.join(CONTROLS)}")
-        if spec["pretrained"]:
-            cfg = timm.models.get_pretrained_cfg(spec["model"])
-            if cfg is not None:
-                spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
     data = _data(spec, config.seed, download=not args.no_download)
     if data.val is None:
         raise ValueError("compare needs a validation split: set --val-fraction above 0 (or give the image folder "
