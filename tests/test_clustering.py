@@ -163,7 +163,15 @@ def test_centroid_dist_equals_centroid_distance(k):
     np.testing.assert_allclose(res.centroid_dist, expected.numpy(), rtol=1e-10)
 
 
-def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
+def test_a_store_is_read_one_class_at_a_time(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class _Terminal(io.StringIO):
+        def isatty(self) -> bool:  # progress bars show in a terminal only (issue #13.4)
+            return True
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     from encodenet_timm.feature_store import FeatureStore
     feats, labels, _ = _blobs(num_classes=3, blobs=2, per_blob=20)
     order = np.random.default_rng(0).permutation(len(labels))  # classes scattered over the rows
@@ -177,7 +185,7 @@ def test_a_store_is_read_one_class_at_a_time(tmp_path, capsys):
     assert [sorted(set(labels[i])) for i in reads] == [[0], [1], [2]]
     assert sorted(np.concatenate(reads).tolist()) == list(range(len(labels)))  # every row read exactly once
     np.testing.assert_array_equal(res.cluster_ids, cluster_per_class(feats, labels, 3, 2, seed=0).cluster_ids)
-    assert "clustering" in capsys.readouterr().err  # the tqdm bar
+    assert "clustering" in terminal.getvalue()  # the tqdm bar
 
 
 def test_store_and_labels_must_agree(tmp_path):
