@@ -11,11 +11,13 @@ else to JSON or YAML. Nothing is unpickled.
 Layout of a run directory::
 
     <run_dir>/config.yaml            the full config
-    <run_dir>/run.json               versions, machine, seed, model, per-stage status and history
-    <run_dir>/checkpoints/<stage>/epoch-<NNNN>/
+    <run_dir>/run.json               versions, machine, seed, model, config (and config.yaml's SHA-256),
+                                     per-stage status and history, accepted config changes
+    <run_dir>/checkpoints/<stage>/epoch-<NNNN>/   the latest epoch of each stage; once the run is complete,
+                                     only the last stage's
         model.safetensors            the whole model's state_dict
         decoder.safetensors          once the decoder exists
-        optimizer.pt                 training stages: optimizer.state_dict()
+        optimizer.pt                 a stage not yet finished: optimizer.state_dict()
         representatives.safetensors  from the representatives stage on
         tail.safetensors             the modules after a split inside the encoder: their pre-autoencoder weights
         manifest.json                written last: stage, epoch, files, loop state (JSON)
@@ -60,6 +62,8 @@ MANIFEST = "manifest.json"        # a checkpoint's, written last
 _FORMAT = "encodenet_timm.checkpoint/1"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 _RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
+_SECTION_STAGE = {"decoder": "autoencoder"}  # config sections that a stage of another name reads; a section
+# named after a stage belongs to it, and every other key (seed, split, amp, ...) to the whole run
 
 
 # ---- files -------------------------------------------------------------------------------------------
@@ -167,14 +171,24 @@ def model_fingerprint(model: nn.Module) -> Dict[str, Any]:
             "num_params": sum(p.numel() for p in model.parameters()), "layout_sha256": h.hexdigest()}
 
 
-def _differences(saved: Any, current: Any, prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two nested dicts, as 'key: saved -> current'."""
+def _changes(saved: Any, current: Any, prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every key whose value differs between two nested dicts."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in list(saved) + [k for k in current if k not in saved]:
-            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+            out += _changes(saved.get(key), current.get(key), f"{prefix}{key}.")
         return out
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: saved -> current'."""
+    return [_change_text(c) for c in _changes(saved, current, prefix)]
+
+
+def _change_text(change: Tuple[str, Any, Any]) -> str:
+    key, saved, current = change
+    return f"{key}: {saved!r} -> {current!r}"
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------
@@ -308,12 +322,14 @@ class RunDir:
         """Start (or, with `resume`, reopen) the run.
 
         Args:
-            config: the full config as a plain dict (written to config.yaml).
+            config: the full config as a plain dict (written to config.yaml, and to run.json, which also
+                records config.yaml's SHA-256 so that a hand edit is found).
             info: run facts for run.json: ``model`` (a `model_fingerprint`), ``seed``, ``versions``, ``machine``.
 
         Raises:
-            ValueError: resume without a run, resume with another model or config, or a fresh run into
-                a directory that already holds checkpoints.
+            ValueError: resume without a run, with another model, with a config.yaml edited by hand, or
+                with a config that changes a stage that has begun (see `_reopen`); a fresh run into a
+                directory that already holds checkpoints.
         """
         if resume:
             self._reopen(config, info)
@@ -322,34 +338,94 @@ class RunDir:
             raise ValueError(f"{self.path} already holds checkpoints of a run; pass resume=True to continue it, "
                              f"or choose a new run directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config_path, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
         self.record = {**info, "status": "running", "started": _now(), "updated": _now(), "resumed": [],
                        "stages": {s: {"status": "pending"} for s in self.stages}}
-        write_json(self.record_path, self.record)
+        self._write_config(config)
+
+    def _write_config(self, config: Dict[str, Any]) -> None:
+        """config.yaml, then run.json with the config and config.yaml's SHA-256."""
+        write_atomic(self.config_path, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
+        self.record["config"] = config
+        self.record["config_sha256"] = _sha256(self.config_path)
+        self._write_record()
 
     def _reopen(self, config: Dict[str, Any], info: Dict[str, Any]) -> None:
+        """Reopen the run for `resume`; a config that differs only in stages that have not begun is accepted,
+        written to config.yaml and recorded in run.json's ``config_changes``."""
         if not self.config_path.is_file() or not self.record_path.is_file():
             raise ValueError(f"resume=True but {self.path} holds no run to resume (no config.yaml and run.json); "
                              f"run without resume to start one there")
         try:
-            saved_config = yaml.safe_load(self.config_path.read_text())
+            on_disk = yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{self.config_path} is corrupted: not valid YAML ({e})") from e
-        saved_config = {k: v for k, v in (saved_config or {}).items() if k not in _RUNTIME_CONFIG_KEYS}
-        diff = _differences(saved_config, {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS})
-        if diff:
-            raise ValueError(f"cannot resume {self.path}: it was written with another config ("
-                             + "; ".join(diff) + "); resume with the saved config.yaml, or choose a new run directory")
         self.record = read_json(self.record_path)
         diff = _differences(self.record.get("model"), info["model"], "model.")
         if diff:
             raise ValueError(f"cannot resume {self.path}: it was written for another model ("
                              + "; ".join(diff) + ")")
+        saved = self.record.get("config", on_disk)  # runs written before run.json held the config: the file
+        if self.record.get("config_sha256") not in (None, _sha256(self.config_path)):
+            edits = _differences(_settings(saved), _settings(on_disk or {}))
+            raise ValueError(f"{self.config_path} was edited after the run began ({'; '.join(edits) or 'its text'}); "
+                             f"the run's checkpoints were made with the settings {self.record_path.name} records "
+                             f"under 'config'. Put those back in {self.config_path.name}, and pass a change to a "
+                             f"stage that has not begun in the config given to fit(..., resume=True) (CLI: "
+                             f"encodenet fit --out {self.path} --resume --<stage>.<key> VALUE)")
+        changes = _changes(_settings(saved), _settings(config))
+        refused = [(c, why) for c in changes if (why := self._frozen(c[0])) is not None]
+        if refused:
+            open_stages = [s for s in self.stages if self._frozen(s + ".") is None]
+            raise ValueError(
+                f"cannot resume {self.path}: it was written with another config ("
+                + "; ".join(f"{_change_text(c)} [{why}]" for c, why in refused) + "). On resume only the "
+                "settings of stages that have not begun may change"
+                + (f" (here: {', '.join(open_stages)})" if open_stages else " (here: none)")
+                + f"; resume with the saved {self.config_path.name}, or choose a new run directory"
+                + ("".join(f". To rerun {s} with new settings, delete {self.stage_dir(s)} first: it then restarts "
+                           f"from the end of the stage before it" for s in self.stages
+                           if (c := self.checkpoint(s)) is not None and not c.stage_complete)))
+        if changes:
+            _logger.warning("resuming %s with changed settings of stages that have not begun: %s", self.path,
+                            "; ".join(map(_change_text, changes)))
+            self.record.setdefault("config_changes", []).append(
+                {"at": _now(), "changes": [_change_text(c) for c in changes]})
+            self._write_config(config)
         self.record["resumed"] = self.record.get("resumed", []) + [
             {"at": _now(), "versions": info.get("versions"), "machine": info.get("machine")}]
         self.record["status"] = "running"
         self.record.pop("error", None)
+        self.record.pop("how_to_continue", None)
         self._write_record()
+
+    def _frozen(self, key: str) -> Optional[str]:
+        """Why the config `key` (dotted) can no longer change in this run, or None if it can: the stage that
+        reads it has a checkpoint or is finished (complete or skipped); a key of the whole run, once any
+        stage has a checkpoint."""
+        section = key.split(".", 1)[0]
+        stage = _SECTION_STAGE.get(section, section)
+        if stage not in self.stages:
+            first = self.latest()
+            return None if first is None else "read by every stage, and the run has begun"
+        ckpt = self.checkpoint(stage)
+        if ckpt is not None:
+            return (f"{stage} is finished" if ckpt.stage_complete
+                    else f"{stage} has begun: {ckpt.epoch} of {ckpt.epochs} epochs done")
+        status = self.record.get("stages", {}).get(stage, {}).get("status")
+        return f"{stage} is {status}" if status in ("complete", "skipped") else None
+
+    def how_to_continue(self, stage: Optional[str]) -> str:
+        """What a user does after `stage` stopped: the resume call, and which stages' settings may change."""
+        open_stages = [s for s in self.stages if self._frozen(s + ".") is None]
+        text = (f"fit(..., run_dir={str(self.path)!r}, resume=True) (CLI: encodenet fit --out {self.path} --resume) "
+                f"continues from its last complete checkpoint")
+        if open_stages:
+            text += f"; the settings of {', '.join(open_stages)} may change on resume"
+        ckpt = self.checkpoint(stage) if stage in self.stages else None
+        if ckpt is not None and not ckpt.stage_complete:
+            text += (f"; to rerun {stage} from its start with new settings, delete {ckpt.directory.parent} "
+                     f"first")
+        return text
 
     def save(self, stage: str, epoch: int, epochs: int, *, tensors: Dict[str, Dict[str, torch.Tensor]],
              state: Dict[str, Any], train: Optional[TrainState] = None,
@@ -366,7 +442,7 @@ class RunDir:
         (directory / MANIFEST).unlink(missing_ok=True)  # incomplete while its files are rewritten
         files: Dict[str, Callable[[Path], None]] = {
             f"{stem}.safetensors": (lambda p, t=_cpu(t): save_file(t, str(p))) for stem, t in tensors.items()}
-        if train is not None:
+        if train is not None and epoch < epochs:  # a finished stage is never continued: no optimizer state
             files["optimizer.pt"] = lambda p: torch.save(train.optimizer, p)
         files.update(writers or {})
         entries = {}
@@ -397,14 +473,25 @@ class RunDir:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         self.record["status"] = status
         self.record["error"] = f"{type(error).__name__}: {error}"
+        self.record["how_to_continue"] = self.how_to_continue(stage)
         self.update_stage(stage, status=status)
 
     def finish(self, model_state: Dict[str, torch.Tensor]) -> None:
-        """Write model.safetensors (the exported model) and mark the run complete."""
+        """Write model.safetensors (the exported model), mark the run complete, then remove every stage's
+        checkpoint but the last one (the whole wrapper: model, decoder, representatives), which a resume of
+        the finished run restores; the earlier ones only served to repair a run that had not finished."""
         save_tensors(self.model_path, model_state, metadata={"format": "pt"})
         self.record["status"] = "complete"
         self.record["model_file"] = self.model_path.name
         self._write_record()
+        last = self.latest()
+        for stage in self.stages:
+            for old in _epoch_dirs(self.stage_dir(stage)):
+                if last is None or old != last.directory:  # the manifest first: never a half-deleted complete one
+                    (old / MANIFEST).unlink(missing_ok=True)
+                    shutil.rmtree(old, ignore_errors=True)
+            if self.stage_dir(stage).is_dir() and not any(self.stage_dir(stage).iterdir()):
+                self.stage_dir(stage).rmdir()
 
     def _write_record(self) -> None:
         self.record["updated"] = _now()
@@ -504,8 +591,8 @@ class Run:
         except (Exception, KeyboardInterrupt) as e:
             if self.writes:
                 self.dir.fail(stage, e)
-                _logger.error("%s stopped: %s; %s keeps the last complete checkpoint, fit(..., resume=True) "
-                              "continues from it", stage, e, self.dir.path)
+                _logger.error("%s stopped: %s; %s keeps the last complete checkpoint: %s", stage, e, self.dir.path,
+                              self.dir.record["how_to_continue"])
             raise
 
     def finish(self, model_state: Callable[[], Dict[str, torch.Tensor]]) -> None:
@@ -529,6 +616,11 @@ def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
             writer.writeheader()
             writer.writerows(rows)
     write_atomic(path, write)
+
+
+def _settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    """`config` without the keys a resume may change freely (`_RUNTIME_CONFIG_KEYS`)."""
+    return {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS}
 
 
 def _cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

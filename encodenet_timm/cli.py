@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from . import distributed
-from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, save_tensors, write_json
+from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, read_json, save_tensors, write_json
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
@@ -325,6 +325,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; continue with: encodenet fit --out {out} --resume", file=sys.stderr)
         return 130
+    except Exception:  # main prints the error; this says how to go on (run.json's words)
+        record = read_json(out / RECORD_FILE) if (out / RECORD_FILE).is_file() else {}
+        if record.get("how_to_continue"):
+            print(f"encodenet fit: the run in {out} stopped; {record['how_to_continue']}", file=sys.stderr)
+        raise
     test = wrapper.evaluate(loaders["test"]) if loaders["test"] is not None else None  # every rank takes part
     if not distributed.is_main():
         return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
@@ -49,6 +50,9 @@ def test_only_checkpoints_with_a_manifest_are_complete(tmp_path):
     run = RunDir(tmp_path, STAGES)
     first = _save(run, "baseline", 1, value=1.0)
     assert run.latest().directory == first.directory and not first.stage_complete
+    state = run.checkpoint("baseline").train_state()
+    assert (state.epoch, state.num_updates, len(state.history)) == (1, 3, 1)
+    assert state.optimizer["param_groups"][0]["lr"] == 0.1
     # epoch 2 half written: its files exist but the manifest was never written
     half = run.stage_dir("baseline") / "epoch-0002"
     half.mkdir()
@@ -60,9 +64,8 @@ def test_only_checkpoints_with_a_manifest_are_complete(tmp_path):
     _save(run, "representatives", 1, epochs=1)
     assert run.latest().stage == "representatives" and run.checkpoint("baseline").epoch == 2
     assert json.loads(run.record_path.read_text())["stages"]["baseline"]["status"] == "complete"
-    state = run.checkpoint("baseline").train_state()
-    assert (state.epoch, state.num_updates, len(state.history)) == (2, 6, 2)
-    assert state.optimizer["param_groups"][0]["lr"] == 0.1
+    # a finished stage is never continued: it keeps no optimizer state (#16.7)
+    assert not run.checkpoint("baseline").has("optimizer.pt") and not (second.directory / "optimizer.pt").exists()
 
 
 def test_a_corrupted_checkpoint_file_is_refused(tmp_path):
@@ -102,19 +105,34 @@ def test_run_dir_refuses_a_fresh_run_over_checkpoints_and_a_resume_of_something_
     run = RunDir(tmp_path / "run", STAGES)
     with pytest.raises(ValueError, match="holds no run to resume"):
         run.begin({"seed": 0}, _info(model), resume=True)
-    run.begin({"seed": 0, "progress": True, "transfer": {"lr": 0.1}}, _info(model), resume=False)
+    config = {"seed": 0, "progress": True, "baseline": {"lr": 0.1}, "transfer": {"lr": 0.1}}
+    run.begin(config, _info(model), resume=False)
     _save(run, "baseline", 1)
     with pytest.raises(ValueError, match="already holds checkpoints.*resume=True.*new run directory"):
         RunDir(tmp_path / "run", STAGES).begin({"seed": 0}, _info(model), resume=False)
-    with pytest.raises(ValueError, match=r"another config \(transfer.lr: 0.1 -> 0.2\)"):
-        RunDir(tmp_path / "run", STAGES).begin({"seed": 0, "transfer": {"lr": 0.2}}, _info(model), resume=True)
+    # a stage that has begun, and a key every stage reads, cannot change (#16.2); the message says what can
+    with pytest.raises(ValueError, match=r"another config \(baseline.lr: 0.1 -> 0.2 \[baseline has begun: 1 of 2 "
+                                         r"epochs done\]\).*\(here: representatives, autoencoder, transfer\).*"
+                                         r"To rerun baseline with new settings, delete .*checkpoints/baseline first"):
+        RunDir(tmp_path / "run", STAGES).begin({**config, "baseline": {"lr": 0.2}}, _info(model), resume=True)
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1 \[read by every stage, and the run has begun\]"):
+        RunDir(tmp_path / "run", STAGES).begin({**config, "seed": 1}, _info(model), resume=True)
     with pytest.raises(ValueError, match="another model.*model.architecture: 'resnet10t' -> 'resnet18'"):
-        RunDir(tmp_path / "run", STAGES).begin({"seed": 0, "transfer": {"lr": 0.1}}, _info(make_model("resnet18")),
-                                               resume=True)
+        RunDir(tmp_path / "run", STAGES).begin(config, _info(make_model("resnet18")), resume=True)
     again = RunDir(tmp_path / "run", STAGES)
-    again.begin({"seed": 0, "progress": False, "transfer": {"lr": 0.1}}, _info(model), resume=True)  # progress ignored
-    assert len(again.record["resumed"]) == 1 and again.latest().epoch == 1
+    again.begin({**config, "progress": False}, _info(model), resume=True)  # progress ignored
+    assert len(again.record["resumed"]) == 1 and again.latest().epoch == 1 and "config_changes" not in again.record
     assert (tmp_path / "run" / "checkpoints" / "baseline" / "epoch-0001" / MANIFEST).is_file()
+    # a stage that has not begun may change: recorded in run.json, written to config.yaml
+    third = RunDir(tmp_path / "run", STAGES)
+    third.begin({**config, "transfer": {"lr": 0.3}}, _info(model), resume=True)
+    record = json.loads(third.record_path.read_text())
+    assert [c["changes"] for c in record["config_changes"]] == [["transfer.lr: 0.1 -> 0.3"]]
+    assert record["config"]["transfer"]["lr"] == 0.3 == yaml.safe_load(third.config_path.read_text())["transfer"]["lr"]
+    # config.yaml edited by hand is found, not believed
+    third.config_path.write_text(third.config_path.read_text().replace("0.3", "0.5"))
+    with pytest.raises(ValueError, match=r"config.yaml was edited after the run began \(transfer.lr: 0.3 -> 0.5\)"):
+        RunDir(tmp_path / "run", STAGES).begin({**config, "transfer": {"lr": 0.5}}, _info(model), resume=True)
 
 
 # ---- fit(run_dir=...) on real digits: kill and resume, NaN loss, repeatability -------------------------
@@ -220,8 +238,9 @@ def test_kill_in_every_stage_and_resume_gives_the_uninterrupted_weights(straight
     straight_dir, expected = straight
     run = tmp_path / "killed"
     # 60 images, batches of 20: a training epoch reads 60 images, the feature pass 60 (+ 20 representatives)
-    chain = [("baseline", 90, ("baseline", 1)), ("checkpoint", 0, ("baseline", 1)),
-             ("representatives", 30, ("baseline", 2)),
+    # ("checkpoint": the first optimizer.pt is the autoencoder's epoch 1: a finished stage writes none)
+    chain = [("baseline", 90, ("baseline", 1)), ("representatives", 30, ("baseline", 2)),
+             ("checkpoint", 0, ("representatives", 1)),
              ("autoencoder", 90, ("autoencoder", 1)), ("transfer", 90, ("transfer", 1)),
              ("finetune", 90, ("finetune", 1))]
     for i, (stage, kill_at, (last_stage, last_epoch)) in enumerate(chain):
@@ -231,8 +250,8 @@ def test_kill_in_every_stage_and_resume_gives_the_uninterrupted_weights(straight
         record = json.loads((run / "run.json").read_text())
         assert len(record["resumed"]) == i and record["status"] == "running"  # killed: nothing recorded it
         assert not (run / "model.safetensors").exists()
-        if stage == "checkpoint":  # epoch 2's files were being written: there, but no manifest
-            half = run / "checkpoints" / "baseline" / "epoch-0002"
+        if stage == "checkpoint":  # the autoencoder's epoch 1 files were being written: there, but no manifest
+            half = run / "checkpoints" / "autoencoder" / "epoch-0001"
             assert (half / "model.safetensors").is_file() and not (half / MANIFEST).exists()
     _, history = _digits_fit(run, resume=True)
     _same_weights(run / "model.safetensors", straight_dir / "model.safetensors")
@@ -286,7 +305,7 @@ def test_run_dir_errors(straight, tmp_path):
     with pytest.raises(ValueError, match="holds no run to resume"):
         _digits_fit(tmp_path / "empty", resume=True)
     other = EncodeNetConfig(device="cpu", progress=False, split="last_stage", seed=1)
-    with pytest.raises(ValueError, match=r"another config \(seed: 0 -> 1\)"):
+    with pytest.raises(ValueError, match=r"another config \(seed: 0 -> 1 \[read by every stage.*\(here: none\)"):
         _digits_fit(run, resume=True, config=other)
     wrapper = EncodeNetWrapper(make_model("resnet10t"), EncodeNetConfig.from_yaml(run / "config.yaml"))
     with pytest.raises(ValueError, match="another model.*'resnet20_cifar' -> 'resnet10t'"):
