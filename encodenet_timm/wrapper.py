@@ -36,6 +36,15 @@ _SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer
 RUN_STAGES = ("initial", "baseline", "representatives", "autoencoder", "transfer", "finetune")
 
 
+def _checked(config: EncodeNetConfig) -> EncodeNetConfig:
+    """A validated copy of `config`: a value of the wrong type or out of range -> ValueError naming its key, a
+    plain StageConfig given for a stage with more options (autoencoder) gets their defaults; then every
+    stage's optimizer and scheduler name against timm's registries."""
+    config = type(config).from_dict(config.to_dict())
+    check_config(config)
+    return config
+
+
 class EncodeNetWrapper:
     """Apply EncodeNet to a timm classifier.
 
@@ -55,10 +64,7 @@ class EncodeNetWrapper:
             config = EncodeNetConfig()
         if not isinstance(config, EncodeNetConfig):
             raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
-        # a validated copy: a value of the wrong type set by hand -> ValueError, and a plain StageConfig
-        # given for a stage with more options (autoencoder) gets their defaults
-        config = self.config = type(config).from_dict(config.to_dict())
-        check_config(config)  # every stage's optimizer and scheduler, before any stage runs
+        config = self.config = _checked(config)  # a validated copy
         self.device = resolve_device(distributed.local_device(config.device))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
@@ -116,7 +122,7 @@ class EncodeNetWrapper:
         return check
 
     def _train_kwargs(self, stage: str) -> Dict[str, Any]:
-        c = self.config
+        c = _checked(self.config)  # a value set by hand on wrapper.config since __init__ is checked too
         epochs = getattr(c, stage).epochs
         options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
                               compile=c.compile)
@@ -154,6 +160,7 @@ class EncodeNetWrapper:
                 (see `RunDir.begin`).
         """
         check_loader(train_loader, "train_loader", map_style=True)
+        _checked(self.config)  # before any stage: a value set by hand on wrapper.config since __init__
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to continue")
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],

@@ -2,7 +2,14 @@
 can, and leaves the user's files as they were."""
 import json
 
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm.cli import main
+
+from conftest import make_model
 
 
 def _run(capsys, *argv):
@@ -51,3 +58,23 @@ def test_a_failed_run_is_repaired_by_changing_a_stage_that_has_not_begun(capsys,
     # #16.7: the finished run keeps the final weights and the last stage's checkpoint, no optimizer state
     kept = sorted(p.relative_to(out).parts[1] for p in (out / "checkpoints").glob("*/epoch-*"))
     assert kept == ["finetune"] and not list(out.rglob("optimizer.pt"))
+
+
+# ---- #16.1 the whole config is checked before any training -----------------------------------------------
+def test_a_value_set_by_hand_on_wrapper_config_is_checked_before_training(tmp_path):
+    wrapper = EncodeNetWrapper(make_model("resnet10t", num_classes=10),
+                               EncodeNetConfig.from_dict({"device": "cpu", "progress": False, "baseline": {"epochs": 1}}))
+    loader = DataLoader(TensorDataset(torch.randn(20, 3, 32, 32), torch.arange(20) % 10), batch_size=10)
+    for key, value, message in [("transfer.lr", -1.0, "transfer.lr.*a finite number > 0"),
+                                ("finetune.opt", "sgdd", "finetune.opt"),
+                                ("autoencoder.clip_grad", -1.0, "autoencoder.clip_grad")]:
+        section, name = key.split(".")
+        stage = getattr(wrapper.config, section)
+        good = getattr(stage, name)
+        setattr(stage, name, value)  # after __init__ validated the config
+        with pytest.raises(ValueError, match=message):
+            wrapper.fit(loader, run_dir=tmp_path / "run")
+        with pytest.raises(ValueError, match=message):  # a stage run alone checks it too
+            wrapper.fit_baseline(loader)
+        assert wrapper.history == {} and not (tmp_path / "run").exists()  # nothing trained or written
+        setattr(stage, name, good)
