@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["save_run_plots"]
+__all__ = ["save_run_plots", "PICTURES"]
+
+PICTURES = ("representatives.png", "reconstructions.png", "curves.png")  # what save_run_plots may write
 
 Denormalize = Callable[[torch.Tensor], torch.Tensor]
 _CELL = 1.0  # inches per image
@@ -43,13 +45,13 @@ def save_run_plots(wrapper, run_dir: Union[str, Path], dataset: Optional[Dataset
     reps = wrapper.representatives
     if reps is not None:
         written.append(_save(_representatives_figure(reps, denormalize, classes, max_classes),
-                             run_dir / "representatives.png"))
+                             run_dir / PICTURES[0]))
         if "autoencoder" in wrapper.history:
             written.append(_save(_reconstructions_figure(wrapper, dataset, denormalize, classes, per_class,
-                                                         max_classes), run_dir / "reconstructions.png"))
+                                                         max_classes), run_dir / PICTURES[1]))
     stages = {k: v for k, v in wrapper.history.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
     if stages:
-        written.append(_save(_curves_figure(stages), run_dir / "curves.png"))
+        written.append(_save(_curves_figure(stages), run_dir / PICTURES[2]))
     return written
 
 
