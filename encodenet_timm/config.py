@@ -238,7 +238,8 @@ def _from_dict(cls: type, data: Dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = prefix + str(key)
@@ -246,6 +247,9 @@ def _from_dict(cls: type, data: Dict[str, Any], prefix: str) -> Any:
             raise ValueError(f"unknown config key {path!r}; valid keys: {', '.join(prefix + n for n in names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
+            factory = fields[key].default_factory
+            if isinstance(value, dict) and factory is not dataclasses.MISSING:  # a partial section keeps this
+                value = {**dataclasses.asdict(factory()), **value}  # field's defaults (baseline.epochs = 0)
             kwargs[key] = _from_dict(hint, value, path + ".")
         else:
             kwargs[key] = _check_type(value, hint, path)
