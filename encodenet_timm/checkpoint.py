@@ -21,6 +21,7 @@ Layout of a run directory::
         manifest.json                written last: stage, epoch, files, loop state (JSON)
     <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
     <run_dir>/cli.json, eval.json    the ``encodenet`` command's own: fit arguments, evaluation results
+    <run_dir>/*.png                  pictures of the run (`plots.save_run_plots`)
     <run_dir>/.lock                  flock()ed by the one process writing the directory (`DirLock`)
 
 A new run goes only into an empty directory or one holding nothing but files a run writes
@@ -55,7 +56,7 @@ except ImportError:  # not POSIX (Windows): directories are not locked
     fcntl = None
 
 __all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "write_atomic",
-           "LOCK_FILE", "RUN_FILES",
+           "LOCK_FILE", "PICTURES", "RUN_FILES",
            "write_json", "read_json", "check_writable", "check_new_dir", "DirLock", "save_tensors", "load_tensors", "load_state_into", "load_model_file",
            "model_fingerprint", "Checkpoint", "RunDir", "Run"]
 
@@ -67,13 +68,14 @@ CONFIG_FILE = "config.yaml"       # the full config, written when the run begins
 RECORD_FILE = "run.json"          # the run record
 MODEL_FILE = "model.safetensors"  # the exported plain timm model (and each checkpoint's whole model)
 CLI_FILE = "cli.json"             # the `encodenet fit` arguments, written by the command
-EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results
+EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results (eval-<name>.json: of other weights)
+PICTURES = ("representatives.png", "reconstructions.png", "curves.png")  # `plots.save_run_plots`'s
 SUMMARY_FILE = "summary.csv"      # one row per epoch of every stage (as timm's train.py writes), rewritten each epoch
 MANIFEST = "manifest.json"        # a checkpoint's, written last
 LOCK_FILE = ".lock"               # flock()ed while a process writes the directory
 # what a run directory may hold (fnmatch patterns): a new run may go into a directory holding only these
-RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, SUMMARY_FILE, LOCK_FILE, "checkpoints",
-             ".*.tmp")
+RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, "eval-*.json", SUMMARY_FILE, *PICTURES,
+             LOCK_FILE, "checkpoints", ".*.tmp")
 _FORMAT = "encodenet_timm.checkpoint/1"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 _RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows

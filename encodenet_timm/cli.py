@@ -12,7 +12,6 @@ A run directory holds ``cli.json`` (what `fit` was asked for: model, data, loade
 import argparse
 import difflib
 import itertools
-import json
 import logging
 import os
 import sys
@@ -23,14 +22,14 @@ import timm
 import torch
 
 from . import distributed
-from .checkpoint import (CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, RUN_FILES, DirLock,
+from .checkpoint import (CLI_FILE, CONFIG_FILE, EVAL_FILE, LOCK_FILE, MODEL_FILE, RECORD_FILE, DirLock,
                          check_new_dir, check_writable, read_json, save_tensors, write_json)
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig, parse_value
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .errors import EncodeNetError
-from .plots import PICTURES, save_run_plots
+from .plots import save_run_plots
 from .training import resolve_device, seed_everything
 from .wrapper import EncodeNetWrapper
 
@@ -39,10 +38,9 @@ __all__ = ["main", "build_parser"]
 _logger = logging.getLogger(__name__)
 
 COMPARE_JSON = "compare.json"  # what `encodenet compare` was asked for: model, data, seeds, controls, config
-# what a new fit / compare may find in --out (a run of ours that stopped early); anything else is the user's
-_FIT_FILES = (*RUN_FILES, *PICTURES, "eval-*.json")
+# what a new compare may find in --out (one of ours that stopped early); anything else is the user's
 _COMPARE_FILES = (COMPARE_JSON, "compute.json", "runs", "weights", "results.md", "results.json",
-                  "accuracy_vs_compute.png", ".lock", ".*.tmp")
+                  "accuracy_vs_compute.png", LOCK_FILE, ".*.tmp")
 # fit options recorded in cli.json, with their defaults; with --resume they come from cli.json
 _FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset": None, "data_dir": None,
                  "val_fraction": 0.1, "per_class": None, "batch_size": 128, "img_size": 32}
@@ -334,7 +332,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     else:
         if (out / CONFIG_FILE).is_file() and (out / RECORD_FILE).is_file():  # written when training begins
             raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
-        check_new_dir(out, _FIT_FILES)  # writable, and nothing of the user's in it
+        check_new_dir(out)  # writable, and nothing of the user's in it
         spec = _new_spec(given, "fit", "a run")
         config = _config(args)
     resolve_device(config.device)  # an unknown device or a missing GPU, before any data is read
@@ -394,11 +392,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not (out / COMPARE_JSON).is_file():
             raise FileNotFoundError(f"{out} has no {COMPARE_JSON}: it is not a comparison written by "
                                     f"'encodenet compare'")
-        saved = json.loads((out / COMPARE_JSON).read_text())
+        saved = read_json(out / COMPARE_JSON)  # a damaged file is named
         extra = [f"--{k.replace('_', '-')}" for k in given] + [f"--{k}" for k, v in run.items() if v is not None]
         if extra:
             raise ValueError(f"--resume takes every setting from {out}/{COMPARE_JSON}; drop {', '.join(extra)}")
         spec, run = saved["spec"], saved["run"]
+        check_writable(out)
         config = EncodeNetConfig.from_dict(saved["config"]).override(_config_overrides(args))
     else:
         if (out / COMPARE_JSON).exists():
@@ -414,7 +413,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         unknown = [c for c in run["controls"] if c not in CONTROLS]
         if unknown:
             raise ValueError(f"unknown --controls {unknown}; choose from {','.join(CONTROLS)}")
-    check_writable(out)
     resolve_device(config.device)  # an unknown device or a missing GPU, before any data is read
     return _locked(out, lambda lock: _compare(args, out, spec, run, config, lock))
 

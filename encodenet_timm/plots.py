@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["save_run_plots", "PICTURES"]
+from .checkpoint import PICTURES  # the file names, part of a run directory's layout
 
-PICTURES = ("representatives.png", "reconstructions.png", "curves.png")  # what save_run_plots may write
+__all__ = ["save_run_plots"]
 
 Denormalize = Callable[[torch.Tensor], torch.Tensor]
 _CELL = 1.0  # inches per image
