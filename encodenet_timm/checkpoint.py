@@ -23,14 +23,21 @@ Layout of a run directory::
         manifest.json                written last: stage, epoch, files, loop state (JSON)
     <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
     <run_dir>/cli.json, eval.json    the ``encodenet`` command's own: fit arguments, evaluation results
+    <run_dir>/*.png                  pictures of the run (`plots.save_run_plots`)
+    <run_dir>/.lock                  flock()ed by the one process writing the directory (`DirLock`)
+
+A new run goes only into an empty directory or one holding nothing but files a run writes
+(`check_new_dir`): nothing of the user's is overwritten.
 """
 import csv
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -42,10 +49,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .errors import RunDirInUseError
 from .training import TrainState
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): directories are not locked
+    fcntl = None
+
 __all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "write_atomic",
-           "write_json", "read_json", "save_tensors", "load_tensors", "load_state_into", "load_model_file",
+           "LOCK_FILE", "PICTURES", "RUN_FILES",
+           "write_json", "read_json", "check_writable", "check_new_dir", "DirLock", "save_tensors", "load_tensors", "load_state_into", "load_model_file",
            "model_fingerprint", "Checkpoint", "RunDir", "Run"]
 
 _logger = logging.getLogger(__name__)
@@ -56,9 +70,14 @@ CONFIG_FILE = "config.yaml"       # the full config, written when the run begins
 RECORD_FILE = "run.json"          # the run record
 MODEL_FILE = "model.safetensors"  # the exported plain timm model (and each checkpoint's whole model)
 CLI_FILE = "cli.json"             # the `encodenet fit` arguments, written by the command
-EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results
+EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results (eval-<name>.json: of other weights)
+PICTURES = ("representatives.png", "reconstructions.png", "curves.png")  # `plots.save_run_plots`'s
 SUMMARY_FILE = "summary.csv"      # one row per epoch of every stage (as timm's train.py writes), rewritten each epoch
 MANIFEST = "manifest.json"        # a checkpoint's, written last
+LOCK_FILE = ".lock"               # flock()ed while a process writes the directory
+# what a run directory may hold (fnmatch patterns): a new run may go into a directory holding only these
+RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, "eval-*.json", SUMMARY_FILE, *PICTURES,
+             LOCK_FILE, "checkpoints", ".*.tmp")
 _FORMAT = "encodenet_timm.checkpoint/1"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 _RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
@@ -85,6 +104,100 @@ def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_writable(path: PathLike, what: str = "--out") -> None:
+    """Raise ValueError unless `path` is (or can be created as) a directory this process can write.
+
+    The nearest existing one of `path` and its parents must be a writable directory; nothing is created.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a directory; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write to {existing} (permission denied or a read-only file "
+                         f"system); choose a directory you can write")
+    if existing == path and not os.access(path, os.R_OK):
+        raise ValueError(f"{what} {path}: cannot read the directory (permission denied)")
+
+
+def check_new_dir(path: PathLike, ours: Sequence[str] = RUN_FILES, *, what: str = "run directory") -> None:
+    """Raise ValueError unless a new run may be written to `path`: it is writable (`check_writable`) and
+    absent, empty, or holds only entries matching `ours` (left by one of our runs that stopped early).
+
+    Raises:
+        ValueError: naming the directory and the first entries that are not ours.
+    """
+    path = Path(path)
+    check_writable(path)
+    if not path.is_dir():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in ours))
+    if foreign:
+        raise ValueError(f"{path} is not empty and not a {what} of encodenet_timm (it holds {_first(foreign)}); "
+                         f"nothing in it is overwritten: choose an empty or new directory (or resume one of "
+                         f"our runs)")
+
+
+# which directories this process holds locked: resolved path -> [open lock file, DirLock objects holding it]
+_HELD: Dict[Path, List[Any]] = {}
+
+
+class DirLock:
+    """An exclusive lock on a directory, so that two processes never write it at once.
+
+    ``flock`` on ``DIR/.lock``, held open while the process writes: the OS releases it when the process
+    ends, however it ends (a stale ``.lock`` left by a killed process never blocks a resume). Within one
+    process the lock is re-entrant (the CLI holds it around `EncodeNetWrapper.fit`, which takes it too).
+    Each `DirLock` is acquired at most once; `release` undoes that.
+    """
+
+    def __init__(self, directory: PathLike):
+        self.path = Path(directory)
+        self._key: Optional[Path] = None
+
+    def acquire(self) -> "DirLock":
+        """Create the directory if needed and lock it.
+
+        Raises:
+            RunDirInUseError: another process holds the lock; the message names it (pid and host).
+        """
+        if self._key is not None or fcntl is None:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        if key not in _HELD:
+            fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: held elsewhere
+                holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunDirInUseError(
+                    f"{self.path} is being written by {holder} (it holds {key / LOCK_FILE}); wait for it to end "
+                    f"or stop it, then try again, or choose another directory") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+            _HELD[key] = [fd, 0]
+        _HELD[key][1] += 1
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        """Undo `acquire` (the lock itself goes once no `DirLock` of this process holds it)."""
+        key, self._key = self._key, None
+        if key is None or key not in _HELD:
+            return
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            os.close(_HELD.pop(key)[0])  # closing the file releases the flock
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def write_json(path: PathLike, data: Dict[str, Any], *, indent: int = 1, newline: bool = False) -> None:
@@ -287,6 +400,7 @@ class RunDir:
         self.path = Path(path)
         self.stages = tuple(stages)
         self.record: Dict[str, Any] = {}
+        self._lock = DirLock(self.path)  # held from `begin` to `close`
 
     @property
     def config_path(self) -> Path:
@@ -319,7 +433,7 @@ class RunDir:
         return None
 
     def begin(self, config: Dict[str, Any], info: Dict[str, Any], resume: bool) -> None:
-        """Start (or, with `resume`, reopen) the run.
+        """Lock the directory (`DirLock`, until `close`), then start (or, with `resume`, reopen) the run.
 
         Args:
             config: the full config as a plain dict (written to config.yaml, and to run.json, which also
@@ -329,15 +443,29 @@ class RunDir:
         Raises:
             ValueError: resume without a run, with another model, with a config.yaml edited by hand, or
                 with a config that changes a stage that has begun (see `_reopen`); a fresh run into a
-                directory that already holds checkpoints.
+                directory that already holds checkpoints, or one holding files that are not a run's.
+            RunDirInUseError: another process is writing the directory.
         """
-        if resume:
-            self._reopen(config, info)
-            return
+        if resume and not (self.config_path.is_file() and self.record_path.is_file()):
+            raise ValueError(f"resume=True but {self.path} holds no run to resume (no config.yaml and run.json); "
+                             f"run without resume to start one there")
+        if not resume and self.latest() is None:
+            check_new_dir(self.path)  # nothing of the user's is overwritten
+        self._lock.acquire()
+        try:
+            self._reopen(config, info) if resume else self._start(config, info)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the directory's lock (taken by `begin`)."""
+        self._lock.release()
+
+    def _start(self, config: Dict[str, Any], info: Dict[str, Any]) -> None:
         if self.latest() is not None:
             raise ValueError(f"{self.path} already holds checkpoints of a run; pass resume=True to continue it, "
                              f"or choose a new run directory")
-        self.path.mkdir(parents=True, exist_ok=True)
         self.record = {**info, "status": "running", "started": _now(), "updated": _now(), "resumed": [],
                        "stages": {s: {"status": "pending"} for s in self.stages}}
         self._write_config(config)
@@ -352,9 +480,6 @@ class RunDir:
     def _reopen(self, config: Dict[str, Any], info: Dict[str, Any]) -> None:
         """Reopen the run for `resume`; a config that differs only in stages that have not begun is accepted,
         written to config.yaml and recorded in run.json's ``config_changes``."""
-        if not self.config_path.is_file() or not self.record_path.is_file():
-            raise ValueError(f"resume=True but {self.path} holds no run to resume (no config.yaml and run.json); "
-                             f"run without resume to start one there")
         try:
             on_disk = yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError as e:
@@ -534,6 +659,11 @@ class Run:
             run_dir.begin(config, info(), resume)
         distributed.barrier()
         return cls(run_dir, writes=distributed.is_main())
+
+    def close(self) -> None:
+        """Release the run directory's lock (every rank calls it; fit does, however it ends)."""
+        if self.writes:
+            self.dir.close()
 
     def latest(self) -> Checkpoint:
         """The checkpoint to resume from: the latest complete one of the last stage that has one.

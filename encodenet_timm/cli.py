@@ -11,27 +11,26 @@ A run directory holds ``cli.json`` (what `fit` was asked for: model, data, loade
 """
 import argparse
 import difflib
-import json
+import itertools
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
-import yaml
 
 from . import distributed
-from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, read_json, save_tensors, write_json
+from .checkpoint import (CLI_FILE, CONFIG_FILE, EVAL_FILE, LOCK_FILE, MODEL_FILE, RECORD_FILE, DirLock,
+                         check_new_dir, check_writable, read_json, save_tensors, write_json)
 from .compare import CONTROLS, compare
-from .config import EncodeNetConfig
+from .config import EncodeNetConfig, parse_value
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .errors import EncodeNetError
 from .plots import save_run_plots
-from .training import seed_everything
+from .training import resolve_device, seed_everything
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["main", "build_parser"]
@@ -39,6 +38,9 @@ __all__ = ["main", "build_parser"]
 _logger = logging.getLogger(__name__)
 
 COMPARE_JSON = "compare.json"  # what `encodenet compare` was asked for: model, data, seeds, controls, config
+# what a new compare may find in --out (one of ours that stopped early); anything else is the user's
+_COMPARE_FILES = (COMPARE_JSON, "compute.json", "runs", "weights", "results.md", "results.json",
+                  "accuracy_vs_compute.png", LOCK_FILE, ".*.tmp")
 # fit options recorded in cli.json, with their defaults; with --resume they come from cli.json
 _FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset": None, "data_dir": None,
                  "val_fraction": 0.1, "per_class": None, "batch_size": 128, "img_size": 32}
@@ -113,10 +115,26 @@ def _add_data_options(parser: argparse.ArgumentParser, out_help: str) -> None:
                                                                         "validation (default 0.1; 0: none)")
     parser.add_argument("--per-class", type=int, metavar="N", help="use at most N training images per class "
                                                                    "(a quick run)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="batch size of every loader (default 128)")
-    parser.add_argument("--img-size", type=int, metavar="N", help="image side for digits and imagefolder (default 32)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
+    parser.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size of every loader (default 128)")
+    parser.add_argument("--img-size", type=_count(1), metavar="N",
+                        help="image side for digits and imagefolder (default 32)")
+    parser.add_argument("--workers", type=_count(0), default=0, metavar="N",
+                        help="DataLoader worker processes (default 0)")
     parser.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
+
+
+def _count(low: int):
+    """An argparse type: an int >= `low` (argparse reports anything else as a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
 
 
 def _subparser(sub, name: str, usage: str, text: str, epilog: str) -> argparse.ArgumentParser:
@@ -151,21 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(cmp)
     cmp.set_defaults(func=_cmd_compare)
 
-    ev = _subparser(sub, "evaluate", "encodenet evaluate RUN_DIR [--split {test,val}] [options]",
-                    "accuracy and loss of a run's model; writes RUN_DIR/eval.json",
-                    "example:\n  encodenet evaluate runs/digits --split test\n")
+    ev = _subparser(sub, "evaluate", "encodenet evaluate RUN_DIR [--split {test,val}] [--weights FILE] [options]",
+                    f"accuracy and loss of a run's model; writes RUN_DIR/{EVAL_FILE} (other --weights: "
+                    f"RUN_DIR/eval-<weights name>.json, never over the run's own {EVAL_FILE})",
+                    "examples:\n  encodenet evaluate runs/digits --split test\n"
+                    "  encodenet evaluate runs/digits --weights runs/cmp/weights/kd-seed0.safetensors"
+                    "   # -> runs/digits/eval-kd-seed0.json\n")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
     ev.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
     ev.add_argument("--weights", metavar="FILE",
-                    help=f"a safetensors state dict to evaluate (default RUN_DIR/{MODEL_FILE})")
-    ev.add_argument("--batch-size", type=int, metavar="N", help="default: the run's")
-    ev.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default 0)")
+                    help=f"a safetensors state dict to evaluate (default RUN_DIR/{MODEL_FILE}); its results go "
+                         f"to RUN_DIR/eval-<FILE's name without suffix>.json (-2, -3, ... when that name is "
+                         f"taken by other weights)")
+    ev.add_argument("--batch-size", type=_count(1), metavar="N", help="default: the run's")
+    ev.add_argument("--workers", type=_count(0), default=0, metavar="N",
+                    help="DataLoader worker processes (default 0)")
     ev.add_argument("--device", metavar="DEVICE", help="default: the run's config (auto: CUDA when present)")
     ev.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
     ev.set_defaults(func=_cmd_evaluate)
 
     ex = _subparser(sub, "export", "encodenet export RUN_DIR --to FILE.safetensors",
-                    "write a run's model as a plain timm state dict (+ a .json sidecar)",
+                    "write a run's model as a plain timm state dict (+ a .json sidecar); an existing file is "
+                    "never overwritten unless it is an earlier export",
                     "example:\n  encodenet export runs/digits --to digits.safetensors\n")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
     ex.add_argument("--to", required=True, metavar="FILE.safetensors", help="the file (or, --format timm, the "
@@ -186,14 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- arguments -> objects -----------------------------------------------------------------------------
-def _parse_value(text: str) -> Any:
-    """A YAML scalar or list; number-like strings YAML leaves as text ("1e-3") become floats."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
-        return float(value)
-    return value
-
-
 def _key_values(items: Sequence[str], what: str) -> Dict[str, Any]:
     """["a.b=1", ...] -> {"a.b": 1, ...}; raises ValueError for an item without '='."""
     out = {}
@@ -201,13 +218,13 @@ def _key_values(items: Sequence[str], what: str) -> Dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = _parse_value(value)
+        out[key.strip()] = parse_value(value)
     return out
 
 
 def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """Dotted config keys set by --KEY flags and --set (which wins)."""
-    flags = {name[4:]: _parse_value(value) for name, value in vars(args).items()
+    flags = {name[4:]: parse_value(value) for name, value in vars(args).items()
              if name.startswith("cfg:") and value is not None}
     return {**flags, **_key_values(args.set, "--set")}
 
@@ -227,8 +244,14 @@ def _check_model_name(name: str) -> None:
 
 def _create_model(spec: Dict[str, Any], pretrained: bool = False) -> torch.nn.Module:
     _check_model_name(spec["model"])
-    return timm.create_model(spec["model"], pretrained=pretrained, num_classes=spec["num_classes"],
-                             **_key_values(spec["model_arg"], "--model-arg"))
+    kwargs = _key_values(spec["model_arg"], "--model-arg")
+    try:
+        return timm.create_model(spec["model"], pretrained=pretrained, num_classes=spec["num_classes"], **kwargs)
+    except TypeError as e:  # e.g. "__init__() got an unexpected keyword argument 'depth'"
+        if not kwargs:
+            raise
+        raise ValueError(f"--model-arg {' '.join(spec['model_arg'])}: timm.create_model({spec['model']!r}) "
+                         f"does not take it ({e})") from None
 
 
 def _data(spec: Dict[str, Any], seed: int, download: bool = True) -> DataSplits:
@@ -241,13 +264,15 @@ def _data(spec: Dict[str, Any], seed: int, download: bool = True) -> DataSplits:
 def _load_run(run_dir: Path) -> Tuple[Dict[str, Any], EncodeNetConfig]:
     """(the fit arguments from cli.json, the config from config.yaml) of a run directory."""
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run dir {run_dir} does not exist")
+        raise FileNotFoundError(f"run dir {run_dir} " + ("is a file, not a directory" if run_dir.exists()
+                                                         else "does not exist"))
+    if not os.access(run_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"cannot read the run dir {run_dir} (permission denied)")
     for name in (CLI_FILE, CONFIG_FILE):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir} has no {name}: it is not a run directory written by 'encodenet fit' "
                                     f"(or its fit stopped before training began)")
-    spec = json.loads((run_dir / CLI_FILE).read_text())
-    return spec, EncodeNetConfig.from_yaml(run_dir / CONFIG_FILE)
+    return read_json(run_dir / CLI_FILE), EncodeNetConfig.from_yaml(run_dir / CONFIG_FILE)  # errors name the file
 
 
 def _wrapper_with_weights(spec: Dict[str, Any], config: EncodeNetConfig, run_dir: Path,
@@ -274,11 +299,24 @@ def _new_spec(given: Dict[str, Any], command: str, what: str) -> Dict[str, Any]:
     spec = {**_FIT_DEFAULTS, **given}
     spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
     _check_model_name(spec["model"])
+    _key_values(spec["model_arg"], "--model-arg")  # KEY=VALUE each; the model itself checks them when built
     if spec["pretrained"]:  # pretrained weights expect their own normalisation
         cfg = timm.models.get_pretrained_cfg(spec["model"])
         if cfg is not None:
             spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
     return spec
+
+
+def _locked(out: Path, command) -> int:
+    """``command(lock)`` holding `out`'s `DirLock` (rank 0 writes; other ranks do not lock): taken now if
+    `out` exists, else by `command` when it creates `out`; released however it ends."""
+    lock = DirLock(out)
+    try:
+        if out.is_dir() and distributed.is_main():
+            lock.acquire()  # another process writing `out` is refused before any data is read
+        return command(lock)
+    finally:
+        lock.release()
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -289,12 +327,20 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"--resume takes the model and data from {out}/{CLI_FILE}; drop "
                              + ", ".join(f"--{k.replace('_', '-')}" for k in given))
+        check_writable(out)
         config = _config(args, base=saved)  # EncodeNetWrapper.fit refuses a change that alters results
     else:
-        if (out / CONFIG_FILE).exists():  # written when training begins
+        if (out / CONFIG_FILE).is_file() and (out / RECORD_FILE).is_file():  # written when training begins
             raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
+        check_new_dir(out)  # writable, and nothing of the user's in it
         spec = _new_spec(given, "fit", "a run")
         config = _config(args)
+    resolve_device(config.device)  # an unknown device or a missing GPU, before any data is read
+    return _locked(out, lambda lock: _fit(args, out, spec, config, lock))
+
+
+def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: EncodeNetConfig, lock: DirLock) -> int:
+    """`fit` after its checks, with `out` locked."""
     if not distributed.is_main():  # under torchrun rank 0 reads (or downloads) the data first, then the others
         distributed.barrier()
     data = _data(spec, config.seed, download=not args.no_download)
@@ -315,7 +361,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
     distributed.barrier()  # under torchrun: every rank has checked --out before rank 0 writes to it
     if not args.resume and distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # creates `out`
         write_json(out / CLI_FILE, spec, indent=2, newline=True)
     _logger.info("%s on %s: %d classes, %d training images, run dir %s", spec["model"], spec["dataset"],
                  data.num_classes, len(data.train), out)
@@ -339,7 +385,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     print(f"  weights: {out / MODEL_FILE}")
     print(f"  pictures: {', '.join(p.name for p in pictures)}")
     if test is not None:
-        _report(out, "test", test, len(data.test))
+        _report(out / EVAL_FILE, "test", test, len(data.test))
     return 0
 
 
@@ -351,15 +397,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not (out / COMPARE_JSON).is_file():
             raise FileNotFoundError(f"{out} has no {COMPARE_JSON}: it is not a comparison written by "
                                     f"'encodenet compare'")
-        saved = json.loads((out / COMPARE_JSON).read_text())
+        saved = read_json(out / COMPARE_JSON)  # a damaged file is named
         extra = [f"--{k.replace('_', '-')}" for k in given] + [f"--{k}" for k, v in run.items() if v is not None]
         if extra:
             raise ValueError(f"--resume takes every setting from {out}/{COMPARE_JSON}; drop {', '.join(extra)}")
         spec, run = saved["spec"], saved["run"]
+        check_writable(out)
         config = EncodeNetConfig.from_dict(saved["config"]).override(_config_overrides(args))
     else:
         if (out / COMPARE_JSON).exists():
             raise ValueError(f"{out} already holds a comparison: continue it with --resume, or pick another --out")
+        check_new_dir(out, _COMPARE_FILES, what="comparison directory")  # writable, nothing of the user's
         spec = _new_spec(given, "compare", "a comparison")
         config = _config(args)
         if config.baseline.epochs == 0 and not spec["pretrained"]:
@@ -370,6 +418,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         unknown = [c for c in run["controls"] if c not in CONTROLS]
         if unknown:
             raise ValueError(f"unknown --controls {unknown}; choose from {','.join(CONTROLS)}")
+    resolve_device(config.device)  # an unknown device or a missing GPU, before any data is read
+    return _locked(out, lambda lock: _compare(args, out, spec, run, config, lock))
+
+
+def _compare(args: argparse.Namespace, out: Path, spec: Dict[str, Any], run: Dict[str, Any],
+             config: EncodeNetConfig, lock: DirLock) -> int:
+    """`compare` after its checks, with `out` locked."""
     data = _data(spec, config.seed, download=not args.no_download)
     if data.val is None:
         raise ValueError("compare needs a validation split: set --val-fraction above 0 (or give the image folder "
@@ -379,7 +434,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if config.input_size is None:
         config = config.override({"input_size": spec["input_size"]})
     if not args.resume:
-        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # creates `out`
         write_json(out / COMPARE_JSON, {"spec": spec, "run": run, "config": config.to_dict()})
     data = on_cuda_device(data, config.device)  # #15: on a GPU the splits that fit live and batch there
     loaders = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers, seed=config.seed,
@@ -395,36 +450,89 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(run_dir: Path, split: str, metrics: Dict[str, float], images: int) -> None:
-    """Print the metrics and merge them into RUN_DIR/eval.json under `split`."""
-    path = run_dir / EVAL_FILE
-    results = json.loads(path.read_text()) if path.is_file() else {}
+def _report(path: Path, split: str, metrics: Dict[str, float], images: int, **facts: Any) -> None:
+    """Print the metrics and merge them into `path` (an eval JSON) under `split`; `facts` go in at the top."""
+    results = read_json(path) if path.is_file() else {}
+    results.update(facts)
     results[split] = {**metrics, "images": images}
     write_json(path, results, indent=2, newline=True)
     print(f"{split} accuracy: {metrics['accuracy']:.4f}  loss: {metrics['loss']:.4f}  ({images} images) -> {path}")
 
 
+def _eval_path(run_dir: Path, weights: Optional[Path]) -> Path:
+    """Where `evaluate` writes: RUN_DIR/eval.json for the run's own model; for other weights
+    RUN_DIR/eval-<stem>.json (-2, -3, ... when that name holds the results of other weights)."""
+    if weights is None or weights.resolve() == (run_dir / MODEL_FILE).resolve():
+        return run_dir / EVAL_FILE
+    for n in itertools.count(1):
+        path = run_dir / f"eval-{weights.stem}{'' if n == 1 else f'-{n}'}.json"
+        if not path.is_file() or read_json(path).get("weights") == str(weights.resolve()):
+            return path
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     spec, config = _load_run(run_dir)
+    weights = Path(args.weights) if args.weights else None
+    if weights is not None and not weights.is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
     if args.device:
         config = config.override({"device": args.device})
+    resolve_device(config.device)  # an unknown device or a missing GPU, before any data is read
     if args.batch_size:
         spec["batch_size"] = args.batch_size
+    return _locked(run_dir, lambda lock: _evaluate(args, run_dir, spec, config, weights))
+
+
+def _evaluate(args: argparse.Namespace, run_dir: Path, spec: Dict[str, Any], config: EncodeNetConfig,
+              weights: Optional[Path]) -> int:
+    """`evaluate` after its checks, with the run dir locked."""
     data = _data(spec, config.seed, download=not args.no_download)
     dataset = data.test if args.split == "test" else data.val
     if dataset is None:
         raise ValueError(f"the run's data has no {args.split} split"
                          + (" (it was fitted with --val-fraction 0)" if args.split == "val" else ""))
     loader = make_loaders(data, batch_size=spec["batch_size"], workers=args.workers)[args.split]
-    wrapper = _wrapper_with_weights(spec, config, run_dir, Path(args.weights) if args.weights else None)
-    _report(run_dir, args.split, wrapper.evaluate(loader), len(dataset))
+    wrapper = _wrapper_with_weights(spec, config, run_dir, weights)
+    path = _eval_path(run_dir, weights)
+    facts = {} if path.name == EVAL_FILE else {"weights": str(weights.resolve())}
+    _report(path, args.split, wrapper.evaluate(loader), len(dataset), **facts)
     return 0
+
+
+_SIDECAR_KEYS = ("model", "create_kwargs", "classes", "run_dir")  # what marks a .json as export's own sidecar
+
+
+def _export_targets(to: Path) -> Path:
+    """The sidecar of weights file `to` (``to`` with suffix .json), after checking that the two are different
+    files and that neither is a file of the user's: an existing pair is replaced only if it is an earlier export.
+
+    Raises:
+        ValueError: naming the path, and what to do instead.
+    """
+    if to.suffix.lower() == ".json":
+        raise ValueError(f"--to {to}: export writes its .json sidecar next to the weights, so the weights file must "
+                         f"not end in .json; use e.g. --to {to.with_suffix('.safetensors')}")
+    if to.is_dir():
+        raise ValueError(f"--to {to} is a directory: give a file name (e.g. --to {to / 'model.safetensors'}), "
+                         f"or --format timm to write timm's folder")
+    check_writable(to.parent, "--to")
+    sidecar = to.with_suffix(".json")
+    try:
+        ours = sidecar.is_file() and all(k in read_json(sidecar) for k in _SIDECAR_KEYS)
+    except ValueError:  # not JSON: the user's
+        ours = False
+    for path in (to, sidecar):
+        if path.exists() and not ours:
+            raise ValueError(f"--to {to}: {path} exists and is not an earlier 'encodenet export' (nothing of yours "
+                             f"is overwritten); choose another --to, or move {path} away")
+    return sidecar
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     run_dir, to = Path(args.run_dir), Path(args.to)
     spec, config = _load_run(run_dir)
+    sidecar = _export_targets(to) if args.format == "safetensors" else None
     wrapper = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir)
     exported = wrapper.export()
     zoo = type(exported).__module__.startswith(__package__)
@@ -436,7 +544,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     save_tensors(to, exported.state_dict())  # atomic, like every file of a run
     kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
-    sidecar = to.with_suffix(".json")
     write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
                          "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
                          "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
@@ -457,8 +564,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``encodenet`` with `argv` (default ``sys.argv[1:]``); returns the exit code.
 
-    Bad input (an unknown config key, a missing data dir, ...) prints one line and returns 2;
-    an `EncodeNetError` (a model EncodeNet cannot handle, a diverged loss) returns 1.
+    Every error prints one line, never a traceback: bad input (an unknown config key, a missing data dir,
+    a YAML syntax error, a directory that cannot be written, ...) returns 2; an `EncodeNetError` (a model
+    EncodeNet cannot handle, a diverged loss, a run directory another process writes) returns 1, as does
+    anything unexpected (``ENCODENET_TRACEBACK=1`` shows its traceback); Ctrl-C returns 130.
     """
     parser = build_parser()
     try:
@@ -476,11 +585,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             logging.getLogger(__package__).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"encodenet {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except EncodeNetError as e:
         print(f"encodenet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # OSError: a file that cannot be read or written (named by `e`)
+        print(f"encodenet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"encodenet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("ENCODENET_TRACEBACK"):
+            raise
+        print(f"encodenet {args.command}: unexpected {type(e).__name__}: {e} (set ENCODENET_TRACEBACK=1 to see "
+              f"where; please report it)", file=sys.stderr)
         return 1
     finally:
         if group:

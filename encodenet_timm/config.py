@@ -6,6 +6,7 @@ same in Python, in YAML and on the command line.
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,25 @@ SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
 AMP_VALUES = ("none", "auto", "bf16", "fp16")
 FAISS_GPU_VALUES = ("auto", "never", "always")
+# a number YAML 1.1 leaves as text ("1e-3": no dot); read as a float, in a file as on the command line
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """A flag's value read as YAML (``yaml.safe_load``), with number-like text ("1e-3") as a float."""
+    value = _load_yaml(text, f"the value {text!r}")
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``; a syntax error becomes a ValueError naming `source`, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{source} is not valid YAML{where}: {problem}") from None
 
 
 class _Strict:
@@ -170,14 +190,26 @@ class EncodeNetConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, text_or_path: Union[str, Path]) -> "EncodeNetConfig":
-        """Build from YAML text or a path to a YAML file (read with ``yaml.safe_load``)."""
+        """Build from YAML text or a path to a YAML file (read with ``yaml.safe_load``).
+
+        Raises:
+            ValueError: a YAML syntax error (with its line and column), or a bad key or value; for a file,
+                the message starts with its path.
+        """
+        source = "config YAML"
         if isinstance(text_or_path, Path) or (
                 isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
+            source = str(text_or_path)
             text_or_path = Path(text_or_path).read_text()
-        data = yaml.safe_load(text_or_path)
+        data = _load_yaml(text_or_path, source)
         if data is not None and not isinstance(data, dict):
-            raise ValueError(f"config YAML must be a mapping at the top level, got {type(data).__name__}")
-        return cls.from_dict(data or {})
+            raise ValueError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data or {})
+        except ValueError as e:
+            if source == "config YAML":
+                raise
+            raise ValueError(f"{source}: {e}") from None
 
     def override(self, dotted: Dict[str, Any]) -> "EncodeNetConfig":
         """A copy with dotted keys replaced, e.g. ``{"transfer.lr": 0.1}``."""
@@ -206,7 +238,8 @@ def _from_dict(cls: type, data: Dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = prefix + str(key)
@@ -214,6 +247,9 @@ def _from_dict(cls: type, data: Dict[str, Any], prefix: str) -> Any:
             raise ValueError(f"unknown config key {path!r}; valid keys: {', '.join(prefix + n for n in names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
+            factory = fields[key].default_factory
+            if isinstance(value, dict) and factory is not dataclasses.MISSING:  # a partial section keeps this
+                value = {**dataclasses.asdict(factory()), **value}  # field's defaults (baseline.epochs = 0)
             kwargs[key] = _from_dict(hint, value, path + ".")
         else:
             kwargs[key] = _check_type(value, hint, path)
@@ -237,6 +273,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
             return tuple(_check_type(v, t, path) for v, t in zip(value, item_types))
     elif hint is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as text
+            return float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is int:

@@ -4,7 +4,7 @@ Bad user input raises the built-in ``ValueError`` / ``TypeError``; these classes
 cases the built-ins do not describe: a model we cannot handle and a training stage that diverged.
 """
 
-__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError"]
+__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError", "RunDirInUseError"]
 
 
 class EncodeNetError(Exception):
@@ -34,3 +34,10 @@ class NonFiniteLossError(EncodeNetError, FloatingPointError):
             f"Lower the {stage} learning rate (config.{stage}.lr), set config.{stage}.clip_grad, "
             f"or check the inputs for NaN/inf values."
         )
+
+
+class RunDirInUseError(EncodeNetError, RuntimeError):
+    """Another process is writing the run (or comparison) directory: two writers would mix their files.
+
+    The message names the directory and the process holding its lock.
+    """

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .checkpoint import PICTURES  # the file names, part of a run directory's layout
+
 __all__ = ["save_run_plots"]
 
 Denormalize = Callable[[torch.Tensor], torch.Tensor]
@@ -43,13 +45,13 @@ def save_run_plots(wrapper, run_dir: Union[str, Path], dataset: Optional[Dataset
     reps = wrapper.representatives
     if reps is not None:
         written.append(_save(_representatives_figure(reps, denormalize, classes, max_classes),
-                             run_dir / "representatives.png"))
+                             run_dir / PICTURES[0]))
         if "autoencoder" in wrapper.history:
             written.append(_save(_reconstructions_figure(wrapper, dataset, denormalize, classes, per_class,
-                                                         max_classes), run_dir / "reconstructions.png"))
+                                                         max_classes), run_dir / PICTURES[1]))
     stages = {k: v for k, v in wrapper.history.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
     if stages:
-        written.append(_save(_curves_figure(stages), run_dir / "curves.png"))
+        written.append(_save(_curves_figure(stages), run_dir / PICTURES[2]))
     return written
 
 

@@ -158,6 +158,7 @@ class EncodeNetWrapper:
         Raises:
             ValueError: bad data (checked before any training), or a `run_dir` that cannot be used
                 (see `RunDir.begin`).
+            RunDirInUseError: another process is writing `run_dir`.
         """
         check_loader(train_loader, "train_loader", map_style=True)
         _checked(self.config)  # before any stage: a value set by hand on wrapper.config since __init__
@@ -173,15 +174,17 @@ class EncodeNetWrapper:
                 ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
         # under torchrun rank 0 writes the run directory, every rank reads it to resume
         run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(), self._run_facts, resume=resume)
-        try:
+        try:  # the run directory stays locked until fit returns or raises
             if resume:
                 self._restore(self._run.latest())
             elif run_dir is not None:
                 self._checkpoint("initial", 0, 0)
             run.run_stages(plan)
+            self._run = Run()
+            run.finish(lambda: self.export().state_dict())
         finally:
             self._run = Run()
-        run.finish(lambda: self.export().state_dict())
+            run.close()
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
 

@@ -1,22 +1,318 @@
-"""Bad input, faults and misuse (issue #16): each case names its culprit, comes before compute where it
-can, and leaves the user's files as they were."""
+"""Issue #16: every mistake is caught before compute, nothing of the user's is overwritten, no raw tracebacks.
+
+Each test checks the error (type or exit status), that the message names the culprit, and, where the check
+comes first, that nothing was trained or written before it.
+"""
+import fcntl
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
+import encodenet_timm.cli as cli
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
+from encodenet_timm.checkpoint import LOCK_FILE, DirLock, RunDir, check_new_dir
 from encodenet_timm.cli import main
+from encodenet_timm.errors import RunDirInUseError
 
 from conftest import make_model
 
+REPO = Path(__file__).resolve().parents[1]
+NEW = ["fit", "--model", "resnet20_cifar", "--dataset", "digits", "--device", "cpu"]
+# the smallest complete fit: 5 digits per class, one epoch per training stage, no fine-tune
+TINY = ["--per-class", "5", "--val-fraction", "0", "--batch-size", "50", "--progress", "false",
+        "--baseline.epochs", "1", "--representatives.clusters_per_class", "1", "--autoencoder.epochs", "1",
+        "--transfer.epochs", "1", "--finetune.epochs", "0"]
 
-def _run(capsys, *argv):
+
+def run(capsys, *argv):
     """(exit code, stdout, stderr) of ``encodenet *argv`` run in-process."""
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def listing(directory: Path):
+    """Every path under `directory` with its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in directory.rglob("*")}
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fail the test if a command reads any data: its checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("data was read before the check")
+    monkeypatch.setattr(cli, "build_datasets", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished (tiny) digits run directory."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main([*NEW, "--out", str(out), *TINY]) == 0
+    return out
+
+
+def fake_run(directory: Path, config_text: str = None) -> Path:
+    """A run directory as far as `_load_run` reads it: cli.json and config.yaml (no weights, no training)."""
+    directory.mkdir(parents=True)
+    (directory / "cli.json").write_text(json.dumps({"model": "resnet20_cifar", "dataset": "digits"}))
+    (directory / "config.yaml").write_text(EncodeNetConfig().to_yaml() if config_text is None else config_text)
+    return directory
+
+
+# ---- #16.3 nothing the user owns is overwritten -----------------------------------------------------------
+def test_fit_refuses_a_directory_of_the_users(capsys, tmp_path, no_data):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "config.yaml").write_text("my: own config\n")  # a name a run writes, but no run.json: not a run
+    before = listing(out)
+    code, _, err = run(capsys, *NEW, "--out", out)
+    assert code == 2 and str(out) in err and "notes.txt" in err and "empty or new directory" in err
+    assert listing(out) == before  # no cli.json, no .lock
+    code, _, err = run(capsys, "compare", *NEW[1:], "--out", out, "--baseline.epochs", "1")
+    assert code == 2 and "notes.txt" in err and listing(out) == before
+
+
+def test_library_fit_refuses_a_directory_of_the_users(tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "data.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"not empty and not a run directory.*'data.csv'"):
+        RunDir(tmp_path, ["baseline"]).begin({"seed": 0}, {"model": {}}, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "run.json"]
+    # what a run that stopped before it began leaves is ours: a new run may start there
+    (tmp_path / "data.csv").unlink()
+    for name in ("cli.json", ".config.yaml.123.tmp", "checkpoints"):
+        (tmp_path / name).write_text("")
+    check_new_dir(tmp_path)
+
+
+def test_fit_into_an_existing_run_needs_resume(capsys, tiny_run, no_data):
+    before = listing(tiny_run)
+    code, _, err = run(capsys, *NEW, "--out", tiny_run)
+    assert code == 2 and str(tiny_run) in err and "--resume" in err
+    assert listing(tiny_run) == before
+
+
+def test_export_never_overwrites_the_weights_or_a_users_file(capsys, tiny_run, tmp_path):
+    code, _, err = run(capsys, "export", tiny_run, "--to", tmp_path / "model.json")  # the sidecar's own name
+    assert code == 2 and "model.json" in err and "must not end in .json" in err
+    assert not list(tmp_path.iterdir())
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"my weights")
+    code, _, err = run(capsys, "export", tiny_run, "--to", mine)
+    assert code == 2 and str(mine) in err and "not an earlier 'encodenet export'" in err
+    assert mine.read_bytes() == b"my weights" and not (tmp_path / "mine.json").exists()
+    sidecar = tmp_path / "w.json"
+    sidecar.write_text('{"mine": true}')
+    code, _, err = run(capsys, "export", tiny_run, "--to", tmp_path / "w.safetensors")
+    assert code == 2 and str(sidecar) in err and sidecar.read_text() == '{"mine": true}'
+    assert not (tmp_path / "w.safetensors").exists()
+    code, _, err = run(capsys, "export", tiny_run, "--to", tiny_run / "model.safetensors")  # the run's own file
+    assert code == 2 and "model.safetensors" in err and not (tiny_run / "model.json").exists()
+    code, _, err = run(capsys, "export", tiny_run, "--to", tmp_path)
+    assert code == 2 and "is a directory" in err
+    # an earlier export is replaced
+    target = tmp_path / "new" / "digits"  # no suffix: the sidecar is digits.json
+    for _ in range(2):
+        code, _, err = run(capsys, "export", tiny_run, "--to", target)
+        assert code == 0, err
+    assert json.loads(target.with_suffix(".json").read_text())["model"] == "resnet20_cifar"
+
+
+def test_evaluate_other_weights_keeps_the_runs_own_result(capsys, tiny_run, tmp_path):
+    own = (tiny_run / "eval.json").read_bytes()
+    other = tmp_path / "a" / "kd-seed0.safetensors"
+    other.parent.mkdir()
+    shutil.copy(tiny_run / "model.safetensors", other)
+    code, out, err = run(capsys, "evaluate", tiny_run, "--weights", other)
+    assert code == 0, err
+    assert (tiny_run / "eval.json").read_bytes() == own
+    result = json.loads((tiny_run / "eval-kd-seed0.json").read_text())
+    assert result["weights"] == str(other.resolve()) and result["test"]["images"] == 450
+    assert "eval-kd-seed0.json" in out
+    same_name = tmp_path / "b" / "kd-seed0.safetensors"  # other weights with the same name: a file of their own
+    same_name.parent.mkdir()
+    shutil.copy(other, same_name)
+    assert run(capsys, "evaluate", tiny_run, "--weights", same_name)[0] == 0
+    assert json.loads((tiny_run / "eval-kd-seed0-2.json").read_text())["weights"] == str(same_name.resolve())
+    assert (tiny_run / "eval.json").read_bytes() == own
+    code, _, err = run(capsys, "evaluate", tiny_run, "--weights", tmp_path / "missing.safetensors")
+    assert code == 2 and "missing.safetensors" in err
+    for name in ("eval-kd-seed0.json", "eval-kd-seed0-2.json"):
+        (tiny_run / name).unlink()
+
+
+def _hold_lock(directory: Path) -> subprocess.Popen:
+    """A process holding `directory`'s lock as `DirLock` takes it (flock, its pid in the file) until it is
+    killed; plain Python, so it starts at once."""
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); os.ftruncate(fd, 0); "
+            "os.write(fd, f'process {os.getpid()} on here'.encode()); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(directory / LOCK_FILE)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_two_processes_cannot_write_one_run_dir(capsys, tiny_run, monkeypatch):
+    holder = _hold_lock(tiny_run)
+    try:
+        record = (tiny_run / "run.json").read_bytes()
+        with monkeypatch.context() as m:
+            m.setattr(cli, "build_datasets", lambda *a, **k: pytest.fail("data read before the lock"))
+            code, _, err = run(capsys, "fit", "--out", tiny_run, "--resume")
+        assert code == 1 and "RunDirInUseError" in err and str(tiny_run) in err
+        assert f"process {holder.pid} on" in err  # names the holder
+        assert (tiny_run / "run.json").read_bytes() == record
+        with pytest.raises(RunDirInUseError, match=str(holder.pid)):
+            RunDir(tiny_run, ["baseline"]).begin({}, {}, resume=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tiny_run / LOCK_FILE).is_file()  # the killed holder's stale file does not block
+    code, _, err = run(capsys, "fit", "--out", tiny_run, "--resume")
+    assert code == 0, err
+    assert json.loads((tiny_run / "run.json").read_text())["status"] == "complete"
+
+
+def test_the_lock_is_reentrant_in_one_process(tmp_path):
+    with DirLock(tmp_path):
+        with DirLock(tmp_path):  # the CLI holds it around fit, which takes it too
+            pass
+        assert f"process {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+        other = os.open(tmp_path / LOCK_FILE, os.O_RDWR)  # a second open file: flock sees another holder
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    other = os.open(tmp_path / LOCK_FILE, os.O_RDWR)  # released once the outer one is
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+
+
+# ---- #16.5 one-line CLI errors -----------------------------------------------------------------------------
+def _one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_out_that_cannot_be_written(capsys, tmp_path, monkeypatch, no_data):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = run(capsys, *NEW, "--out", a_file / "run")
+    assert code == 2 and _one_line(err) and f"{a_file} is a file" in err
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))  # root writes anyway
+    code, _, err = run(capsys, *NEW, "--out", read_only / "run")
+    assert code == 2 and _one_line(err) and f"cannot write to {read_only}" in err
+    assert not list(read_only.iterdir())
+    fake_run(read_only / "run")
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only / "run" and real_access(p, mode))
+    code, _, err = run(capsys, "fit", "--out", read_only / "run", "--resume")
+    assert code == 2 and _one_line(err) and "cannot read the run dir" in err
+
+
+@pytest.mark.parametrize("where", ["--config", "config.yaml"])
+def test_yaml_syntax_errors_name_file_and_line(capsys, tmp_path, where, no_data):
+    broken = "seed: 0\ntransfer:\n  lr: [0.1\n  epochs: 2\n"
+    if where == "--config":
+        path = tmp_path / "run.yaml"
+        path.write_text(broken)
+        commands = [[*NEW, "--out", tmp_path / "r", "--config", path], ["config", "--dump", "--config", path]]
+    else:  # a run's config.yaml, damaged
+        path = fake_run(tmp_path / "run", broken) / "config.yaml"
+        commands = [["fit", "--out", path.parent, "--resume"], ["evaluate", path.parent],
+                    ["export", path.parent, "--to", tmp_path / "w.safetensors"]]
+    for argv in commands:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and _one_line(err), err
+        assert str(path) in err and "not valid YAML at line" in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w.safetensors").exists()
+    code, _, err = run(capsys, "config", "--dump", "--set", "transfer.lr=[0.1")  # a flag's value too
+    assert code == 2 and _one_line(err) and "'[0.1'" in err
+
+
+def test_a_damaged_cli_json_is_named(capsys, tmp_path, no_data):
+    run_dir = fake_run(tmp_path / "run")
+    (run_dir / "cli.json").write_text('{"model": ')
+    code, _, err = run(capsys, "evaluate", run_dir)
+    assert code == 2 and _one_line(err) and "cli.json is corrupted" in err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "cpu:x"])
+def test_unknown_device(capsys, tmp_path, device, no_data):
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--device", device)
+    assert code == 2 and _one_line(err) and repr(device) in err
+    assert not (tmp_path / "r").exists()
+    code, _, err = run(capsys, "evaluate", fake_run(tmp_path / "run"), "--device", device)
+    assert code == 2 and _one_line(err) and repr(device) in err
+
+
+def test_bad_model_arg(capsys, tmp_path):
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--model-arg", "depth")
+    assert code == 2 and _one_line(err) and "--model-arg" in err and "'depth'" in err
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--model-arg", "bogus_width=3", "--per-class", "2",
+                       "--val-fraction", "0")
+    assert code == 2 and _one_line(err) and "bogus_width" in err and "resnet20_cifar" in err
+    assert not (tmp_path / "r").exists()  # refused when the model is built: before anything is written
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "3.5", "big"])
+def test_bad_img_size(capsys, tmp_path, value, no_data):
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--img-size", value)
+    assert code == 2 and "--img-size" in err and value in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_and_flags_read_numbers_alike(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("baseline:\n  lr: 1e-3\ntransfer:\n  clip_grad: 5e0\n")
+    assert yaml.safe_load(path.read_text())["baseline"]["lr"] == "1e-3"  # what YAML 1.1 alone gives
+    from_file = EncodeNetConfig.from_yaml(path)
+    assert from_file.baseline.lr == 0.001 and isinstance(from_file.baseline.lr, float)
+    assert from_file.transfer.clip_grad == 5.0
+    _, dumped, _ = run(capsys, "config", "--dump", "--config", path)
+    _, flagged, _ = run(capsys, "config", "--dump", "--baseline.lr", "1e-3", "--transfer.clip_grad", "5e0")
+    assert dumped == flagged and EncodeNetConfig.from_yaml(flagged) == from_file
+    with pytest.raises(ValueError, match="'baseline.epochs' must be an int"):  # ints stay ints
+        EncodeNetConfig.from_yaml("baseline:\n  epochs: 1e1\n")
+
+
+def test_anything_unexpected_is_one_line(capsys, monkeypatch):
+    def broken(args):
+        raise RuntimeError("something inside broke")
+    monkeypatch.setattr(cli, "_cmd_config", broken)  # build_parser binds the command when main calls it
+    code, _, err = run(capsys, "config", "--dump")
+    assert code == 1 and _one_line(err) and "RuntimeError: something inside broke" in err
+    assert "ENCODENET_TRACEBACK=1" in err
+    monkeypatch.setenv("ENCODENET_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(["config", "--dump"])
+
+
+def test_no_traceback_end_to_end(tmp_path):
+    """The console entry point, in a process of its own: a YAML error is one line on stderr and exit 2."""
+    path = tmp_path / "run.yaml"
+    path.write_text("transfer: {lr: 0.1\n")
+    result = subprocess.run([sys.executable, "-m", "encodenet_timm.cli", "fit", "--model", "resnet20_cifar",
+                             "--dataset", "digits", "--out", str(tmp_path / "r"), "--config", str(path)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and _one_line(result.stderr), result.stderr
+    assert str(path) in result.stderr and not (tmp_path / "r").exists()
 
 
 # ---- #16.2 a failed run can be repaired and continued ---------------------------------------------------
@@ -28,7 +324,7 @@ _SMALL = ["--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "10
 
 def test_a_failed_run_is_repaired_by_changing_a_stage_that_has_not_begun(capsys, tmp_path):
     out = tmp_path / "run"
-    code, _, err = _run(capsys, "fit", "--out", out, *_SMALL, "--transfer.lr", "1e30")  # diverges at once
+    code, _, err = run(capsys, "fit", "--out", out, *_SMALL, "--transfer.lr", "1e30")  # diverges at once
     assert code == 1 and "NonFiniteLossError" in err and "transfer stage" in err
     # the failure says how to go on, and which settings may change
     assert f"encodenet fit --out {out} --resume" in err and "settings of transfer, finetune may change" in err
@@ -37,19 +333,19 @@ def test_a_failed_run_is_repaired_by_changing_a_stage_that_has_not_begun(capsys,
     assert "resume=True" in record["how_to_continue"]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # a finished stage cannot change: refused with the reason, nothing written
-    code, _, err = _run(capsys, "fit", "--out", out, "--resume", "--baseline.lr", "0.2")
+    code, _, err = run(capsys, "fit", "--out", out, "--resume", "--baseline.lr", "0.2")
     assert code == 2 and "baseline.lr: 0.05 -> 0.2 [baseline is finished]" in err
     assert "here: transfer, finetune" in err
     # a hand-edited config.yaml is found, not believed
     text = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(text.replace("clusters_per_class: 2", "clusters_per_class: 3"))
-    code, _, err = _run(capsys, "fit", "--out", out, "--resume", "--transfer.lr", "0.02")
+    code, _, err = run(capsys, "fit", "--out", out, "--resume", "--transfer.lr", "0.02")
     assert code == 2 and "config.yaml was edited after the run began" in err
     assert "representatives.clusters_per_class: 2 -> 3" in err
     (out / "config.yaml").write_text(text)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # the repair: transfer had not begun, so its lr may change; the change is recorded
-    code, _, err = _run(capsys, "fit", "--out", out, "--resume", "--transfer.lr", "0.02")
+    code, _, err = run(capsys, "fit", "--out", out, "--resume", "--transfer.lr", "0.02")
     assert code == 0, err
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete" and "how_to_continue" not in record
