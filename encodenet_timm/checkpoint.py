@@ -49,6 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .checks import check_writable
 from .errors import RunDirInUseError
 from .training import TrainState
 
@@ -104,22 +105,6 @@ def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def check_writable(path: PathLike, what: str = "--out") -> None:
-    """Raise ValueError unless `path` is (or can be created as) a directory this process can write.
-
-    The nearest existing one of `path` and its parents must be a writable directory; nothing is created.
-    """
-    path = Path(path)
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is a file, not a directory; choose another {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: cannot write to {existing} (permission denied or a read-only file "
-                         f"system); choose a directory you can write")
-    if existing == path and not os.access(path, os.R_OK):
-        raise ValueError(f"{what} {path}: cannot read the directory (permission denied)")
 
 
 def check_new_dir(path: PathLike, ours: Sequence[str] = RUN_FILES, *, what: str = "run directory") -> None:

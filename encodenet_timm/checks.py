@@ -4,7 +4,9 @@ Bad input is a `ValueError` / `TypeError` that names the bad value and what is a
 them all on a training loader before the first stage; `check_batch` runs on every batch of every stage.
 """
 import difflib
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-__all__ = ["BatchCheck", "check_config", "check_loader", "check_batch", "check_class_counts", "check_data",
+__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_class_counts", "check_data",
            "dataset_targets", "first_sample", "eval_mode"]
 
 BatchCheck = Callable[[torch.Tensor, torch.Tensor], None]  # (images, labels) -> None, or ValueError
@@ -37,6 +39,24 @@ def check_config(config) -> None:
         if cfg.sched not in scheds:
             raise ValueError(f"config key '{stage}.sched' must be one of {', '.join(scheds)} (timm's "
                              f"create_scheduler_v2 names, or none), got {cfg.sched!r}")
+    if config.representatives.feature_store is not None:  # written in the representatives stage
+        check_writable(config.representatives.feature_store, "config key 'representatives.feature_store'")
+
+
+def check_writable(path: Union[str, Path], what: str = "--out") -> None:
+    """Raise ValueError unless `path` is (or can be created as) a directory this process can write.
+
+    The nearest existing one of `path` and its parents must be a writable directory; nothing is created.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a directory; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write to {existing} (permission denied or a read-only file "
+                         f"system); choose a directory you can write")
+    if existing == path and not os.access(path, os.R_OK):
+        raise ValueError(f"{what} {path}: cannot read the directory (permission denied)")
 
 
 def check_loader(loader: DataLoader, what: str = "loader", map_style: bool = False) -> DataLoader:

@@ -374,3 +374,12 @@ def test_a_value_set_by_hand_on_wrapper_config_is_checked_before_training(tmp_pa
             wrapper.fit_baseline(loader)
         assert wrapper.history == {} and not (tmp_path / "run").exists()  # nothing trained or written
         setattr(stage, name, good)
+
+
+def test_a_feature_store_that_cannot_be_written_is_refused_when_the_wrapper_is_built(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"representatives.feature_store.*is a file, not a directory"):
+        EncodeNetWrapper(make_model("resnet10t", num_classes=10),
+                         EncodeNetConfig.from_dict({"device": "cpu", "representatives": {
+                             "feature_store": str(blocker / "features")}}))
