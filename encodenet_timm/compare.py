@@ -367,7 +367,7 @@ class _Rows:
         if not path.is_file():  # its weights may be absent (not committed): rows that start from it say so
             return False
         record = json.loads(path.read_text())
-        if record.get("fingerprint") != self.fingerprint:
+        if _settled(record.get("fingerprint")) != _settled(self.fingerprint):
             raise ValueError(f"{path} was made with other settings (model, data, config or controls); use another "
                              f"out_dir, or delete {self.out_dir} to start again")
         self.records.setdefault(row, {})[seed] = record
@@ -495,6 +495,19 @@ def _fingerprint(model: nn.Module, config: EncodeNetConfig, variants: Mapping[st
             "num_classes": int(model.num_classes), "config": config.to_dict(),
             "variants": {k: v.to_dict() for k, v in variants.items()},
             "data": {k: (None if v is None else len(v.dataset)) for k, v in loaders.items()}, **extra}
+
+
+def _settled(fingerprint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """`fingerprint` with its configs read back through `EncodeNetConfig`: a key added to the config since a
+    record was written counts at its default, so the record stays valid."""
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("config"), dict):
+        return fingerprint
+    try:
+        return {**fingerprint, "config": EncodeNetConfig.from_dict(fingerprint["config"]).to_dict(),
+                "variants": {k: EncodeNetConfig.from_dict(v).to_dict()
+                             for k, v in (fingerprint.get("variants") or {}).items()}}
+    except (ValueError, TypeError):  # a key since removed: not the same settings
+        return fingerprint
 
 
 def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loader: DataLoader, *,

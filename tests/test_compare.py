@@ -206,3 +206,15 @@ def test_cli_compare_and_resume(tmp_path, capsys, one_thread):
     assert json.loads((out / "results.json").read_text())["rows"].keys() == saved["rows"].keys()
     assert cli_main(argv[:-2] + ["--out", str(tmp_path / "c2"), "--baseline.epochs", "0"]) == 2  # random baseline
     assert "baseline.epochs" in capsys.readouterr().err
+
+
+def test_a_record_made_before_a_config_key_existed_stays_valid():
+    """A key added to EncodeNetConfig since a record was written counts at its default (records committed
+    by long benchmark runs survive a new option); a changed value still does not match."""
+    config = EncodeNetConfig().to_dict()
+    new = {"model": "m", "config": config, "variants": {"v": config}, "X": 2.0}
+    old_config = {k: v for k, v in config.items() if k != "compile"}  # as if written before `compile` existed
+    old = {**new, "config": old_config, "variants": {"v": old_config}}
+    assert compare_mod._settled(old) == compare_mod._settled(new)
+    changed = {**new, "config": {**config, "seed": 1}}
+    assert compare_mod._settled(changed) != compare_mod._settled(new) and compare_mod._settled(None) is None
