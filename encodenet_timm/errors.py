@@ -1,10 +1,12 @@
 """Exception types raised by encodenet_timm.
 
 Bad user input raises the built-in ``ValueError`` / ``TypeError``; these classes are for the
-cases the built-ins do not describe: a model we cannot handle and a training stage that diverged.
+cases the built-ins do not describe: a model we cannot handle, a training stage that diverged, and
+training data that cannot be read.
 """
+from typing import Optional
 
-__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError"]
+__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError", "DataError"]
 
 
 class EncodeNetError(Exception):
@@ -34,3 +36,17 @@ class NonFiniteLossError(EncodeNetError, FloatingPointError):
             f"Lower the {stage} learning rate (config.{stage}.lr), set config.{stage}.clip_grad, "
             f"or check the inputs for NaN/inf values."
         )
+
+
+class DataError(EncodeNetError, ValueError):
+    """Training data that cannot be used: an unreadable, corrupt or truncated image file, or a dataset
+    that changed under a resumed run. The message names the file (and dataset index) or what changed.
+
+    Attributes:
+        path: the file, when one is to blame.
+        index: its index in the dataset, when known.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None, index: Optional[int] = None):
+        super().__init__(message)  # one positional argument: DataLoader workers re-raise it by type
+        self.path, self.index = path, index
