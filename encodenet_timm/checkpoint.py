@@ -40,6 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .checks import fingerprint_changes
+from .errors import DataError
 from .training import TrainState
 
 __all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "write_atomic",
@@ -309,11 +311,13 @@ class RunDir:
 
         Args:
             config: the full config as a plain dict (written to config.yaml).
-            info: run facts for run.json: ``model`` (a `model_fingerprint`), ``seed``, ``versions``, ``machine``.
+            info: run facts for run.json: ``model`` (a `model_fingerprint`), ``data`` (a
+                `checks.data_fingerprint`), ``seed``, ``versions``, ``machine``.
 
         Raises:
             ValueError: resume without a run, resume with another model or config, or a fresh run into
                 a directory that already holds checkpoints.
+            DataError: resume with training data that differs from the run's (size, labels, order, files).
         """
         if resume:
             self._reopen(config, info)
@@ -345,6 +349,11 @@ class RunDir:
         if diff:
             raise ValueError(f"cannot resume {self.path}: it was written for another model ("
                              + "; ".join(diff) + ")")
+        changed = fingerprint_changes(self.record.get("data") or {}, info.get("data") or {})
+        if changed:
+            raise DataError(f"cannot resume {self.path}: the training data changed since the run began ("
+                            + "; ".join(changed) + "); resume with the data it began with, or choose a new run "
+                            "directory")
         self.record["resumed"] = self.record.get("resumed", []) + [
             {"at": _now(), "versions": info.get("versions"), "machine": info.get("machine")}]
         self.record["status"] = "running"

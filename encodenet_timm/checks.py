@@ -23,7 +23,7 @@ from .config import SCAN_MODES
 from .errors import DataError
 
 __all__ = ["BatchCheck", "check_config", "check_loader", "check_batch", "check_class_counts", "check_data",
-           "dataset_targets", "dataset_files", "scan_files", "NamedReads", "data_fingerprint",
+           "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
 
 _logger = logging.getLogger(__name__)
@@ -222,10 +222,11 @@ def scan_files(files: Sequence[str], mode: str = "verify") -> List[Tuple[int, st
 
     ``"verify"`` (cheap: headers and checksums, no decoding) opens each file and runs PIL's
     ``verify()``: it catches a missing or empty file, a non-image, a corrupt header, a truncated or
-    corrupt PNG (its CRCs), and a JPEG cut short (no end-of-image marker in its last KiB). It cannot
-    catch corruption inside a JPEG's compressed data or every truncation of other formats: those
-    fail at the first read (`NamedReads`). ``"decode"`` decodes every file (as slow as an epoch without
-    the model): it catches everything that decoding would. ``"none"`` reads nothing.
+    corrupt PNG (its CRCs), and a JPEG cut short (no end-of-image marker in its last KiB). It misses a
+    truncated BMP, GIF or TIFF and a JPEG whose tables are damaged: those fail at their first read,
+    named by `NamedReads`. ``"decode"`` decodes every file (about an epoch's reading, without the
+    model) and catches all of them. A JPEG whose compressed data is damaged but whose markers are
+    intact decodes (PIL fills the rest in grey): no scan finds it. ``"none"`` reads nothing.
     """
     if mode not in SCAN_MODES:
         raise ValueError(f"config key 'data.scan' must be one of {SCAN_MODES}, got {mode!r}")
@@ -238,6 +239,27 @@ def scan_files(files: Sequence[str], mode: str = "verify") -> List[Tuple[int, st
     _logger.info("scanned %d image files (%s) in %.1fs: %d unreadable", len(files), mode,
                  time.perf_counter() - start, len(bad))
     return bad
+
+
+def check_files(loader: Optional[DataLoader], what: str, *, scan: str = "verify", skip: bool = False) -> List[int]:
+    """The dataset indices of `loader`'s unreadable image files (`scan_files`), when its dataset lists its
+    files (`dataset_files`); [] otherwise.
+
+    Raises:
+        DataError: some file is unreadable and not `skip`; the message names the files (the first five),
+            their indices and what to do. With `skip` their count is logged instead.
+    """
+    files = None if loader is None else dataset_files(loader.dataset)
+    bad = scan_files(files, scan) if files else []
+    if not bad:
+        return []
+    shown = "; ".join(f"index {i}: {path} ({reason})" for i, path, reason in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    if not skip:
+        raise DataError(f"{len(bad)} image file(s) of {what} cannot be read: {shown}. Remove or replace them, or "
+                        f"set data.skip_unreadable=True (encodenet: --data.skip_unreadable true) to train "
+                        f"without them", path=bad[0][1], index=bad[0][0])
+    _logger.warning("leaving out %d unreadable image file(s) of %s (data.skip_unreadable): %s", len(bad), what, shown)
+    return [i for i, _, _ in bad]
 
 
 def _unreadable(path: str, decode: bool) -> Optional[str]:

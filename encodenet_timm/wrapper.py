@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .checkpoint import Checkpoint, Run, load_model_file, load_state_into, model_fingerprint
-from .checks import check_batch, check_config, check_data, check_loader
+from .checks import (check_batch, check_config, check_data, check_files, check_loader, data_fingerprint,
+                     dataset_files)
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, versions
-from .loaders import make_loader
+from .loaders import make_loader, named_reads, without
 from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
@@ -80,6 +81,7 @@ class EncodeNetWrapper:
         self._decoder_trained = False
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
+        self._data_facts: Dict[str, Any] = {}  # what run.json records of the training data (a fingerprint)
         self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
 
     # ---- parts -------------------------------------------------------------------------------------
@@ -152,10 +154,14 @@ class EncodeNetWrapper:
         Raises:
             ValueError: bad data (checked before any training), or a `run_dir` that cannot be used
                 (see `RunDir.begin`).
+            DataError: an image file that cannot be read (named, with its index: before training where
+                ``config.data.scan`` finds it, else at its first read), or, on resume, training data
+                that differs from the run's (size, class counts, label order, files).
         """
         check_loader(train_loader, "train_loader", map_style=True)
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to continue")
+        train_loader, val_loader, plain_loader = self._readable(train_loader, val_loader, plain_loader)
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
                    clusters_per_class=self.config.representatives.clusters_per_class)
         c = self.config
@@ -178,10 +184,32 @@ class EncodeNetWrapper:
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
 
+    def _readable(self, train: DataLoader, val: Optional[DataLoader],
+                  plain: Optional[DataLoader]) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader]]:
+        """The loaders fit reads, after scanning their image files (``config.data``): each read failure
+        names its file (`loaders.named_reads`); unreadable files raise `DataError`, or with
+        ``data.skip_unreadable`` are left out (of `plain` as of `train`: they stay index-aligned).
+        Sets `_data_facts`, the training data's fingerprint and what was left out."""
+        c = self.config.data
+        train, val, plain = named_reads(train), named_reads(val), named_reads(plain)
+        drop = check_files(train, "train_loader", scan=c.scan, skip=c.skip_unreadable)
+        if plain is not None and dataset_files(plain.dataset) != dataset_files(train.dataset):  # else scanned
+            drop = sorted(set(drop) | set(check_files(plain, "plain_loader", scan=c.scan, skip=c.skip_unreadable)))
+        drop_val = check_files(val, "val_loader", scan=c.scan, skip=c.skip_unreadable)
+        if drop:
+            train, plain = without(train, drop), plain if plain is None else without(plain, drop)
+        if drop_val:
+            val = without(val, drop_val)
+        self._data_facts = data_fingerprint(train.dataset)
+        if drop or drop_val:
+            self._data_facts["skipped"] = {"train": len(drop), "val": len(drop_val)}
+        return train, val, plain
+
     def _run_facts(self) -> Dict[str, Any]:
-        """What run.json records about the run: the model's fingerprint, the seed, versions and machine."""
-        return {"model": model_fingerprint(self.model), "seed": self.config.seed, "versions": versions(),
-                "machine": machine(self.device)}
+        """What run.json records about the run: the model's fingerprint, the training data's, the seed,
+        versions and machine."""
+        return {"model": model_fingerprint(self.model), "data": self._data_facts, "seed": self.config.seed,
+                "versions": versions(), "machine": machine(self.device)}
 
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
         """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
