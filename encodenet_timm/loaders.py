@@ -138,11 +138,12 @@ def rebuild(loader: DataLoader, dataset: Optional[Dataset] = None, *, drop_last:
         if type(sampler) is SequentialSampler and loader.batch_size is not None:
             sampler = SequentialSampler(dataset)
         elif (type(sampler) is RandomSampler and loader.batch_size is not None and not sampler.replacement
-              and sampler._num_samples is None):
+              and sampler.num_samples == len(loader.dataset)):
             sampler = RandomSampler(dataset, generator=sampler.generator)
         else:
-            raise ValueError(f"cannot change the dataset of a loader with a {type(loader.batch_sampler).__name__}/"
-                             f"{type(sampler).__name__} of its own; remove the unreadable files instead")
+            raise ValueError(f"cannot leave samples out of a loader with a sampler of its own "
+                             f"({type(sampler).__name__}, {type(loader.batch_sampler).__name__}); remove the "
+                             f"unreadable files from the dataset instead")
     if loader.batch_size is None:  # a custom batch_sampler: its batches stay its own
         return DataLoader(dataset, batch_sampler=loader.batch_sampler, **kwargs)
     return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
