@@ -48,5 +48,9 @@ class DataError(EncodeNetError, ValueError):
     """
 
     def __init__(self, message: str, *, path: Optional[str] = None, index: Optional[int] = None):
-        super().__init__(message)  # one positional argument: DataLoader workers re-raise it by type
+        # a DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker ...
+        # Original Traceback ... DataError: <message>"): keep the message, not the worker's traceback
+        if "Original Traceback" in message and "DataError: " in message:
+            message = message.rsplit("DataError: ", 1)[-1].strip()
+        super().__init__(message)
         self.path, self.index = path, index

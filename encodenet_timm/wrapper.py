@@ -385,6 +385,7 @@ class EncodeNetWrapper:
     def evaluate(self, loader: DataLoader) -> Dict[str, float]:
         """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of the current model on `loader`."""
         check_loader(loader, "loader")
+        loader = named_reads(loader)  # an image file that cannot be read is named
         return evaluate(self.model, loader, self.device, check=self._check(),
                         channels_last=self.config.channels_last)
 
