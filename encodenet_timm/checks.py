@@ -253,7 +253,8 @@ def check_files(loader: Optional[DataLoader], what: str, *, scan: str = "verify"
     bad = scan_files(files, scan) if files else []
     if not bad:
         return []
-    shown = "; ".join(f"index {i}: {path} ({reason})" for i, path, reason in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    shown = "; ".join(f"index {i}: {path} ({reason})" for i, path, reason in bad[:5])
+    shown += "; ..." if len(bad) > 5 else ""
     if not skip:
         raise DataError(f"{len(bad)} image file(s) of {what} cannot be read: {shown}. Remove or replace them, or "
                         f"set data.skip_unreadable=True (encodenet: --data.skip_unreadable true) to train "
@@ -299,8 +300,9 @@ class NamedReads(Subset):
         try:
             return self.dataset[index]
         except Exception as e:  # whatever the image reader raises
-            raise DataError(f"cannot read sample {index} of the dataset, {self.files[index]} ({type(e).__name__}: "
-                            f"{e}); remove or replace the file, or set data.scan='decode' and "
+            cause = e.__cause__ if isinstance(e, DataError) and e.__cause__ is not None else e  # the reader's own
+            raise DataError(f"cannot read sample {index} of the dataset, {self.files[index]} ({type(cause).__name__}: "
+                            f"{cause}); remove or replace the file, or set data.scan='decode' and "
                             f"data.skip_unreadable=True to leave out every file that does not decode",
                             path=self.files[index], index=index) from e
 
@@ -315,7 +317,7 @@ def data_fingerprint(dataset: Dataset) -> Dict[str, Any]:
     of its file list relative to the files' common folder (`dataset_files`; moving the folder is fine)."""
     out: Dict[str, Any] = {"size": len(dataset)}
     targets = dataset_targets(dataset)
-    if targets is not None:
+    if targets is not None and (targets.size == 0 or targets.min() >= 0):
         out["class_counts"] = np.bincount(targets).tolist()
         out["labels_sha256"] = hashlib.sha256(targets.astype("<i8").tobytes()).hexdigest()
     files = dataset_files(dataset)

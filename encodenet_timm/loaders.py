@@ -3,20 +3,20 @@
 A stage never iterates a loader the caller passed in a different order than the caller asked for, except
 where it needs dataset order (the feature pass) or a rank's share (torchrun); these are built here.
 The others keep the caller's loader but for one change each: a full last batch (`full_last_batch`), reads
-that name their file (`named_reads`), unreadable files left out (`without`).
+that name their file (`named_reads`), unreadable files left out (`without`, `readable`).
 """
 import logging
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
                               SequentialSampler, Subset)
 
 from . import distributed
-from .checks import NamedReads, dataset_files
+from .checks import NamedReads, check_files, dataset_files
 
 __all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "shard_batches",
-           "batch_starts", "rebuild", "full_last_batch", "named_reads", "without"]
+           "batch_starts", "rebuild", "full_last_batch", "named_reads", "without", "readable"]
 
 _logger = logging.getLogger(__name__)
 
@@ -191,3 +191,24 @@ def without(loader: DataLoader, drop: Sequence[int]) -> DataLoader:
     drop = set(drop)
     keep = [i for i in range(len(loader.dataset)) if i not in drop]
     return rebuild(loader, Subset(loader.dataset, keep))
+
+
+def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *, scan: str = "verify",
+             skip: bool = False) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader], Dict[str, int]]:
+    """The loaders `fit` reads, after scanning their image files (`checks.check_files`), and how many
+    files were left out of train and val ({} when none).
+
+    Each read failure names its file (`named_reads`). Unreadable files raise `DataError`, or with
+    `skip` are left out (of `plain` as of `train`, so the two stay index-aligned; `plain` is scanned
+    only when it lists other files than `train`).
+    """
+    train, val, plain = named_reads(train), named_reads(val), named_reads(plain)
+    drop = check_files(train, "train_loader", scan=scan, skip=skip)
+    if plain is not None and dataset_files(plain.dataset) != dataset_files(train.dataset):
+        drop = sorted(set(drop) | set(check_files(plain, "plain_loader", scan=scan, skip=skip)))
+    drop_val = check_files(val, "val_loader", scan=scan, skip=skip)
+    if drop:
+        train, plain = without(train, drop), plain if plain is None else without(plain, drop)
+    if drop_val:
+        val = without(val, drop_val)
+    return train, val, plain, ({"train": len(drop), "val": len(drop_val)} if drop or drop_val else {})

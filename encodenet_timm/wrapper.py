@@ -11,16 +11,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .checkpoint import Checkpoint, Run, load_model_file, load_state_into, model_fingerprint
-from .checks import (check_batch, check_config, check_data, check_files, check_loader, data_fingerprint,
-                     dataset_files)
+from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, versions
-from .loaders import make_loader, named_reads, without
+from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
@@ -81,7 +80,6 @@ class EncodeNetWrapper:
         self._decoder_trained = False
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
-        self._data_facts: Dict[str, Any] = {}  # what run.json records of the training data (a fingerprint)
         self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
 
     # ---- parts -------------------------------------------------------------------------------------
@@ -161,7 +159,9 @@ class EncodeNetWrapper:
         check_loader(train_loader, "train_loader", map_style=True)
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to continue")
-        train_loader, val_loader, plain_loader = self._readable(train_loader, val_loader, plain_loader)
+        train_loader, val_loader, plain_loader, skipped = readable(  # image files scanned (config.data)
+            train_loader, val_loader, plain_loader, scan=self.config.data.scan,
+            skip=self.config.data.skip_unreadable)
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
                    clusters_per_class=self.config.representatives.clusters_per_class)
         c = self.config
@@ -171,7 +171,8 @@ class EncodeNetWrapper:
                 ("transfer", True, lambda: self.fit_transfer(train_loader, val_loader)),
                 ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
         # under torchrun rank 0 writes the run directory, every rank reads it to resume
-        run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(), self._run_facts, resume=resume)
+        run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(),
+                                    lambda: self._run_facts(train_loader.dataset, skipped), resume=resume)
         try:
             if resume:
                 self._restore(self._run.latest())
@@ -184,31 +185,11 @@ class EncodeNetWrapper:
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
 
-    def _readable(self, train: DataLoader, val: Optional[DataLoader],
-                  plain: Optional[DataLoader]) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader]]:
-        """The loaders fit reads, after scanning their image files (``config.data``): each read failure
-        names its file (`loaders.named_reads`); unreadable files raise `DataError`, or with
-        ``data.skip_unreadable`` are left out (of `plain` as of `train`: they stay index-aligned).
-        Sets `_data_facts`, the training data's fingerprint and what was left out."""
-        c = self.config.data
-        train, val, plain = named_reads(train), named_reads(val), named_reads(plain)
-        drop = check_files(train, "train_loader", scan=c.scan, skip=c.skip_unreadable)
-        if plain is not None and dataset_files(plain.dataset) != dataset_files(train.dataset):  # else scanned
-            drop = sorted(set(drop) | set(check_files(plain, "plain_loader", scan=c.scan, skip=c.skip_unreadable)))
-        drop_val = check_files(val, "val_loader", scan=c.scan, skip=c.skip_unreadable)
-        if drop:
-            train, plain = without(train, drop), plain if plain is None else without(plain, drop)
-        if drop_val:
-            val = without(val, drop_val)
-        self._data_facts = data_fingerprint(train.dataset)
-        if drop or drop_val:
-            self._data_facts["skipped"] = {"train": len(drop), "val": len(drop_val)}
-        return train, val, plain
-
-    def _run_facts(self) -> Dict[str, Any]:
-        """What run.json records about the run: the model's fingerprint, the training data's, the seed,
-        versions and machine."""
-        return {"model": model_fingerprint(self.model), "data": self._data_facts, "seed": self.config.seed,
+    def _run_facts(self, dataset: Dataset, skipped: Dict[str, int]) -> Dict[str, Any]:
+        """What run.json records about the run: the model's fingerprint, the training data's (and the
+        unreadable files left out of it), the seed, versions and machine."""
+        data = {**data_fingerprint(dataset), **({"skipped": skipped} if skipped else {})}
+        return {"model": model_fingerprint(self.model), "data": data, "seed": self.config.seed,
                 "versions": versions(), "machine": machine(self.device)}
 
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:

@@ -130,7 +130,8 @@ def test_skip_unreadable_leaves_them_out_and_records_how_many(tmp_path, caplog):
     train = _folder(tmp_path)
     _spoil(train)
     dataset = _image_folder(train)
-    wrapper = EncodeNetWrapper(make_model("resnet10t", num_classes=3), _cfg(**{"data.skip_unreadable": True}))
+    wrapper = EncodeNetWrapper(make_model("resnet10t", num_classes=3),
+                               _cfg(**{"data.skip_unreadable": True, "baseline.epochs": 0}))
     with caplog.at_level(logging.WARNING, logger="encodenet_timm.checks"):
         wrapper.fit(DataLoader(dataset, batch_size=4, shuffle=True), run_dir=tmp_path / "run")
     assert "leaving out 3 unreadable image file(s) of train_loader" in caplog.text
