@@ -249,6 +249,9 @@ def check_files(loader: Optional[DataLoader], what: str, *, scan: str = "verify"
         DataError: some file is unreadable and not `skip`; the message names the files (the first five),
             their indices and what to do. With `skip` their count is logged instead.
     """
+    done = getattr(loader, "dataset", None)
+    if isinstance(done, NamedReads) and done.scanned in (scan, "decode"):  # scanned before (compare's rows)
+        return []
     files = None if loader is None else dataset_files(loader.dataset)
     bad = scan_files(files, scan) if files else []
     if not bad:
@@ -284,27 +287,33 @@ def _unreadable(path: str, decode: bool) -> Optional[str]:
 
 
 class NamedReads(Subset):
-    """`dataset` itself (every index, same order) whose read failures raise `DataError` naming the
-    dataset index and the file, instead of the reader's own traceback from deep inside an epoch.
+    """`dataset` (every index in order, or `indices`) whose read failures raise `DataError` naming the
+    index in `dataset` and the file, instead of the reader's own traceback from deep inside an epoch.
 
     Args:
         dataset: a map-style dataset.
-        files: its image file of every index (`dataset_files`).
+        files: the image file of each of its indices (`dataset_files`).
+        indices: the indices of `dataset` to read; None: all of them.
+
+    Attributes:
+        scanned: the ``data.scan`` mode its files have passed (`loaders.readable`); None before a scan.
     """
 
-    def __init__(self, dataset: Dataset, files: Sequence[str]):
-        super().__init__(dataset, range(len(dataset)))
+    def __init__(self, dataset: Dataset, files: Sequence[str], indices: Optional[Sequence[int]] = None):
+        super().__init__(dataset, range(len(dataset)) if indices is None else list(indices))
         self.files = files
+        self.scanned: Optional[str] = None
 
     def __getitem__(self, index: int) -> Any:
+        i = self.indices[index]
         try:
-            return self.dataset[index]
+            return self.dataset[i]
         except Exception as e:  # whatever the image reader raises
             cause = e.__cause__ if isinstance(e, DataError) and e.__cause__ is not None else e  # the reader's own
-            raise DataError(f"cannot read sample {index} of the dataset, {self.files[index]} ({type(cause).__name__}: "
+            raise DataError(f"cannot read sample {i} of the dataset, {self.files[i]} ({type(cause).__name__}: "
                             f"{cause}); remove or replace the file, or set data.scan='decode' and "
                             f"data.skip_unreadable=True to leave out every file that does not decode",
-                            path=self.files[index], index=index) from e
+                            path=self.files[i], index=i) from e
 
     def __getitems__(self, indices: List[int]) -> List[Any]:  # batched fetch: each read named too
         return [self[i] for i in indices]

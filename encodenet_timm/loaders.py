@@ -190,7 +190,10 @@ def without(loader: DataLoader, drop: Sequence[int]) -> DataLoader:
     """`loader` over its dataset less the indices `drop` (the rest in their order), sampled as before."""
     drop = set(drop)
     keep = [i for i in range(len(loader.dataset)) if i not in drop]
-    return rebuild(loader, Subset(loader.dataset, keep))
+    dataset = loader.dataset
+    if isinstance(dataset, NamedReads):  # still named by the index in the caller's dataset
+        return rebuild(loader, NamedReads(dataset.dataset, dataset.files, [dataset.indices[i] for i in keep]))
+    return rebuild(loader, Subset(dataset, keep))
 
 
 def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *, scan: str = "verify",
@@ -200,7 +203,7 @@ def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataL
 
     Each read failure names its file (`named_reads`). Unreadable files raise `DataError`, or with
     `skip` are left out (of `plain` as of `train`, so the two stay index-aligned; `plain` is scanned
-    only when it lists other files than `train`).
+    only when it lists other files than `train`). Loaders this returned are not scanned again.
     """
     train, val, plain = named_reads(train), named_reads(val), named_reads(plain)
     drop = check_files(train, "train_loader", scan=scan, skip=skip)
@@ -211,4 +214,7 @@ def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataL
         train, plain = without(train, drop), plain if plain is None else without(plain, drop)
     if drop_val:
         val = without(val, drop_val)
+    for loader in (train, val, plain):  # a later call (each row of compare) does not scan them again
+        if loader is not None and isinstance(loader.dataset, NamedReads) and scan != "none":
+            loader.dataset.scanned = scan
     return train, val, plain, ({"train": len(drop), "val": len(drop_val)} if drop or drop_val else {})

@@ -1,5 +1,6 @@
 """Issue #16: every mistake caught before compute and recoverable, nothing of the user's overwritten,
 no raw tracebacks. One section per point of the issue."""
+import importlib
 import io
 import json
 import logging
@@ -155,6 +156,36 @@ def test_skip_unreadable_leaves_them_out_and_records_how_many(tmp_path, caplog):
     assert record["status"] == "complete"
     assert record["data"]["skipped"] == {"train": 3, "val": 0} and record["data"]["size"] == len(dataset) - 3
     assert wrapper.representatives.cluster_ids.numel() == len(dataset) - 3
+
+
+def test_readable_scans_once_and_names_the_callers_index_after_skipping(tmp_path, monkeypatch):
+    from encodenet_timm import checks
+    from encodenet_timm.loaders import readable
+    train = _folder(tmp_path)
+    _spoil(train)
+    dataset = _image_folder(train)
+    calls, scan = [], checks.scan_files
+    monkeypatch.setattr(checks, "scan_files", lambda files, mode: calls.append(len(files)) or scan(files, mode))
+    loader, _, _, skipped = readable(DataLoader(dataset, batch_size=4, shuffle=True), None, None, skip=True)
+    assert skipped == {"train": 3, "val": 0} and len(loader.dataset) == len(dataset) - 3
+    assert readable(loader, None, None, skip=True)[0].dataset is loader.dataset and calls == [len(dataset)]
+    later = train / "digit2" / "003.png"  # spoilt after the scan: its first read names it
+    later.write_bytes(b"gone bad")
+    index = dataset_files(dataset).index(str(later))
+    with pytest.raises(DataError, match=rf"sample {index} of the dataset, {later}"):
+        loader.dataset[len(loader.dataset) - 1]
+
+
+def test_compare_names_a_bad_file_before_any_row_trains(tmp_path, monkeypatch):
+    compare_module = importlib.import_module("encodenet_timm.compare")  # the package's `compare` is the function
+    train = _folder(tmp_path)
+    bad = _spoil(train)[0]
+    loader = DataLoader(_image_folder(train), batch_size=4)
+    monkeypatch.setattr(compare_module, "train_stage", lambda *a, **k: pytest.fail("a row trained"))
+    with pytest.raises(DataError, match=str(bad)):
+        compare_module.compare(lambda: make_model("resnet10t", num_classes=3), loader, loader, config=_cfg(),
+                               seeds=(0,), out_dir=tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_an_empty_class_folder_is_named(tmp_path, monkeypatch):
