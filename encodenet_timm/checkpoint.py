@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .checks import fingerprint_changes
+from .config import EncodeNetConfig
 from .errors import DataError
 from .training import TrainState
 
@@ -177,6 +178,18 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> List[str]:
             out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
         return out
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+
+
+def _with_defaults(saved: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """`saved` with every key it lacks (one added to the config after it was written, e.g. ``data``) at
+    its default: a run from an older version resumes as it ran."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------
@@ -339,7 +352,8 @@ class RunDir:
             saved_config = yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{self.config_path} is corrupted: not valid YAML ({e})") from e
-        saved_config = {k: v for k, v in (saved_config or {}).items() if k not in _RUNTIME_CONFIG_KEYS}
+        saved_config = _with_defaults(saved_config or {}, EncodeNetConfig().to_dict())
+        saved_config = {k: v for k, v in saved_config.items() if k not in _RUNTIME_CONFIG_KEYS}
         diff = _differences(saved_config, {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS})
         if diff:
             raise ValueError(f"cannot resume {self.path}: it was written with another config ("

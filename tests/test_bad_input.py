@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
@@ -265,7 +266,14 @@ def test_resume_with_changed_data_says_what_changed(finished_run, monkeypatch, c
 
 
 def test_resume_with_the_same_data_is_accepted(finished_run):
+    """Also for a run written before data.* and the data fingerprint existed: neither stops it."""
     run_dir, train, idx = finished_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del config["data"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    record = json.loads((run_dir / "run.json").read_text())
+    del record["data"]
+    (run_dir / "run.json").write_text(json.dumps(record))
     EncodeNetWrapper(make_model("resnet10t"), _cfg()).fit(DataLoader(Subset(train, idx), batch_size=10),
                                                           run_dir=run_dir, resume=True)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
