@@ -180,10 +180,10 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> List[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
 
 
-def _with_defaults(saved: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """`saved` with every key it lacks (one added to the config after it was written, e.g. ``data``) at
-    its default: a run from an older version resumes as it ran."""
-    out = dict(saved)
+def _with_defaults(config: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """`config` with every key it lacks at its default: a partial config, or a config.yaml written before
+    a key was added (e.g. ``data``), compares as the run it describes."""
+    out = dict(config)
     for key, value in defaults.items():
         if key not in out:
             out[key] = value
@@ -352,9 +352,11 @@ class RunDir:
             saved_config = yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{self.config_path} is corrupted: not valid YAML ({e})") from e
-        saved_config = _with_defaults(saved_config or {}, EncodeNetConfig().to_dict())
-        saved_config = {k: v for k, v in saved_config.items() if k not in _RUNTIME_CONFIG_KEYS}
-        diff = _differences(saved_config, {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS})
+        defaults = EncodeNetConfig().to_dict()  # a key missing on either side is at its default
+        saved_config = {k: v for k, v in _with_defaults(saved_config or {}, defaults).items()
+                        if k not in _RUNTIME_CONFIG_KEYS}
+        current = {k: v for k, v in _with_defaults(config, defaults).items() if k not in _RUNTIME_CONFIG_KEYS}
+        diff = _differences(saved_config, current)
         if diff:
             raise ValueError(f"cannot resume {self.path}: it was written with another config ("
                              + "; ".join(diff) + "); resume with the saved config.yaml, or choose a new run directory")
