@@ -5,8 +5,9 @@ Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...
 from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
 from .compare import CompareResult, compare
 from .compat import check_model
-from .config import AutoencoderConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
-from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
+from .config import (AutoencoderConfig, DataConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig,
+                     StageConfig)
+from .errors import DataError, EncodeNetError, NonFiniteLossError, UnsupportedModelError
 from .feature_store import FeatureStore
 from .representatives import Representatives
 from .wrapper import EncodeNetWrapper
@@ -20,6 +21,7 @@ __all__ = [
     "AutoencoderConfig",
     "RepresentativesConfig",
     "DecoderConfig",
+    "DataConfig",
     "Representatives",
     "FeatureStore",
     "check_model",
@@ -28,5 +30,6 @@ __all__ = [
     "EncodeNetError",
     "UnsupportedModelError",
     "NonFiniteLossError",
+    "DataError",
     "__version__",
 ]

@@ -49,8 +49,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed
-from .checks import check_writable
-from .errors import RunDirInUseError
+from .checks import check_writable, fingerprint_changes
+from .config import EncodeNetConfig
+from .errors import DataError, RunDirInUseError
 from .training import TrainState
 
 try:
@@ -289,6 +290,18 @@ def _change_text(change: Tuple[str, Any, Any]) -> str:
     return f"{key}: {saved!r} -> {current!r}"
 
 
+def _with_defaults(config: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """`config` with every key it lacks at its default: a partial config, or a config.yaml written before
+    a key was added (e.g. ``data``), compares as the run it describes."""
+    out = dict(config)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------
 def load_model_file(path: PathLike) -> Dict[str, torch.Tensor]:
     """A model's state_dict from a model.safetensors file, a run directory (its model.safetensors), or a
@@ -423,12 +436,14 @@ class RunDir:
         Args:
             config: the full config as a plain dict (written to config.yaml, and to run.json, which also
                 records config.yaml's SHA-256 so that a hand edit is found).
-            info: run facts for run.json: ``model`` (a `model_fingerprint`), ``seed``, ``versions``, ``machine``.
+            info: run facts for run.json: ``model`` (a `model_fingerprint`), ``data`` (a
+                `checks.data_fingerprint`), ``seed``, ``versions``, ``machine``.
 
         Raises:
             ValueError: resume without a run, with another model, with a config.yaml edited by hand, or
                 with a config that changes a stage that has begun (see `_reopen`); a fresh run into a
                 directory that already holds checkpoints, or one holding files that are not a run's.
+            DataError: resume with training data that differs from the run's (size, labels, order, files).
             RunDirInUseError: another process is writing the directory.
         """
         if resume and not (self.config_path.is_file() and self.record_path.is_file()):
@@ -482,7 +497,8 @@ class RunDir:
                              f"under 'config'. Put those back in {self.config_path.name}, and pass a change to a "
                              f"stage that has not begun in the config given to fit(..., resume=True) (CLI: "
                              f"encodenet fit --out {self.path} --resume --<stage>.<key> VALUE)")
-        changes = _changes(_settings(saved), _settings(config))
+        defaults = EncodeNetConfig().to_dict()  # a key missing on either side (older runs) is at its default
+        changes = _changes(_settings(_with_defaults(saved or {}, defaults)), _settings(_with_defaults(config, defaults)))
         refused = [(c, why) for c in changes if (why := self._frozen(c[0])) is not None]
         if refused:
             open_stages = [s for s in self.stages if self._frozen(s + ".") is None]
@@ -495,6 +511,11 @@ class RunDir:
                 + ("".join(f". To rerun {s} with new settings, delete {self.stage_dir(s)} first: it then restarts "
                            f"from the end of the stage before it" for s in self.stages
                            if (c := self.checkpoint(s)) is not None and not c.stage_complete)))
+        changed = fingerprint_changes(self.record.get("data") or {}, info.get("data") or {})
+        if changed:
+            raise DataError(f"cannot resume {self.path}: the training data changed since the run began ("
+                            + "; ".join(changed) + "); resume with the data it began with, or choose a new run "
+                            "directory")
         if changes:
             _logger.warning("resuming %s with changed settings of stages that have not begun: %s", self.path,
                             "; ".join(map(_change_text, changes)))

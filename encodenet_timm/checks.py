@@ -2,20 +2,32 @@
 
 Bad input is a `ValueError` / `TypeError` that names the bad value and what is allowed. `check_data` runs
 them all on a training loader before the first stage; `check_batch` runs on every batch of every stage.
+Image files are checked by `scan_files` before training and named by `NamedReads` when a read fails.
 """
 import difflib
+import hashlib
+import logging
 import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
+from .config import SCAN_MODES
+from .errors import DataError
+
 __all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_class_counts", "check_data",
-           "dataset_targets", "first_sample", "eval_mode"]
+           "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
+           "fingerprint_changes", "first_sample", "eval_mode"]
+
+_logger = logging.getLogger(__name__)
 
 BatchCheck = Callable[[torch.Tensor, torch.Tensor], None]  # (images, labels) -> None, or ValueError
 
@@ -98,12 +110,14 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans:
                          f"{int(y.min())}..{int(y.max())}")
 
 
-def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class: Union[int, str]) -> np.ndarray:
+def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class: Union[int, str],
+                       classes: Optional[Sequence[str]] = None) -> np.ndarray:
     """Images per class, (num_classes,) int64, after checking that clustering can run on them.
 
     Args:
         labels: (N,) int class of every image.
         clusters_per_class: k for every class, or "auto".
+        classes: the class names in label order, to name an empty class by (e.g. an empty class folder).
 
     Raises:
         ValueError: a label outside [0, num_classes), a class without images, a class with fewer
@@ -120,7 +134,8 @@ def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class:
     counts = np.bincount(labels, minlength=num_classes)
     empty = np.flatnonzero(counts == 0).tolist()
     if empty:
-        raise ValueError(f"classes {empty} have no images in the training set; every class of the model's "
+        names = f" ({', '.join(repr(classes[c]) for c in empty)})" if classes is not None else ""
+        raise ValueError(f"classes {empty}{names} have no images in the training set; every class of the model's "
                          f"{num_classes} needs at least one (check the dataset, or the model's num_classes)")
     if not auto:
         few = np.flatnonzero(counts < clusters_per_class).tolist()
@@ -150,7 +165,7 @@ def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in
                          f"create it with timm.create_model(name, num_classes={len(classes)})")
     targets = dataset_targets(dataset)
     if targets is not None:
-        check_class_counts(targets, num_classes, clusters_per_class)
+        check_class_counts(targets, num_classes, clusters_per_class, classes)
     x, y = first_sample(loader)
     check_batch(x, y, num_classes=num_classes, in_chans=in_chans)
     try:
@@ -184,8 +199,180 @@ def dataset_targets(dataset: Dataset) -> Optional[np.ndarray]:
 
 def first_sample(loader: DataLoader) -> Tuple[torch.Tensor, torch.Tensor]:
     """The first sample of ``loader.dataset`` as a batch of one, through the loader's collate_fn:
-    (images (1, C, H, W), labels (1,))."""
-    return next(iter(DataLoader(Subset(loader.dataset, [0]), batch_size=1, collate_fn=loader.collate_fn)))
+    (images (1, C, H, W), labels (1,)).
+
+    Raises:
+        TypeError: the dataset yields dicts or tuples of other than two items; the message says what
+            fit needs and how to adapt the dataset.
+    """
+    batch = next(iter(DataLoader(Subset(loader.dataset, [0]), batch_size=1, collate_fn=loader.collate_fn)))
+    adapt = ("fit needs (image, label) pairs: image a (C, H, W) float tensor, label an int class index. Wrap "
+             "the dataset in a small map-style Dataset whose __getitem__(i) returns them, e.g. "
+             "`return sample{}, ...` then DataLoader(Pairs(dataset), ...)")
+    if isinstance(batch, Mapping):
+        keys = list(batch)
+        raise TypeError(f"the loader's dataset yields dicts (keys {keys}); "
+                        + adapt.format(f"[{keys[0]!r}], sample[<label key>]" if keys else "[...]"))
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = f"{len(batch)}-tuples" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise TypeError(f"the loader's dataset yields {what}; " + adapt.format("[0], sample[1]"))
+    return batch[0], batch[1]
+
+
+# ---- image files -------------------------------------------------------------------------------------
+def dataset_files(dataset: Dataset) -> Optional[List[str]]:
+    """The image file of every sample, in dataset order, when the dataset lists them; None otherwise.
+
+    Read from ``.samples`` ((path, label) pairs: torchvision `ImageFolder` / `DatasetFolder`), through
+    a `Subset`'s indices.
+    """
+    if isinstance(dataset, Subset):
+        inner = dataset_files(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    samples = getattr(dataset, "samples", None)
+    if (isinstance(samples, list) and samples and isinstance(samples[0], (tuple, list))
+            and isinstance(samples[0][0], (str, os.PathLike))):
+        return [os.fspath(s[0]) for s in samples]
+    return None
+
+
+def scan_files(files: Sequence[str], mode: str = "verify") -> List[Tuple[int, str, str]]:
+    """The image files that cannot be read, as (index, path, reason); a few threads read headers at once.
+
+    ``"verify"`` (cheap: headers and checksums, no decoding) opens each file and runs PIL's
+    ``verify()``: it catches a missing or empty file, a non-image, a corrupt header, a truncated or
+    corrupt PNG (its CRCs), and a JPEG cut short (no end-of-image marker in its last KiB). It misses a
+    truncated BMP, GIF or TIFF and a JPEG whose tables are damaged: those fail at their first read,
+    named by `NamedReads`. ``"decode"`` decodes every file (about an epoch's reading, without the
+    model) and catches all of them. A JPEG whose compressed data is damaged but whose markers are
+    intact decodes (PIL fills the rest in grey): no scan finds it. ``"none"`` reads nothing.
+    """
+    if mode not in SCAN_MODES:
+        raise ValueError(f"config key 'data.scan' must be one of {SCAN_MODES}, got {mode!r}")
+    if mode == "none" or not files:
+        return []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(lambda f: _unreadable(f, decode=mode == "decode"), files, chunksize=64))
+    bad = [(i, f, r) for i, (f, r) in enumerate(zip(files, reasons)) if r is not None]
+    _logger.info("scanned %d image files (%s) in %.1fs: %d unreadable", len(files), mode,
+                 time.perf_counter() - start, len(bad))
+    return bad
+
+
+def check_files(loader: Optional[DataLoader], what: str, *, scan: str = "verify", skip: bool = False) -> List[int]:
+    """The dataset indices of `loader`'s unreadable image files (`scan_files`), when its dataset lists its
+    files (`dataset_files`); [] otherwise.
+
+    Raises:
+        DataError: some file is unreadable and not `skip`; the message names the files (the first five),
+            their indices and what to do. With `skip` their count is logged instead.
+    """
+    done = getattr(loader, "dataset", None)
+    if isinstance(done, NamedReads) and done.scanned in (scan, "decode"):  # scanned before (compare's rows)
+        return []
+    files = None if loader is None else dataset_files(loader.dataset)
+    bad = scan_files(files, scan) if files else []
+    if not bad:
+        return []
+    shown = "; ".join(f"index {i}: {path} ({reason})" for i, path, reason in bad[:5])
+    shown += "; ..." if len(bad) > 5 else ""
+    if not skip:
+        raise DataError(f"{len(bad)} image file(s) of {what} cannot be read: {shown}. Remove or replace them, or "
+                        f"set data.skip_unreadable=True (encodenet: --data.skip_unreadable true) to train "
+                        f"without them", path=bad[0][1], index=bad[0][0])
+    _logger.warning("leaving out %d unreadable image file(s) of %s (data.skip_unreadable): %s", len(bad), what, shown)
+    return [i for i, _, _ in bad]
+
+
+def _unreadable(path: str, decode: bool) -> Optional[str]:
+    """Why the image file at `path` cannot be read, or None when it can."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image_format = image.format
+            if decode:
+                image.load()
+            else:
+                image.verify()
+        if not decode and image_format == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 1024))
+                if b"\xff\xd9" not in f.read():
+                    return "truncated JPEG (no end-of-image marker)"
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for a bad file
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class NamedReads(Subset):
+    """`dataset` (every index in order, or `indices`) whose read failures raise `DataError` naming the
+    index in `dataset` and the file, instead of the reader's own traceback from deep inside an epoch.
+
+    Args:
+        dataset: a map-style dataset.
+        files: the image file of each of its indices (`dataset_files`).
+        indices: the indices of `dataset` to read; None: all of them.
+
+    Attributes:
+        scanned: the ``data.scan`` mode its files have passed (`loaders.readable`); None before a scan.
+    """
+
+    def __init__(self, dataset: Dataset, files: Sequence[str], indices: Optional[Sequence[int]] = None):
+        super().__init__(dataset, range(len(dataset)) if indices is None else list(indices))
+        self.files = files
+        self.scanned: Optional[str] = None
+
+    def __getitem__(self, index: int) -> Any:
+        i = self.indices[index]
+        try:
+            return self.dataset[i]
+        except Exception as e:  # whatever the image reader raises
+            cause = e.__cause__ if isinstance(e, DataError) and e.__cause__ is not None else e  # the reader's own
+            raise DataError(f"cannot read sample {i} of the dataset, {self.files[i]} ({type(cause).__name__}: "
+                            f"{cause}); remove or replace the file, or set data.scan='decode' and "
+                            f"data.skip_unreadable=True to leave out every file that does not decode",
+                            path=self.files[i], index=i) from e
+
+    def __getitems__(self, indices: List[int]) -> List[Any]:  # batched fetch: each read named too
+        return [self[i] for i in indices]
+
+
+# ---- fingerprint -------------------------------------------------------------------------------------
+def data_fingerprint(dataset: Dataset) -> Dict[str, Any]:
+    """What identifies a training set without reading its images: its size and, where the dataset
+    exposes them, its class counts and a SHA-256 of its labels in dataset order (`dataset_targets`) and
+    of its file list relative to the files' common folder (`dataset_files`; moving the folder is fine)."""
+    out: Dict[str, Any] = {"size": len(dataset)}
+    targets = dataset_targets(dataset)
+    if targets is not None and (targets.size == 0 or targets.min() >= 0):
+        out["class_counts"] = np.bincount(targets).tolist()
+        out["labels_sha256"] = hashlib.sha256(targets.astype("<i8").tobytes()).hexdigest()
+    files = dataset_files(dataset)
+    if files is not None:
+        root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+        names = "\n".join(os.path.relpath(f, root) for f in files)
+        out["files_sha256"] = hashlib.sha256(names.encode()).hexdigest()
+    return out
+
+
+def fingerprint_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """What differs between two `data_fingerprint`s, in words (facts missing from either are not compared)."""
+    def both(key):
+        return key in saved and key in current and saved[key] != current[key]
+    changes = []
+    if both("size"):
+        changes.append(f"size {saved['size']} -> {current['size']}")
+    if both("class_counts"):
+        a, b = saved["class_counts"], current["class_counts"]
+        diff = [f"class {c}: {a[c] if c < len(a) else 0} -> {b[c] if c < len(b) else 0}"
+                for c in range(max(len(a), len(b))) if (a[c:c + 1] or [0]) != (b[c:c + 1] or [0])]
+        changes.append("class counts " + ", ".join(diff[:5]) + (", ..." if len(diff) > 5 else ""))
+    elif both("labels_sha256"):
+        changes.append("the labels are in another order (same class counts)")
+    if both("files_sha256") and not changes:
+        changes.append("the image files differ (other names or another order)")
+    return changes
 
 
 @contextmanager

@@ -585,9 +585,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             logging.getLogger(__package__).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except EncodeNetError as e:
+    except EncodeNetError as e:  # DataError is also a ValueError: bad input, 2 like the rest of it
         print(f"encodenet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ValueError) else 1
     except (ValueError, OSError) as e:  # OSError: a file that cannot be read or written (named by `e`)
         print(f"encodenet {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ from .checkpoint import write_atomic, write_json
 from .checks import check_batch, check_data, check_loader
 from .config import EncodeNetConfig, StageConfig
 from .env import machine, versions
+from .loaders import readable
 from .split import check_timm_classifier
 from .training import LoopOptions, evaluate, resolve_device, seed_everything, train_stage
 from .wrapper import EncodeNetWrapper
@@ -568,6 +569,8 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
         _logger.warning("compare: %s", notes[-1])
     probe = check_timm_classifier(model_fn())
     w = EncodeNetWrapper(probe, config)  # fit's bad-data checks, before any training
+    train_loader, val_loader, plain_loader, _ = readable(  # image files named (or left out) before any row
+        train_loader, val_loader, plain_loader, scan=config.data.scan, skip=config.data.skip_unreadable)
     check_data(train_loader, w.model, w.device, in_chans=w.input_size[0],
                clusters_per_class=config.representatives.clusters_per_class)
     out = Path(out_dir) if out_dir is not None else None

@@ -14,12 +14,15 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "EncodeNetConfig"]
+__all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "DataConfig",
+           "EncodeNetConfig"]
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
 AMP_VALUES = ("none", "auto", "bf16", "fp16")
 FAISS_GPU_VALUES = ("auto", "never", "always")
+SCAN_MODES = ("verify", "decode", "none")  # data.scan (`checks.scan_files` says what each catches)
+
 # a number YAML 1.1 leaves as text ("1e-3": no dot); read as a float, in a file as on the command line
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -114,6 +117,19 @@ class DecoderConfig(_Strict):
             raise ValueError(f"config key 'decoder.norm' must be 'batch' or 'group', got {self.norm!r}")
 
 
+@dataclass
+class DataConfig(_Strict):
+    """How fit checks the training (and validation) images before it spends compute on them."""
+    scan: str = "verify"             # image files (ImageFolder-style datasets) checked before training:
+                                     # "verify" (headers and checksums, cheap), "decode" (every file decoded), "none"
+    skip_unreadable: bool = False    # leave out the files the scan finds unreadable (their count is logged and
+                                     # recorded in run.json) instead of stopping with their names
+
+    def __post_init__(self):
+        if self.scan not in SCAN_MODES:
+            raise ValueError(f"config key 'data.scan' must be one of {SCAN_MODES}, got {self.scan!r}")
+
+
 def _stage(cls: type = StageConfig, **kw) -> Any:
     return field(default_factory=lambda: cls(**kw))
 
@@ -137,6 +153,7 @@ class EncodeNetConfig(_Strict):
                                      # the last feature_info stage); or a stage module named in the model's
                                      # feature_info ("layer3", "stages.2"): the modules after it restart from
                                      # the baseline's weights and are retrained with the head in transfer
+    data: DataConfig = field(default_factory=DataConfig)  # checks of the image files before training
     baseline: StageConfig = _stage(epochs=0)  # 0: the model passed in is already trained
     representatives: RepresentativesConfig = field(default_factory=RepresentativesConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -1,10 +1,12 @@
 """Exception types raised by encodenet_timm.
 
 Bad user input raises the built-in ``ValueError`` / ``TypeError``; these classes are for the
-cases the built-ins do not describe: a model we cannot handle and a training stage that diverged.
+cases the built-ins do not describe: a model we cannot handle, a training stage that diverged, and
+training data that cannot be read.
 """
+from typing import Optional
 
-__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError", "RunDirInUseError"]
+__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError", "RunDirInUseError", "DataError"]
 
 
 class EncodeNetError(Exception):
@@ -41,3 +43,21 @@ class RunDirInUseError(EncodeNetError, RuntimeError):
 
     The message names the directory and the process holding its lock.
     """
+
+
+class DataError(EncodeNetError, ValueError):
+    """Training data that cannot be used: an unreadable, corrupt or truncated image file, or a dataset
+    that changed under a resumed run. The message names the file (and dataset index) or what changed.
+
+    Attributes:
+        path: the file, when one is to blame.
+        index: its index in the dataset, when known.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None, index: Optional[int] = None):
+        # a DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker ...
+        # Original Traceback ... DataError: <message>"): keep the message, not the worker's traceback
+        if "Original Traceback" in message and "DataError: " in message:
+            message = message.rsplit("DataError: ", 1)[-1].strip()
+        super().__init__(message)
+        self.path, self.index = path, index

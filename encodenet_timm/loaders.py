@@ -2,16 +2,23 @@
 
 A stage never iterates a loader the caller passed in a different order than the caller asked for, except
 where it needs dataset order (the feature pass) or a rank's share (torchrun); these are built here.
+The others keep the caller's loader but for one change each: a full last batch (`full_last_batch`), reads
+that name their file (`named_reads`), unreadable files left out (`without`, `readable`).
 """
-from typing import List, Optional, Sequence
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
+                              SequentialSampler, Subset)
 
 from . import distributed
+from .checks import NamedReads, check_files, dataset_files
 
 __all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "shard_batches",
-           "batch_starts"]
+           "batch_starts", "rebuild", "full_last_batch", "named_reads", "without", "readable"]
+
+_logger = logging.getLogger(__name__)
 
 
 def make_loader(dataset: Dataset, like: DataLoader, *, shuffle: bool, seed: int,
@@ -108,3 +115,106 @@ def batch_starts(loader: DataLoader) -> Optional[List[int]]:
     if isinstance(sampler, _Batches):
         return [b[0] for b in sampler.batches]
     return None
+
+
+def rebuild(loader: DataLoader, dataset: Optional[Dataset] = None, *, drop_last: Optional[bool] = None) -> DataLoader:
+    """`loader` over `dataset` and/or with `drop_last`, everything else kept: its sampler (so its order
+    and seeded generator), batch size, workers and collate_fn.
+
+    A `dataset` of another length gets a fresh sampler of the same kind: sequential, or random drawing
+    from the same generator.
+
+    Raises:
+        ValueError: `dataset` has another length and `loader` has a custom sampler or batch_sampler.
+    """
+    dataset = loader.dataset if dataset is None else dataset
+    drop_last = loader.drop_last if drop_last is None else drop_last
+    kwargs = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                  multiprocessing_context=loader.multiprocessing_context, prefetch_factor=loader.prefetch_factor,
+                  persistent_workers=loader.persistent_workers and loader.num_workers > 0)
+    sampler = loader.sampler
+    if len(dataset) != len(loader.dataset):
+        if type(sampler) is SequentialSampler and loader.batch_size is not None:
+            sampler = SequentialSampler(dataset)
+        elif (type(sampler) is RandomSampler and loader.batch_size is not None and not sampler.replacement
+              and sampler.num_samples == len(loader.dataset)):
+            sampler = RandomSampler(dataset, generator=sampler.generator)
+        else:
+            raise ValueError(f"cannot leave samples out of a loader with a sampler of its own "
+                             f"({type(sampler).__name__}, {type(loader.batch_sampler).__name__}); remove the "
+                             f"unreadable files from the dataset instead")
+    if loader.batch_size is None:  # a custom batch_sampler: its batches stay its own
+        return DataLoader(dataset, batch_sampler=loader.batch_sampler, **kwargs)
+    return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+
+
+def full_last_batch(loader: DataLoader) -> DataLoader:
+    """The loader a training stage iterates: `loader`, or, when the last batch of an epoch would hold a
+    single image, `loader` with ``drop_last=True``.
+
+    A training batch of one breaks BatchNorm wherever the features are 1x1 (the last stage of most CNNs
+    at CIFAR size: "Expected more than 1 value per channel when training"). Dropping that image, rather
+    than padding the batch with images drawn twice, keeps the sampler, its seeded order and every
+    other batch, so resume and the compute count are unchanged but for one image per epoch: a
+    shuffled loader leaves out a different image each epoch, an unshuffled one its last image. The
+    count is per rank (``len(loader.sampler)``, a DistributedSampler's share). A loader with
+    ``drop_last`` already set, a batch size of 1 or a custom batch_sampler is returned as it is.
+    """
+    size = loader.batch_size
+    if size is None or size < 2 or loader.drop_last:
+        return loader
+    try:
+        n = len(loader.sampler)
+    except TypeError:  # an IterableDataset's sampler has no length
+        return loader
+    if n % size != 1:
+        return loader
+    _logger.info("the last batch of each epoch would hold 1 image (%d images, batch_size=%d), which BatchNorm "
+                 "cannot train on: it is left out (drop_last=True)", n, size)
+    return rebuild(loader, drop_last=True)
+
+
+def named_reads(loader: Optional[DataLoader]) -> Optional[DataLoader]:
+    """`loader` whose dataset's read failures raise `DataError` naming the index and file
+    (`checks.NamedReads`), when the dataset lists its image files; otherwise (or None) as it is."""
+    if loader is None or isinstance(loader.dataset, NamedReads):
+        return loader
+    files = dataset_files(loader.dataset)
+    if files is None:
+        return loader
+    return rebuild(loader, NamedReads(loader.dataset, files))
+
+
+def without(loader: DataLoader, drop: Sequence[int]) -> DataLoader:
+    """`loader` over its dataset less the indices `drop` (the rest in their order), sampled as before."""
+    drop = set(drop)
+    keep = [i for i in range(len(loader.dataset)) if i not in drop]
+    dataset = loader.dataset
+    if isinstance(dataset, NamedReads):  # still named by the index in the caller's dataset
+        return rebuild(loader, NamedReads(dataset.dataset, dataset.files, [dataset.indices[i] for i in keep]))
+    return rebuild(loader, Subset(dataset, keep))
+
+
+def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *, scan: str = "verify",
+             skip: bool = False) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader], Dict[str, int]]:
+    """The loaders `fit` reads, after scanning their image files (`checks.check_files`), and how many
+    files were left out of train and val ({} when none).
+
+    Each read failure names its file (`named_reads`). Unreadable files raise `DataError`, or with
+    `skip` are left out (of `plain` as of `train`, so the two stay index-aligned; `plain` is scanned
+    only when it lists other files than `train`). Loaders this returned are not scanned again.
+    """
+    train, val, plain = named_reads(train), named_reads(val), named_reads(plain)
+    drop = check_files(train, "train_loader", scan=scan, skip=skip)
+    if plain is not None and dataset_files(plain.dataset) != dataset_files(train.dataset):
+        drop = sorted(set(drop) | set(check_files(plain, "plain_loader", scan=scan, skip=skip)))
+    drop_val = check_files(val, "val_loader", scan=scan, skip=skip)
+    if drop:
+        train, plain = without(train, drop), plain if plain is None else without(plain, drop)
+    if drop_val:
+        val = without(val, drop_val)
+    for loader in (train, val, plain):  # a later call (each row of compare) does not scan them again
+        if loader is not None and isinstance(loader.dataset, NamedReads) and scan != "none":
+            loader.dataset.scanned = scan
+    return train, val, plain, ({"train": len(drop), "val": len(drop_val)} if drop or drop_val else {})

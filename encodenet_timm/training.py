@@ -23,7 +23,7 @@ from . import distributed
 from .checks import BatchCheck, eval_mode
 from .config import StageConfig
 from .errors import NonFiniteLossError
-from .loaders import reseed_loader, set_epoch, shard_batches, train_loader
+from .loaders import full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
 
 __all__ = ["seed_everything", "epoch_seed", "resolve_device", "LoopOptions", "TrainState", "train_stage", "evaluate"]
 
@@ -121,7 +121,8 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
     Inside a torch.distributed process group (torchrun) the task is wrapped in DDP with its own
     ``prepare_distributed`` and `loader` is re-sampled with a `DistributedSampler`
     (`loaders.train_loader`): `loader`'s batch size is per rank. Losses and accuracies in the
-    history are over all ranks; every rank raises together on a non-finite loss.
+    history are over all ranks; every rank raises together on a non-finite loss. A last batch that
+    would hold one image is left out (`loaders.full_last_batch`): BatchNorm cannot train on it.
 
     Args:
         task: a timm `TrainingTask`.
@@ -160,6 +161,7 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
     if in_group:
         loader = train_loader(loader, seed if seed is not None else 0)
         task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
+    loader = full_last_batch(loader)
     try:
         return _train_epochs(task, loader, cfg, options, stage=stage, check=check, val_fn=val_fn, seed=seed,
                              resume=resume, on_epoch_end=on_epoch_end)
@@ -210,8 +212,15 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
                 check(x, y)
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                out = task(x, y)
+            try:
+                with _autocast(device, amp):
+                    out = task(x, y)
+            except ValueError as e:  # a custom batch_sampler's batch of one: say what to change
+                if x.shape[0] == 1 and "Expected more than 1 value per channel" in str(e):
+                    raise ValueError(f"{stage}: batch {step} of epoch {epoch} holds one image, which BatchNorm "
+                                     f"cannot train on ({e}); give the training loader batches of two or more "
+                                     f"(drop_last=True, or a batch_sampler without single-image batches)") from e
+                raise
             loss = out["loss"]
             loss_value = float(loss.detach())
             if in_group:  # the mean over ranks: a NaN on any rank stops every rank at the same step

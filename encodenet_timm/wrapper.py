@@ -11,15 +11,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .checkpoint import Checkpoint, Run, load_model_file, load_state_into, model_fingerprint
-from .checks import check_batch, check_config, check_data, check_loader
+from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, versions
-from .loaders import make_loader
+from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
@@ -159,11 +159,17 @@ class EncodeNetWrapper:
             ValueError: bad data (checked before any training), or a `run_dir` that cannot be used
                 (see `RunDir.begin`).
             RunDirInUseError: another process is writing `run_dir`.
+            DataError: an image file that cannot be read (named, with its index: before training where
+                ``config.data.scan`` finds it, else at its first read), or, on resume, training data
+                that differs from the run's (size, class counts, label order, files).
         """
         check_loader(train_loader, "train_loader", map_style=True)
         _checked(self.config)  # before any stage: a value set by hand on wrapper.config since __init__
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to continue")
+        train_loader, val_loader, plain_loader, skipped = readable(  # image files scanned (config.data)
+            train_loader, val_loader, plain_loader, scan=self.config.data.scan,
+            skip=self.config.data.skip_unreadable)
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
                    clusters_per_class=self.config.representatives.clusters_per_class)
         c = self.config
@@ -173,7 +179,8 @@ class EncodeNetWrapper:
                 ("transfer", True, lambda: self.fit_transfer(train_loader, val_loader)),
                 ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
         # under torchrun rank 0 writes the run directory, every rank reads it to resume
-        run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(), self._run_facts, resume=resume)
+        run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(),
+                                    lambda: self._run_facts(train_loader.dataset, skipped), resume=resume)
         try:  # the run directory stays locked until fit returns or raises
             if resume:
                 self._restore(self._run.latest())
@@ -188,10 +195,12 @@ class EncodeNetWrapper:
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
 
-    def _run_facts(self) -> Dict[str, Any]:
-        """What run.json records about the run: the model's fingerprint, the seed, versions and machine."""
-        return {"model": model_fingerprint(self.model), "seed": self.config.seed, "versions": versions(),
-                "machine": machine(self.device)}
+    def _run_facts(self, dataset: Dataset, skipped: Dict[str, int]) -> Dict[str, Any]:
+        """What run.json records about the run: the model's fingerprint, the training data's (and the
+        unreadable files left out of it), the seed, versions and machine."""
+        data = {**data_fingerprint(dataset), **({"skipped": skipped} if skipped else {})}
+        return {"model": model_fingerprint(self.model), "data": data, "seed": self.config.seed,
+                "versions": versions(), "machine": machine(self.device)}
 
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
         """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
@@ -367,6 +376,7 @@ class EncodeNetWrapper:
     def evaluate(self, loader: DataLoader) -> Dict[str, float]:
         """{"accuracy": top-1 in [0, 1], "loss": mean cross-entropy} of the current model on `loader`."""
         check_loader(loader, "loader")
+        loader = named_reads(loader)  # an image file that cannot be read is named
         return evaluate(self.model, loader, self.device, check=self._check(),
                         channels_last=self.config.channels_last)
 

@@ -1,7 +1,9 @@
 """Your own images as an image folder: ``root/train/<class>/<image>`` and ``root/test/...`` or ``root/val/...``.
 
 torchvision's `ImageFolder` reads them; classes are the folder names of ``train/``, sorted. Images are
-resized and centre-cropped; the training view adds a padded random crop and a horizontal flip.
+resized and centre-cropped; the training view adds a padded random crop and a horizontal flip. A class
+folder without images is an error naming it; an image that cannot be read raises `DataError` naming
+its file (fit scans every file before training: ``config.data``).
 """
 import functools
 import logging
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
+
 __all__ = ["image_folder_splits"]
 
 _logger = logging.getLogger(__name__)
@@ -20,9 +24,28 @@ _STATS_SAMPLE = 1000  # images read to compute an image folder's mean/std
 
 
 def _open_image(path: str, mode: str):
+    """The image at `path` in `mode`; `DataError` naming the file when it cannot be read."""
     from PIL import Image
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError ("truncated"), SyntaxError, ...
+        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it",
+                        path=path) from e
+
+
+def _check_class_folders(train: Path) -> None:
+    """ValueError naming every class folder of `train` that holds no image torchvision would read."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    folders = sorted(p for p in train.iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{train} has no class folders: an image folder dataset needs "
+                                f"train/<class>/<image>")
+    empty = [str(d) for d in folders
+             if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in d.rglob("*"))]
+    if empty:
+        raise ValueError(f"class folder(s) {', '.join(empty)} hold no images (files ending "
+                         f"{', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)")
 
 
 def image_folder_splits(root: Path, img_size: int, in_chans: int, seed: int, mean: Optional[Sequence[float]],
@@ -35,6 +58,7 @@ def image_folder_splits(root: Path, img_size: int, in_chans: int, seed: int, mea
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"no {root / 'train'} folder: an image folder dataset needs "
                                 f"train/<class>/<image> (and test/ or val/ with the same class folders)")
+    _check_class_folders(root / "train")
     loader = functools.partial(_open_image, mode="RGB" if in_chans == 3 else "L")
     resize = [transforms.Resize(img_size), transforms.CenterCrop(img_size), transforms.ToTensor()]
     if mean is None or std is None:
@@ -70,9 +94,19 @@ def _held_out_folder(path: Path, classes: List[str], transform, loader):
 
 
 def _folder_stats(dataset: Dataset, seed: int) -> Tuple[List[float], List[float]]:
-    """Per-channel mean and std of pixel values in [0, 1] over up to 1,000 random images."""
+    """Per-channel mean and std of pixel values in [0, 1] over up to 1,000 random images (unreadable ones are
+    passed over here: fit's scan names them, or leaves them out with ``data.skip_unreadable``)."""
     rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(dataset))[:_STATS_SAMPLE]
-    x = torch.stack([dataset[int(i)][0] for i in idx])  # (n, C, H, W)
-    _logger.info("normalisation computed from %d training images", len(idx))
+    images = []
+    for i in rng.permutation(len(dataset)):
+        if len(images) == _STATS_SAMPLE:
+            break
+        try:
+            images.append(dataset[int(i)][0])
+        except DataError:
+            continue
+    if not images:
+        raise DataError(f"none of the {len(dataset)} training images can be read (e.g. {dataset.samples[0][0]})")
+    x = torch.stack(images)  # (n, C, H, W)
+    _logger.info("normalisation computed from %d training images", len(images))
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
