@@ -144,7 +144,7 @@ class _KillInStage(Dataset):
         return self.dataset[i]
 
 
-def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=None, hook=None):
+def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=None, hook=None, checkpoint_every=0):
     """resnet20_cifar split before its last stage, through every stage (2 epochs each, finetune too) on
     60 real digits, on 1 thread.
 
@@ -172,7 +172,8 @@ def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=Non
         wrapper = EncodeNetWrapper(make_model("resnet20_cifar"), cfg)
         if hook is not None:
             hook(wrapper)
-        return wrapper, wrapper.fit(loader, val_loader, run_dir=run_dir, resume=resume)
+        return wrapper, wrapper.fit(loader, val_loader, run_dir=run_dir, resume=resume,
+                                    checkpoint_every=checkpoint_every)
     finally:
         torch.set_num_threads(threads)
 
