@@ -538,8 +538,8 @@ class Run:
         raise `Interrupted` meanwhile (see `StopSignals`; a training loop polls ``stop`` inside `deferred`).
         """
         stage = None
-        try:
-            with self.stop if self.stop is not None else nullcontext():
+        with self.stop if self.stop is not None else nullcontext():  # still installed while run.json is written
+            try:
                 for stage, enabled, run_stage in plan:
                     if stage in self.done:
                         continue
@@ -548,23 +548,25 @@ class Run:
                             self.dir.update_stage(stage, status="skipped")
                         continue
                     run_stage()
-        except (Exception, KeyboardInterrupt) as e:
-            error = e
-            if distributed.is_distributed() and distributed.is_collective_error(e):
-                error = RankLostError(f"rank {distributed.rank()} lost the other ranks in {stage or 'resume'}: a "
-                                      f"rank died or did not answer within the process group's timeout ({e}). "
-                                      f"The last complete checkpoint stays; torchrun --max-restarts N, or the same "
-                                      f"torchrun command with --resume, continues from it")
-            if self.writes:
-                self.dir.fail(stage, error)
-                say = _logger.warning if isinstance(error, Interrupted) else _logger.error
-                say("%s stopped: %s; %s keeps the last complete checkpoint; continue with: %s", stage, error,
-                    self.dir.path, resume_command(self.dir.path))
-            elif isinstance(error, RankLostError):
-                _logger.error("%s", error)
-            if error is e:
-                raise
-            raise error from e
+            except (Exception, KeyboardInterrupt) as e:
+                self._record_failure(stage, e)
+
+    def _record_failure(self, stage: Optional[str], e: BaseException) -> None:
+        """Record `e` (raised in `stage`) in run.json and re-raise it (a failed collective as `RankLostError`)."""
+        error = e
+        if distributed.is_distributed() and distributed.is_collective_error(e):
+            error = RankLostError(f"rank {distributed.rank()} lost the other ranks in {stage}: a rank died or "
+                                  f"did not answer within the process group's timeout ({e})")
+        if self.writes:
+            self.dir.fail(stage, error)
+            say = _logger.warning if isinstance(error, Interrupted) else _logger.error
+            say("%s stopped: %s; %s keeps the last complete checkpoint; continue with: %s", stage, error,
+                self.dir.path, resume_command(self.dir.path))
+        elif isinstance(error, RankLostError):
+            _logger.error("%s; rank 0 keeps the run directory's last complete checkpoint", error)
+        if error is e:
+            raise e
+        raise error from e
 
     def finish(self, model_state: Callable[[], Dict[str, torch.Tensor]]) -> None:
         """Write model.safetensors from ``model_state()`` and mark the run complete (writing rank only)."""

@@ -106,6 +106,26 @@ def test_cli_fit_and_resume_under_torchrun(tmp_path):
     assert len(json.loads((out / "run.json").read_text())["resumed"]) == 1
 
 
+def test_a_rank_killed_in_a_stage_is_restarted_by_torchrun_to_the_uninterrupted_result(runs, tmp_path):
+    """Rank 1 SIGKILLs itself in step 5 of the autoencoder's epoch (checkpoints every 3 steps): rank 0
+    stops with a clear message instead of waiting, torchrun restarts both, and the run continues from
+    the checkpoint inside the epoch to the weights of the uninterrupted 2-rank run ("two_ram"), bit for bit."""
+    worker = Path(__file__).with_name("ddp_kill_worker.py")
+    run_dir, marker = tmp_path / "run", tmp_path / "killed-once"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", str(worker), str(marker), "--out", str(tmp_path / "out"), "--batch-size", "32", "--train-size", "512",
+           "--epochs", "1", "--run-dir", str(run_dir), "--checkpoint-every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert marker.exists() and "rank 0 lost the other ranks in autoencoder" in done.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumed"]) == 1
+    killed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    straight = load_file(str(runs / "two_ram" / "model.safetensors"))
+    assert killed.keys() == straight.keys() and all(torch.equal(killed[k], straight[k]) for k in killed)
+
+
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     worker = Path(__file__).with_name("ddp_nan_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
