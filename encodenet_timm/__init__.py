@@ -6,7 +6,7 @@ from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
 from .compare import CompareResult, compare
 from .compat import check_model
 from .config import AutoencoderConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig, StageConfig
-from .errors import EncodeNetError, NonFiniteLossError, UnsupportedModelError
+from .errors import EncodeNetError, Interrupted, NonFiniteLossError, RankLostError, UnsupportedModelError
 from .feature_store import FeatureStore
 from .representatives import Representatives
 from .wrapper import EncodeNetWrapper
@@ -28,5 +28,7 @@ __all__ = [
     "EncodeNetError",
     "UnsupportedModelError",
     "NonFiniteLossError",
+    "Interrupted",
+    "RankLostError",
     "__version__",
 ]

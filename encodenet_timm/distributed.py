@@ -8,6 +8,8 @@ wrapper; see the README's "Scaling".
 import datetime
 import os
 import re
+import sys
+import threading
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -82,7 +84,8 @@ def gather_objects(obj: Any, dst: int = 0) -> Optional[List[Any]]:
 def init_group(backend: Optional[str] = None) -> None:
     """``init_process_group`` from torchrun's environment: NCCL with CUDA, else gloo, with a timeout of
     ``$ENCODENET_DIST_TIMEOUT`` seconds (default 1800): a rank whose peer died stops with an error
-    within that time rather than waiting for ever (gloo notices a closed connection sooner).
+    within that time rather than waiting for ever (gloo notices a closed connection sooner). A group
+    that has not connected by then ends the process (exit status 1).
 
     Raises:
         ValueError: the variable is not a positive number.
@@ -94,8 +97,21 @@ def init_group(backend: Optional[str] = None) -> None:
         seconds = -1.0
     if not seconds > 0:
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                            timeout=datetime.timedelta(seconds=seconds))
+    # gloo can wait past its timeout while connecting to a peer that is gone: then this process gives up
+    watchdog = threading.Timer(seconds, _give_up, args=(seconds,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                timeout=datetime.timedelta(seconds=seconds))
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(seconds: float) -> None:
+    print(f"rank {os.environ.get('RANK', '?')}: the process group did not connect within {seconds:g} s "
+          f"(${TIMEOUT_ENV}); exiting", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def is_collective_error(error: BaseException) -> bool:

@@ -126,8 +126,7 @@ class EncodeNetWrapper:
             return train_stage(task, loader, cfg, stage=stage, options=options, seed=c.seed + _SEED_OFFSET[stage],
                                resume=self._run.resume_state(stage), stop=self._run.stop,
                                on_checkpoint=lambda state: self._checkpoint(stage, state.epoch, cfg.epochs, state),
-                               checkpoint_every=self._checkpoint_every,
-                               **kwargs)
+                               checkpoint_every=self._checkpoint_every, **kwargs)
 
     def _val_fn(self, val_loader: Optional[DataLoader]):
         if val_loader is None:
