@@ -101,9 +101,15 @@ def init_group(backend: Optional[str] = None) -> None:
     watchdog = threading.Timer(seconds, _give_up, args=(seconds,))
     watchdog.daemon = True
     watchdog.start()
+    backend, timeout = backend or ("nccl" if torch.cuda.is_available() else "gloo"), datetime.timedelta(seconds=seconds)
     try:
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                                timeout=datetime.timedelta(seconds=seconds))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # torchrun: keys of its own in the job's store, so a restarted group never reads a dead rank's address
+            store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"encodenet/attempt-{attempt}", store),
+                                    rank=rank_, world_size=world, timeout=timeout)
     finally:
         watchdog.cancel()
 

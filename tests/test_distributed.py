@@ -111,7 +111,7 @@ def test_a_rank_killed_in_a_stage_stops_the_other_and_the_run_continues_to_the_u
         runs, tmp_path, restart):
     """Rank 1 SIGKILLs itself in step 5 of the autoencoder's epoch (checkpoints every 3 steps): rank 0
     stops with a clear message instead of waiting, and the same launch again ("relaunch") or torchrun's
-    own restart ("max-restarts"; slow: gloo has been seen to hang connecting the restarted group) continues
+    own restart ("max-restarts", slow; `init_group` keys the restarted group by the attempt) continues
     from the checkpoint inside the epoch to the weights of the uninterrupted 2-rank run ("two_ram"), bit
     for bit."""
     worker = Path(__file__).with_name("ddp_kill_worker.py")
