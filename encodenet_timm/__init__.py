@@ -7,7 +7,8 @@ from .compare import CompareResult, compare
 from .compat import check_model
 from .config import (AutoencoderConfig, DataConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig,
                      StageConfig)
-from .errors import DataError, EncodeNetError, NonFiniteLossError, UnsupportedModelError
+from .errors import (DataError, EncodeNetError, Interrupted, NonFiniteLossError, RankLostError,
+                     UnsupportedModelError)
 from .feature_store import FeatureStore
 from .representatives import Representatives
 from .wrapper import EncodeNetWrapper
@@ -31,5 +32,7 @@ __all__ = [
     "UnsupportedModelError",
     "NonFiniteLossError",
     "DataError",
+    "Interrupted",
+    "RankLostError",
     "__version__",
 ]

@@ -1,6 +1,6 @@
-"""Run directories: their layout and file names, atomic files, per-epoch stage checkpoints, loading them
-back safely, and the lifecycle of one `fit(run_dir=...)` (`Run`: begin or resume, a checkpoint at every
-epoch end, skipped and failed stages, finish).
+"""Run directories: their layout and file names, atomic files, stage checkpoints (at epoch ends and
+every N steps inside an epoch), loading them back safely, and the lifecycle of one `fit(run_dir=...)`
+(`Run`: begin or resume, checkpoints, skipped, failed and interrupted stages, finish).
 
 Every file is written to a temporary file in its own directory, fsynced, then renamed over its name
 (``os.replace``), so a reader never sees half a file. A checkpoint is complete only once its
@@ -13,11 +13,13 @@ Layout of a run directory::
     <run_dir>/config.yaml            the full config
     <run_dir>/run.json               versions, machine, seed, model, config (and config.yaml's SHA-256),
                                      per-stage status and history, accepted config changes
-    <run_dir>/checkpoints/<stage>/epoch-<NNNN>/   the latest epoch of each stage; once the run is complete,
-                                     only the last stage's
+    <run_dir>/checkpoints/<stage>/epoch-<NNNN>/   after NNNN epochs: the newest checkpoint of each stage; once the
+                                     run is complete, only the last stage's
+    <run_dir>/checkpoints/<stage>/epoch-<NNNN>-step-<SSSSSSS>/  inside epoch NNNN+1, after SSSSSSS of its batches
         model.safetensors            the whole model's state_dict
         decoder.safetensors          once the decoder exists
         optimizer.pt                 a stage not yet finished: optimizer.state_dict()
+        position.pt                  inside an epoch: per rank, the RNG states and running sums (torch.save)
         representatives.safetensors  from the representatives stage on
         tail.safetensors             the modules after a split inside the encoder: their pre-autoencoder weights
         manifest.json                written last: stage, epoch, files, loop state (JSON)
@@ -39,6 +41,7 @@ import shutil
 import logging
 import socket
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -51,7 +54,8 @@ from safetensors.torch import load_file, save_file
 from . import distributed
 from .checks import check_writable, fingerprint_changes
 from .config import EncodeNetConfig
-from .errors import DataError, RunDirInUseError
+from .errors import DataError, Interrupted, RankLostError, RunDirInUseError
+from .stopping import StopSignals
 from .training import TrainState
 
 try:
@@ -62,7 +66,7 @@ except ImportError:  # not POSIX (Windows): directories are not locked
 __all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "write_atomic",
            "LOCK_FILE", "PICTURES", "RUN_FILES",
            "write_json", "read_json", "check_writable", "check_new_dir", "DirLock", "save_tensors", "load_tensors", "load_state_into", "load_model_file",
-           "model_fingerprint", "Checkpoint", "RunDir", "Run"]
+           "model_fingerprint", "resume_command", "Checkpoint", "RunDir", "Run"]
 
 _logger = logging.getLogger(__name__)
 
@@ -81,7 +85,8 @@ LOCK_FILE = ".lock"               # flock()ed while a process writes the directo
 RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, "eval-*.json", SUMMARY_FILE, *PICTURES,
              LOCK_FILE, "checkpoints", ".*.tmp")
 _FORMAT = "encodenet_timm.checkpoint/1"
-_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+_CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?$")
+POSITION_FILE = "position.pt"     # a checkpoint inside an epoch: where each rank's epoch stood
 _RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
 _SECTION_STAGE = {"decoder": "autoencoder"}  # config sections that a stage of another name reads; a section
 # named after a stage belongs to it, and every other key (seed, split, amp, ...) to the whole run
@@ -321,8 +326,9 @@ class Checkpoint:
     """One complete stage checkpoint: a directory whose manifest lists its files.
 
     Attributes:
-        directory: ``<run_dir>/checkpoints/<stage>/epoch-<NNNN>``.
+        directory: ``<run_dir>/checkpoints/<stage>/epoch-<NNNN>[-step-<SSSSSSS>]``.
         stage, epoch: the stage, and how many of its `epochs` are complete.
+        step: batches of the next epoch already trained (0: at an epoch end).
         state: the JSON state saved with it (loop state, history, ...).
     """
 
@@ -330,6 +336,7 @@ class Checkpoint:
         self.directory, self.manifest = directory, manifest
         self.stage: str = manifest["stage"]
         self.epoch: int = manifest["epoch"]
+        self.step: int = manifest.get("step", 0)
         self.epochs: int = manifest["epochs"]
         self.state: Dict[str, Any] = manifest["state"]
 
@@ -368,21 +375,38 @@ class Checkpoint:
         loop = self.manifest.get("loop")
         if loop is None:
             raise ValueError(f"checkpoint {self.directory} holds no training-loop state")
-        path = self.path("optimizer.pt")
+        optimizer = self._torch_load("optimizer.pt")
+        ranks = self._torch_load(POSITION_FILE)["ranks"] if self.step else None
+        return TrainState(epoch=self.epoch, num_updates=loop["num_updates"], history=loop["history"],
+                          optimizer=optimizer, scheduler=loop["scheduler"], scaler=loop["scaler"], step=self.step,
+                          ranks=ranks)
+
+    def _torch_load(self, name: str) -> Any:
+        path = self.path(name)
         try:
-            optimizer = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises RuntimeError / UnpicklingError for bad files
             raise ValueError(f"{path} is corrupted or truncated: torch.load(weights_only=True) failed ({e})") from e
-        return TrainState(epoch=self.epoch, num_updates=loop["num_updates"], history=loop["history"],
-                          optimizer=optimizer, scheduler=loop["scheduler"], scaler=loop["scaler"])
 
 
-def _epoch_dirs(stage_dir: Path) -> List[Path]:
-    """``epoch-NNNN`` directories of one stage, newest first."""
+def _checkpoint_dirs(stage_dir: Path) -> List[Path]:
+    """``epoch-NNNN[-step-SSSSSSS]`` directories of one stage, newest (most epochs, then steps) first."""
     if not stage_dir.is_dir():
         return []
-    found = [(int(m.group(1)), d) for d in stage_dir.iterdir() if (m := _EPOCH_DIR.match(d.name)) and d.is_dir()]
+    found = [((int(m.group(1)), int(m.group(2) or 0)), d) for d in stage_dir.iterdir()
+             if (m := _CHECKPOINT_DIR.match(d.name)) and d.is_dir()]
     return [d for _, d in sorted(found, reverse=True)]
+
+
+def _checkpoint_name(epoch: int, step: int) -> str:
+    return f"epoch-{epoch:04d}" + (f"-step-{step:07d}" if step else "")
+
+
+def resume_command(path: PathLike) -> str:
+    """The command that continues the run in `path`: the CLI's when the CLI wrote it (cli.json), else the API's."""
+    if (Path(path) / CLI_FILE).is_file():
+        return f"encodenet fit --out {path} --resume"
+    return f"fit(..., run_dir={str(path)!r}, resume=True)"
 
 
 # ---- run directory -----------------------------------------------------------------------------------
@@ -417,7 +441,7 @@ class RunDir:
 
     def checkpoint(self, stage: str) -> Optional[Checkpoint]:
         """The latest complete checkpoint of `stage`; directories without a manifest are ignored."""
-        for directory in _epoch_dirs(self.stage_dir(stage)):
+        for directory in _checkpoint_dirs(self.stage_dir(stage)):
             if (directory / MANIFEST).is_file():  # without one it is half written: never complete
                 return Checkpoint.read(directory)
         return None
@@ -527,6 +551,7 @@ class RunDir:
         self.record["status"] = "running"
         self.record.pop("error", None)
         self.record.pop("how_to_continue", None)
+        self.record.pop("resume", None)
         self._write_record()
 
     def _frozen(self, key: str) -> Optional[str]:
@@ -548,8 +573,7 @@ class RunDir:
     def how_to_continue(self, stage: Optional[str]) -> str:
         """What a user does after `stage` stopped: the resume call, and which stages' settings may change."""
         open_stages = [s for s in self.stages if self._frozen(s + ".") is None]
-        text = (f"fit(..., run_dir={str(self.path)!r}, resume=True) (CLI: encodenet fit --out {self.path} --resume) "
-                f"continues from its last complete checkpoint")
+        text = f"continue from its last complete checkpoint with: {resume_command(self.path)}"
         if open_stages:
             text += f"; the settings of {', '.join(open_stages)} may change on resume"
         ckpt = self.checkpoint(stage) if stage in self.stages else None
@@ -561,20 +585,25 @@ class RunDir:
     def save(self, stage: str, epoch: int, epochs: int, *, tensors: Dict[str, Dict[str, torch.Tensor]],
              state: Dict[str, Any], train: Optional[TrainState] = None,
              writers: Optional[Dict[str, Callable[[Path], None]]] = None) -> Checkpoint:
-        """Write the checkpoint of `stage` after `epoch` of its `epochs`; older epochs of it are removed.
+        """Write the checkpoint of `stage` after `epoch` of its `epochs` (and ``train.step`` batches of the
+        next); once it is complete, its older checkpoints are removed.
 
         Args:
             tensors: file stem -> named tensors, each written to ``<stem>.safetensors``.
             state: JSON-able state of the caller (e.g. the history of earlier stages).
-            train: the loop state of a training stage: optimizer.pt (torch.save) and the manifest's "loop".
+            train: the loop state of a training stage: optimizer.pt (torch.save), inside an epoch
+                position.pt (torch.save), and the manifest's "loop".
             writers: file name -> function writing that file at the path it is given.
         """
-        directory = self.stage_dir(stage) / f"epoch-{epoch:04d}"
+        step = train.step if train is not None else 0
+        directory = self.stage_dir(stage) / _checkpoint_name(epoch, step)
         (directory / MANIFEST).unlink(missing_ok=True)  # incomplete while its files are rewritten
         files: Dict[str, Callable[[Path], None]] = {
             f"{stem}.safetensors": (lambda p, t=_cpu(t): save_file(t, str(p))) for stem, t in tensors.items()}
         if train is not None and epoch < epochs:  # a finished stage is never continued: no optimizer state
             files["optimizer.pt"] = lambda p: torch.save(train.optimizer, p)
+            if step:
+                files[POSITION_FILE] = lambda p: torch.save({"ranks": train.ranks}, p)
         files.update(writers or {})
         entries = {}
         for name, write in files.items():
@@ -582,16 +611,16 @@ class RunDir:
             entries[name] = {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
         loop = None if train is None else {"num_updates": train.num_updates, "history": train.history,
                                            "scheduler": train.scheduler, "scaler": train.scaler}
-        manifest = {"format": _FORMAT, "complete": True, "stage": stage, "epoch": epoch, "epochs": epochs,
-                    "saved": _now(), "files": entries, "state": state, "loop": loop}
+        manifest = {"format": _FORMAT, "complete": True, "stage": stage, "epoch": epoch, "step": step,
+                    "epochs": epochs, "saved": _now(), "files": entries, "state": state, "loop": loop}
         write_json(directory / MANIFEST, manifest)
-        for old in _epoch_dirs(self.stage_dir(stage)):
+        for old in _checkpoint_dirs(self.stage_dir(stage)):
             if old != directory:  # the manifest first, so a half-deleted directory is never complete
                 (old / MANIFEST).unlink(missing_ok=True)
                 shutil.rmtree(old, ignore_errors=True)
         history = train.history if train is not None else state.get("history", {}).get(stage)
         self.update_stage(stage, status="complete" if epoch >= epochs else "running", epochs_done=epoch,
-                          epochs=epochs, **({"history": history} if history is not None else {}))
+                          steps_done=step, epochs=epochs, **({"history": history} if history is not None else {}))
         return Checkpoint(directory, manifest)
 
     def update_stage(self, stage: str, **fields: Any) -> None:
@@ -600,11 +629,13 @@ class RunDir:
         self._write_record()
 
     def fail(self, stage: str, error: BaseException) -> None:
-        """Record a failed (or interrupted) stage; its last complete checkpoint stays and can be resumed."""
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        """Record a failed (or interrupted) stage and the command that resumes it; its last complete
+        checkpoint stays."""
+        status = "interrupted" if isinstance(error, (KeyboardInterrupt, Interrupted)) else "failed"
         self.record["status"] = status
         self.record["error"] = f"{type(error).__name__}: {error}"
         self.record["how_to_continue"] = self.how_to_continue(stage)
+        self.record["resume"] = resume_command(self.path)
         self.update_stage(stage, status=status)
 
     def finish(self, model_state: Dict[str, torch.Tensor]) -> None:
@@ -617,7 +648,7 @@ class RunDir:
         self._write_record()
         last = self.latest()
         for stage in self.stages:
-            for old in _epoch_dirs(self.stage_dir(stage)):
+            for old in _checkpoint_dirs(self.stage_dir(stage)):
                 if last is None or old != last.directory:  # the manifest first: never a half-deleted complete one
                     (old / MANIFEST).unlink(missing_ok=True)
                     shutil.rmtree(old, ignore_errors=True)
@@ -633,18 +664,22 @@ class Run:
     """One `fit(run_dir=...)`, from begin to finish: what the wrapper calls at each point of its stages.
 
     Rank 0 writes (config, run.json, the checkpoints, the final model); every rank reads the checkpoint
-    to resume from. ``Run()`` stands for a fit without a run directory: every call does nothing.
+    to resume from. ``Run()`` stands for a fit without a run directory: every call does nothing, and
+    signals keep their usual effect.
 
     Attributes:
         dir: the `RunDir`, or None.
         writes: this process writes the run directory (rank 0 of a run with one).
         done: the stages a resumed run completed before; fit passes over them.
+        stop: with a run directory, the `StopSignals` (SIGTERM/SIGINT) while `run_stages` runs, which a
+            training loop polls (``train_stage(stop=...)``); None without one.
     """
 
     def __init__(self, run_dir: Optional[RunDir] = None, *, writes: bool = False):
         self.dir = run_dir
         self.writes = writes and run_dir is not None
         self.done: Tuple[str, ...] = ()
+        self.stop: Optional[StopSignals] = StopSignals() if run_dir is not None else None
         self._resume: Dict[str, TrainState] = {}  # stage -> loop state to continue it from
 
     @classmethod
@@ -688,7 +723,8 @@ class Run:
         unfinished, goes to `resume_state`, and the stages it completed to `done`."""
         if not ckpt.stage_complete:
             self._resume[ckpt.stage] = ckpt.train_state()
-        _logger.info("resuming %s from %s epoch %d/%d", self.dir.path, ckpt.stage, ckpt.epoch, ckpt.epochs)
+        _logger.info("resuming %s from %s epoch %d/%d + %d steps", self.dir.path, ckpt.stage, ckpt.epoch, ckpt.epochs,
+                     ckpt.step)
         self.done = self.dir.stages[:self.dir.stages.index(ckpt.stage) + ckpt.stage_complete]
 
     def resumes(self, stage: str) -> bool:
@@ -703,33 +739,55 @@ class Run:
         """`RunDir.save` on the writing rank, then summary.csv from the history in ``files["state"]``;
         nothing elsewhere."""
         if self.writes:
-            self.dir.save(stage, epoch, epochs, **files)
-            history = (files.get("state") or {}).get("history")
-            if history:
-                write_summary(self.dir.path / SUMMARY_FILE, history)
+            with self.deferred():  # a signal while the files are written takes effect after them
+                self.dir.save(stage, epoch, epochs, **files)
+                history = (files.get("state") or {}).get("history")
+                if history:
+                    write_summary(self.dir.path / SUMMARY_FILE, history)
+
+    def deferred(self):
+        """A block in which SIGTERM/SIGINT only ask to stop (polled by the loop, or raised at its end)."""
+        return self.stop.deferred() if self.stop is not None else nullcontext()
 
     def run_stages(self, plan: Sequence[Tuple[str, bool, Callable[[], Any]]]) -> None:
         """Run each (stage, enabled, run) of `plan` in order.
 
         A stage in `done` is passed over and a disabled one recorded as skipped. A stage that raises (or
-        is interrupted) is recorded in run.json and the error re-raised; its last complete checkpoint stays.
+        is interrupted) is recorded in run.json with the command that resumes it, and the error re-raised;
+        its last complete checkpoint stays. A collective that fails under torch.distributed (another rank
+        died or timed out) is re-raised as `RankLostError`. With a run directory, SIGTERM and SIGINT
+        raise `Interrupted` meanwhile (see `StopSignals`; a training loop polls ``stop`` inside `deferred`).
         """
         stage = None
-        try:
-            for stage, enabled, run_stage in plan:
-                if stage in self.done:
-                    continue
-                if not enabled:
-                    if self.writes:
-                        self.dir.update_stage(stage, status="skipped")
-                    continue
-                run_stage()
-        except (Exception, KeyboardInterrupt) as e:
-            if self.writes:
-                self.dir.fail(stage, e)
-                _logger.error("%s stopped: %s; %s keeps the last complete checkpoint: %s", stage, e, self.dir.path,
-                              self.dir.record["how_to_continue"])
-            raise
+        with self.stop if self.stop is not None else nullcontext():  # still installed while run.json is written
+            try:
+                for stage, enabled, run_stage in plan:
+                    if stage in self.done:
+                        continue
+                    if not enabled:
+                        if self.writes:
+                            self.dir.update_stage(stage, status="skipped")
+                        continue
+                    run_stage()
+            except (Exception, KeyboardInterrupt) as e:
+                self._record_failure(stage, e)
+
+    def _record_failure(self, stage: Optional[str], e: BaseException) -> None:
+        """Record `e` (raised in `stage`) in run.json and re-raise it (a failed collective as `RankLostError`)."""
+        error = e
+        if distributed.is_distributed() and distributed.is_collective_error(e):
+            error = RankLostError(f"rank {distributed.rank()} lost the other ranks in {stage}: a rank died or "
+                                  f"did not answer within the process group's timeout ({e})")
+        if self.writes:
+            self.dir.fail(stage, error)
+            say = _logger.warning if isinstance(error, Interrupted) else _logger.error
+            say("%s stopped: %s; %s keeps the last complete checkpoint: %s", stage, error, self.dir.path,
+                self.dir.record["how_to_continue"])
+        elif isinstance(error, RankLostError):
+            _logger.error("%s; rank 0 keeps the run directory's last complete checkpoint", error)
+        if error is e:
+            raise e
+        raise error from e
 
     def finish(self, model_state: Callable[[], Dict[str, torch.Tensor]]) -> None:
         """Write model.safetensors from ``model_state()`` and mark the run complete (writing rank only)."""

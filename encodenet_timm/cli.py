@@ -28,7 +28,7 @@ from .compare import CONTROLS, compare
 from .config import EncodeNetConfig, parse_value
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
-from .errors import EncodeNetError
+from .errors import EncodeNetError, Interrupted
 from .plots import save_run_plots
 from .training import resolve_device, seed_everything
 from .wrapper import EncodeNetWrapper
@@ -56,6 +56,8 @@ _FIT_EPILOG = """examples:
   encodenet fit --model resnet18 --pretrained --dataset imagefolder --data-dir D --img-size 64 --out runs/mine
   # continue an interrupted run (model, data and config come from the run dir)
   encodenet fit --out runs/c10 --resume
+  # long runs: a checkpoint every 2000 steps too; SIGTERM (preemption) checkpoints and exits with 143
+  encodenet fit --model resnet50 --dataset imagefolder --data-dir D --out runs/r50 --checkpoint-every 2000
 """
 
 
@@ -155,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "train a timm model with EncodeNet into a run directory", _FIT_EPILOG)
     _add_data_options(fit, "the run directory to write (or resume)")
     fit.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    fit.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help="also checkpoint every N optimizer steps inside an epoch (default 0: at epoch ends "
+                          "only); recorded in the run dir, --resume may change it")
     _add_config_options(fit)
     fit.set_defaults(func=_cmd_fit)
 
@@ -322,6 +327,13 @@ def _locked(out: Path, command) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     given = {k: getattr(args, k) for k in _FIT_DEFAULTS if getattr(args, k) is not None}
+    if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (out / CONFIG_FILE).is_file():
+        # torchrun --max-restarts restarts the same command: continue what the failed attempt began
+        _logger.warning("torchrun restart %s: continuing the run in %s as --resume would",
+                        os.environ["TORCHELASTIC_RESTART_COUNT"], out)
+        args.resume, given = True, {}
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0: at epoch ends only), got {args.checkpoint_every}")
     if args.resume:
         spec, saved = _load_run(out)
         if given:
@@ -360,17 +372,21 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     seed_everything(config.seed)  # the model's random init too: same seed and config => same weights
     wrapper = EncodeNetWrapper(_create_model(spec, pretrained=spec["pretrained"] and not args.resume), config)
     distributed.barrier()  # under torchrun: every rank has checked --out before rank 0 writes to it
+    checkpoint_every = args.checkpoint_every if args.checkpoint_every is not None else spec.get("checkpoint_every", 0)
     if not args.resume and distributed.is_main():
         lock.acquire()  # creates `out`
-        write_json(out / CLI_FILE, spec, indent=2, newline=True)
+    if distributed.is_main() and (not args.resume or spec.get("checkpoint_every", 0) != checkpoint_every):
+        write_json(out / CLI_FILE, {**spec, "checkpoint_every": checkpoint_every}, indent=2, newline=True)
     _logger.info("%s on %s: %d classes, %d training images, run dir %s", spec["model"], spec["dataset"],
                  data.num_classes, len(data.train), out)
     try:
         wrapper.fit(loaders["train"], loaders["val"], plain_loader=loaders["plain"], run_dir=out,
-                    resume=args.resume)
+                    resume=args.resume, checkpoint_every=checkpoint_every)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: encodenet fit --out {out} --resume", file=sys.stderr)
         return 130
+    except Interrupted:  # main prints the resume command and exits 128 + the signal
+        raise
     except Exception:  # main prints the error; this says how to go on (run.json's words)
         record = read_json(out / RECORD_FILE) if (out / RECORD_FILE).is_file() else {}
         if record.get("how_to_continue"):
@@ -568,6 +584,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     a YAML syntax error, a directory that cannot be written, ...) returns 2; an `EncodeNetError` (a model
     EncodeNet cannot handle, a diverged loss, a run directory another process writes) returns 1, as does
     anything unexpected (``ENCODENET_TRACEBACK=1`` shows its traceback); Ctrl-C returns 130.
+    SIGTERM or SIGINT during ``fit`` (checkpoint written, run marked interrupted) prints the resume
+    command and returns 128 + the signal number (143, 130), so a scheduler can requeue the job.
     """
     parser = build_parser()
     try:
@@ -580,11 +598,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     # under torchrun (WORLD_SIZE set) `fit` runs data-parallel: one process group for the command
     group = args.command == "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_distributed()
     if group:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        distributed.init_group()  # NCCL with CUDA, else gloo; a bounded timeout ($ENCODENET_DIST_TIMEOUT)
         if not distributed.is_main():  # one rank logs
             logging.getLogger(__package__).setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except Interrupted as e:
+        if distributed.is_main():
+            again = f"encodenet {args.command} --out {args.out} --resume"
+            under = " (under torchrun: the same torchrun command)" if distributed.world_size() > 1 else ""
+            print(f"encodenet {args.command}: {e}; continue with: {again}{under}", file=sys.stderr)
+        return 128 + e.signal
     except EncodeNetError as e:  # DataError is also a ValueError: bad input, 2 like the rest of it
         print(f"encodenet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

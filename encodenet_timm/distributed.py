@@ -2,16 +2,25 @@
 
 Every function is a no-op (or the identity) when no process group is initialised, so the
 single-process code path is the same code. Under ``torchrun`` the caller initialises the group
-(``torch.distributed.init_process_group``) before building the wrapper; see the README's "Scaling".
+(``torch.distributed.init_process_group``, or `init_group` with a bounded timeout) before building the
+wrapper; see the README's "Scaling".
 """
+import datetime
 import os
+import re
+import sys
+import threading
 from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "local_device", "all_reduce_sum",
-           "broadcast_object", "gather_objects"]
+           "broadcast_object", "gather_objects", "TIMEOUT_ENV", "init_group", "is_collective_error"]
+
+TIMEOUT_ENV = "ENCODENET_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 1800)
+# how the backends word a peer that died or a collective that timed out (gloo raises a plain RuntimeError)
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout|broken pipe", re.I)
 
 
 def is_distributed() -> bool:
@@ -70,3 +79,50 @@ def gather_objects(obj: Any, dst: int = 0) -> Optional[List[Any]]:
     out = [None] * world_size() if rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def init_group(backend: Optional[str] = None) -> None:
+    """``init_process_group`` from torchrun's environment: NCCL with CUDA, else gloo, with a timeout of
+    ``$ENCODENET_DIST_TIMEOUT`` seconds (default 1800): a rank whose peer died stops with an error
+    within that time rather than waiting for ever (gloo notices a closed connection sooner). A group
+    that has not connected by then ends the process (exit status 1).
+
+    Raises:
+        ValueError: the variable is not a positive number.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    # gloo can wait past its timeout while connecting to a peer that is gone: then this process gives up
+    watchdog = threading.Timer(seconds, _give_up, args=(seconds,))
+    watchdog.daemon = True
+    watchdog.start()
+    backend, timeout = backend or ("nccl" if torch.cuda.is_available() else "gloo"), datetime.timedelta(seconds=seconds)
+    try:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # torchrun: keys of its own in the job's store, so a restarted group never reads a dead rank's address
+            store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"encodenet/attempt-{attempt}", store),
+                                    rank=rank_, world_size=world, timeout=timeout)
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(seconds: float) -> None:
+    print(f"rank {os.environ.get('RANK', '?')}: the process group did not connect within {seconds:g} s "
+          f"(${TIMEOUT_ENV}); exiting", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def is_collective_error(error: BaseException) -> bool:
+    """`error` is a collective that failed: another rank died, hung up, or timed out."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    return isinstance(error, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(error)))

@@ -1,12 +1,15 @@
 """Exception types raised by encodenet_timm.
 
 Bad user input raises the built-in ``ValueError`` / ``TypeError``; these classes are for the
-cases the built-ins do not describe: a model we cannot handle, a training stage that diverged, and
-training data that cannot be read.
+cases the built-ins do not describe: a model we cannot handle, a training stage that diverged, training
+data that cannot be read, a run directory another process writes, a run stopped by a signal, and a
+process group that lost a rank.
 """
+import signal as _signal
 from typing import Optional
 
-__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError", "RunDirInUseError", "DataError"]
+__all__ = ["EncodeNetError", "UnsupportedModelError", "NonFiniteLossError", "RunDirInUseError", "DataError",
+           "Interrupted", "RankLostError"]
 
 
 class EncodeNetError(Exception):
@@ -61,3 +64,30 @@ class DataError(EncodeNetError, ValueError):
             message = message.rsplit("DataError: ", 1)[-1].strip()
         super().__init__(message)
         self.path, self.index = path, index
+
+
+class Interrupted(EncodeNetError):
+    """SIGTERM or SIGINT stopped `fit(run_dir=...)`; where a training step was under way, it was finished
+    and a checkpoint written first. ``fit(..., resume=True)`` continues from the last checkpoint.
+
+    Attributes:
+        signal: the signal number (``signal.SIGTERM``, ``signal.SIGINT``); the CLI exits with 128 + it.
+        stage, epoch, step: where the stage stopped (epochs complete, batches of the next one), when known.
+    """
+
+    def __init__(self, signal: int, stage: Optional[str] = None, epoch: Optional[int] = None,
+                 step: Optional[int] = None):
+        self.signal, self.stage, self.epoch, self.step = signal, stage, epoch, step
+        where = f" in {stage}" if stage else ""
+        if stage and epoch is not None:  # epoch: epochs complete; step: batches of the next one
+            where += (f" after step {step} of epoch {epoch + 1}" if step else f" after epoch {epoch}") + \
+                " (checkpoint written)"
+        super().__init__(f"stopped by {_signal.Signals(signal).name}{where}")
+
+    def __reduce__(self):  # picklable with its fields (multiprocessing, DataLoader workers)
+        return type(self), (self.signal, self.stage, self.epoch, self.step)
+
+
+class RankLostError(EncodeNetError, RuntimeError):
+    """Under torch.distributed, a collective failed: another rank died or stopped answering within the
+    process group's timeout. The run directory keeps its last complete checkpoint."""

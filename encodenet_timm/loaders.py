@@ -6,16 +6,16 @@ The others keep the caller's loader but for one change each: a full last batch (
 that name their file (`named_reads`), unreadable files left out (`without`, `readable`).
 """
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
-                              SequentialSampler, Subset)
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              Sampler, SequentialSampler, Subset)
 
 from . import distributed
 from .checks import NamedReads, check_files, dataset_files
 
-__all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "shard_batches",
+__all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "epoch_batches", "shard_batches",
            "batch_starts", "rebuild", "full_last_batch", "named_reads", "without", "readable"]
 
 _logger = logging.getLogger(__name__)
@@ -79,6 +79,60 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell a DistributedSampler which epoch starts (it shuffles by seed + epoch)."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
+
+
+class _SkipFirst(Sampler):
+    """`inner` (a batch sampler, or a sampler) with its first `skip` items passed over: only indices are
+    drawn for them, no image is read. The skip happens at `advance`, or at the first item asked for."""
+
+    def __init__(self, inner: Sampler, skip: int):
+        self.inner, self.skip = inner, skip
+        self._it: Optional[Iterator] = None
+        self._left = 0
+
+    def __iter__(self):
+        self._it, self._left = iter(self.inner), self.skip  # lazy, like the sampler it wraps: no draw yet
+        return self
+
+    def advance(self) -> None:
+        while self._left:
+            self._left -= 1
+            next(self._it)
+
+    def __next__(self):
+        self.advance()
+        return next(self._it)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+def epoch_batches(loader: DataLoader, skip: int = 0) -> Iterator:
+    """An iterator over one epoch of `loader` that starts at batch `skip` (a resume inside an epoch).
+
+    ``skip=0``: ``iter(loader)``. Otherwise a DataLoader with `loader`'s settings whose sampler draws
+    this epoch's order exactly as ``iter(loader)`` would (the same generators, in the same order: the
+    loader's base seed, then the sampler's shuffle) and passes over the first `skip` batches' indices
+    without reading them. With worker processes, random augmentation inside the workers does not
+    continue where the interrupted epoch left it.
+    """
+    if skip == 0:
+        return iter(loader)
+    if isinstance(loader.dataset, IterableDataset):
+        raise ValueError("a resume inside an epoch needs a map-style dataset (an IterableDataset has no sampler "
+                         "to skip batches in)")
+    batched = loader.batch_sampler is not None
+    skipper = _SkipFirst(loader.batch_sampler if batched else loader.sampler, skip)
+    workers = loader.num_workers
+    rest = DataLoader(loader.dataset, **({"batch_sampler": skipper} if batched else {"sampler": skipper,
+                                                                                     "batch_size": None}),
+                      num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context if workers else None,
+                      generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers else None)
+    batches = iter(rest)  # draws the base seed from loader.generator, as iter(loader) does
+    skipper.advance()     # then the sampler's order, before any batch is read
+    return batches
 
 
 class _Batches(Sampler):

@@ -5,6 +5,7 @@ Step order: to device -> autocast -> forward -> loss -> finite check -> backward
 """
 import logging
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checks import BatchCheck, eval_mode
 from .config import StageConfig
-from .errors import NonFiniteLossError
-from .loaders import full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
+from .errors import Interrupted, NonFiniteLossError
+from .loaders import epoch_batches, full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
 
 __all__ = ["seed_everything", "epoch_seed", "resolve_device", "LoopOptions", "TrainState", "train_stage", "evaluate"]
 
@@ -77,13 +78,17 @@ def _autocast(device: torch.device, amp: str):
 
 @dataclass
 class TrainState:
-    """Where a stage stands after `epoch` complete epochs: what `train_stage` needs to go on exactly.
+    """Where a stage stands after `epoch` complete epochs and `step` batches of the next: what
+    `train_stage` needs to go on exactly.
 
     Attributes:
         epoch: epochs complete; training goes on with epoch index `epoch`.
         num_updates: optimizer steps taken so far (drives the per-update schedule).
         history: the per-epoch records so far.
         optimizer, scheduler, scaler: their ``state_dict()`` (scheduler/scaler None when unused).
+        step: batches of epoch index `epoch` already trained (0: at an epoch boundary).
+        ranks: with ``step > 0``, per rank (in rank order): ``{"rng": the global RNG states,
+            "sums": [loss_sum, correct, seen, classifies] of the epoch so far, "seconds": its time so far}``.
     """
     epoch: int
     num_updates: int
@@ -91,6 +96,8 @@ class TrainState:
     optimizer: Dict[str, Any]
     scheduler: Optional[Dict[str, Any]] = None
     scaler: Optional[Dict[str, Any]] = None
+    step: int = 0
+    ranks: Optional[List[Dict[str, Any]]] = None
 
 
 @dataclass
@@ -114,7 +121,8 @@ class LoopOptions:
 def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage: str,
                 options: Optional[LoopOptions] = None, check: Optional[BatchCheck] = None,
                 val_fn: Optional[Callable[[], Dict[str, float]]] = None, seed: Optional[int] = None,
-                resume: Optional[TrainState] = None, on_epoch_end: Optional[Callable[[TrainState], None]] = None,
+                resume: Optional[TrainState] = None, on_checkpoint: Optional[Callable[[TrainState], None]] = None,
+                checkpoint_every: int = 0, stop: Optional[Callable[[], int]] = None,
                 **loop: Any) -> List[Dict[str, float]]:
     """Train ``task.get_trainable_module()`` for ``cfg.epochs`` epochs; the loss is ``task(x, y)["loss"]``.
 
@@ -134,14 +142,22 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         seed: when given, every epoch starts by re-seeding the global RNGs and the loader's shuffle
             generators from ``epoch_seed(seed, epoch)``, so an epoch's randomness does not depend on
             the epochs before it (exact resume).
-        resume: continue after ``resume.epoch`` epochs; the module must already hold that epoch's weights.
-        on_epoch_end: called with the `TrainState` after every epoch (to write a checkpoint).
+        resume: continue after ``resume.epoch`` epochs and ``resume.step`` batches; the module must
+            already hold the weights of that point. Inside an epoch, the epoch's batch order is drawn
+            again and its first ``resume.step`` batches passed over in the sampler (`loaders.epoch_batches`),
+            then the RNG states and running sums are those of the interrupted run.
+        on_checkpoint: called with the `TrainState` after every epoch, every `checkpoint_every` steps
+            inside one, and at a stop (to write a checkpoint; under torchrun on every rank).
+        checkpoint_every: optimizer steps between checkpoints inside an epoch (0: at epoch ends only).
+        stop: polled at every step; a signal number (not 0) stops every rank after that step: a
+            checkpoint there (`on_checkpoint`), then `Interrupted`.
 
     Returns:
         One dict per epoch: epoch, loss, accuracy (classification outputs only), lr, seconds, val_*.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf; the weights are those of the last finite step.
+        Interrupted: `stop` asked for it; the checkpoint of that step has been written.
         TypeError: both `options` and option keywords, or a keyword that is not a `LoopOptions` field.
     """
     if options is not None and loop:
@@ -150,6 +166,8 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
     options = options if options is not None else LoopOptions(**loop)
     if cfg.epochs < 0:
         raise ValueError(f"{stage}: epochs must be >= 0, got {cfg.epochs}")
+    if checkpoint_every < 0:
+        raise ValueError(f"{stage}: checkpoint_every must be >= 0 (0: at epoch ends only), got {checkpoint_every}")
     if cfg.epochs == 0:  # the stage is skipped (timm's schedulers need at least one epoch)
         return []
     if not any(p.requires_grad for p in task.get_trainable_module().parameters()):
@@ -164,14 +182,15 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
     loader = full_last_batch(loader)
     try:
         return _train_epochs(task, loader, cfg, options, stage=stage, check=check, val_fn=val_fn, seed=seed,
-                             resume=resume, on_epoch_end=on_epoch_end)
+                             resume=resume, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every,
+                             stop=stop)
     finally:
         if in_group:  # drop the DDP wrapper: a later stage wraps the same modules anew
             task.trainable_module = task.trainable_module.module
 
 
 def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_fn, seed, resume,
-                  on_epoch_end) -> List[Dict[str, float]]:
+                  on_checkpoint, checkpoint_every, stop) -> List[Dict[str, float]]:
     module = task.get_trainable_module()
     device, amp = options.device, options.amp
     progress = options.progress and distributed.is_main()
@@ -187,7 +206,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
     memory_format = torch.channels_last if options.channels_last else torch.preserve_format
     history: List[Dict[str, float]] = []
-    num_updates = 0
+    num_updates, start_epoch, skip = 0, 0, 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
         if scheduler is not None and resume.scheduler is not None:
@@ -195,8 +214,20 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         if scaler is not None and resume.scaler is not None:
             scaler.load_state_dict(resume.scaler)
         history, num_updates = [dict(r) for r in resume.history], resume.num_updates
-        _logger.info("%s: resuming after epoch %d/%d (%d updates)", stage, resume.epoch, cfg.epochs, num_updates)
-    for epoch in range(resume.epoch if resume is not None else 0, cfg.epochs):
+        start_epoch, skip = resume.epoch, resume.step
+        if skip and len(resume.ranks or ()) != world:
+            raise ValueError(f"{stage}: the checkpoint was written inside epoch {resume.epoch + 1} by "
+                             f"{len(resume.ranks or ())} process(es); a resume inside an epoch needs as many "
+                             f"(this run has {world})")
+        _logger.info("%s: resuming after epoch %d/%d + %d steps (%d updates)", stage, resume.epoch, cfg.epochs,
+                     skip, num_updates)
+
+    def state(epoch: int, step: int = 0, ranks: Optional[List[Dict[str, Any]]] = None) -> TrainState:
+        return TrainState(epoch, num_updates, history, optimizer.state_dict(),
+                          scheduler.state_dict() if scheduler is not None else None,
+                          scaler.state_dict() if scaler is not None else None, step=step, ranks=ranks)
+
+    for epoch in range(start_epoch, cfg.epochs):
         if seed is not None:
             seed_everything(epoch_seed(seed, epoch))
             reseed_loader(loader, epoch_seed(seed, epoch))
@@ -204,10 +235,17 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         task.train()
         start = time.perf_counter()
         loss_sum, correct, seen, classifies = 0.0, 0, 0, False
+        batches = epoch_batches(loader, skip)  # the epoch's order drawn; `skip` batches passed over unread
+        if skip:  # where the interrupted epoch stood on this rank
+            mine = resume.ranks[distributed.rank()]
+            _set_rng_state(mine["rng"])
+            loss_sum, correct, seen, classifies = mine["sums"]
+            start -= mine["seconds"]
         # a bar in a terminal; with output redirected (CI, a log file) tqdm stays silent (disable=None) and
         # the epoch's one logging line below is the record
-        bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{cfg.epochs}", disable=(not progress) or None, leave=False)
-        for step, (x, y) in enumerate(bar):
+        bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch + 1}/{cfg.epochs}",
+                   disable=(not progress) or None, leave=False)
+        for step, (x, y) in enumerate(bar, start=skip):
             if check is not None:
                 check(x, y)
             x = x.to(device, non_blocking=True, memory_format=memory_format)
@@ -223,8 +261,13 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
                 raise
             loss = out["loss"]
             loss_value = float(loss.detach())
-            if in_group:  # the mean over ranks: a NaN on any rank stops every rank at the same step
-                loss_value = distributed.all_reduce_sum([loss_value], device)[0] / world
+            signum = stop() if stop is not None else 0
+            if in_group:  # the mean over ranks: a NaN on any rank stops every rank at the same step; and in
+                # the same reduction, whether a rank was asked to stop: every rank stops after this step
+                loss_value, signum_sum, stopping = distributed.all_reduce_sum([loss_value, signum, signum > 0],
+                                                                              device)
+                loss_value /= world
+                signum = signum or _common_signal(signum_sum, stopping)
             if not np.isfinite(loss_value):
                 raise NonFiniteLossError(stage, epoch, step, loss_value)
             optimizer.zero_grad(set_to_none=True)
@@ -253,6 +296,16 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
                 classifies = True
                 correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            done = step + 1
+            if on_checkpoint is not None and (signum or (checkpoint_every and done % checkpoint_every == 0
+                                                         and done < steps_per_epoch)):
+                position = {"rng": _rng_state(), "sums": [loss_sum, correct, seen, classifies],
+                            "seconds": time.perf_counter() - start}
+                on_checkpoint(state(epoch, done, distributed.gather_objects(position)))  # rank 0: all
+            if signum:
+                distributed.barrier()  # the checkpoint is written: every rank stops together
+                raise Interrupted(signum, stage, epoch, done)
+        skip = 0
         if scheduler is not None:
             scheduler.step(epoch + 1)
         if in_group:
@@ -267,11 +320,44 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         history.append(record)
         _logger.info("%s epoch %d/%d: %s", stage, epoch + 1, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        if on_epoch_end is not None:
-            on_epoch_end(TrainState(epoch + 1, num_updates, history, optimizer.state_dict(),
-                                    scheduler.state_dict() if scheduler is not None else None,
-                                    scaler.state_dict() if scaler is not None else None))
+        if on_checkpoint is not None:
+            on_checkpoint(state(epoch + 1))
+        if stop is not None:  # a signal during validation or the checkpoint: stop here, the checkpoint is written
+            signum = stop()
+            if in_group:
+                signum = signum or _common_signal(*distributed.all_reduce_sum([signum, signum > 0], device))
+            if signum:
+                raise Interrupted(signum, stage, epoch + 1, 0)
     return history
+
+
+def _common_signal(signum_sum: float, count: float) -> int:
+    """The signal the ranks that received one got (SIGTERM where they differ); 0 when none did."""
+    if count == 0:
+        return 0
+    signum = round(signum_sum / count)
+    return signum if signum in (signal.SIGINT, signal.SIGTERM) else int(signal.SIGTERM)
+
+
+def _rng_state() -> Dict[str, Any]:
+    """The global RNG states (Python, NumPy, torch CPU and CUDA) as tensors and plain values
+    (``torch.load(weights_only=True)`` reads them back)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()

@@ -87,6 +87,7 @@ class EncodeNetWrapper:
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
         self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
+        self._checkpoint_every = 0  # fit(checkpoint_every=...): optimizer steps between checkpoints in an epoch
 
     # ---- parts -------------------------------------------------------------------------------------
     @property
@@ -121,13 +122,17 @@ class EncodeNetWrapper:
                         in_chans=self.input_size[0], image_size=image_size)
         return check
 
-    def _train_kwargs(self, stage: str) -> Dict[str, Any]:
+    def _train(self, task: nn.Module, loader: DataLoader, stage: str, **kwargs: Any) -> List[Dict[str, float]]:
+        """`train_stage` with the run's options, seed, resume state, checkpoints and stop requests."""
         c = _checked(self.config)  # a value set by hand on wrapper.config since __init__ is checked too
-        epochs = getattr(c, stage).epochs
+        cfg = getattr(c, stage)
         options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
                               compile=c.compile)
-        return dict(options=options, seed=c.seed + _SEED_OFFSET[stage], resume=self._run.resume_state(stage),
-                    on_epoch_end=lambda state: self._checkpoint(stage, state.epoch, epochs, state))
+        with self._run.deferred():  # SIGTERM/SIGINT: the loop finishes its step and checkpoints first
+            return train_stage(task, loader, cfg, stage=stage, options=options, seed=c.seed + _SEED_OFFSET[stage],
+                               resume=self._run.resume_state(stage), stop=self._run.stop,
+                               on_checkpoint=lambda state: self._checkpoint(stage, state.epoch, cfg.epochs, state),
+                               checkpoint_every=self._checkpoint_every, **kwargs)
 
     def _val_fn(self, val_loader: Optional[DataLoader]):
         if val_loader is None:
@@ -138,7 +143,7 @@ class EncodeNetWrapper:
     # ---- stages ------------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None, *,
             plain_loader: Optional[DataLoader] = None, run_dir: Optional[Union[str, Path]] = None,
-            resume: bool = False) -> Dict[str, Any]:
+            resume: bool = False, checkpoint_every: int = 0) -> Dict[str, Any]:
         """Run every stage: baseline (if ``config.baseline.epochs > 0``) -> representatives ->
         autoencoder -> transfer -> finetune (if ``config.finetune.epochs > 0``).
 
@@ -149,8 +154,14 @@ class EncodeNetWrapper:
                 `train_loader`'s dataset, for the feature pass and the representative images;
                 `train_loader` is used when None.
             run_dir: write config.yaml, run.json, a checkpoint at every epoch end and, at the end,
-                model.safetensors there (layout: `encodenet_timm.checkpoint`).
-            resume: continue the run in `run_dir` from the last complete epoch of its last stage.
+                model.safetensors there (layout: `encodenet_timm.checkpoint`). While the stages run,
+                SIGTERM and SIGINT stop the run: the current training step is finished, a checkpoint
+                written and `Interrupted` raised (the handlers before fit are put back afterwards).
+            resume: continue the run in `run_dir` from its last complete checkpoint.
+            checkpoint_every: with `run_dir`, also write a checkpoint every N optimizer steps inside an
+                epoch (the newest complete checkpoint is kept); a resume continues at the next batch
+                with the result of an uninterrupted run. 0: at epoch ends only. Not part of the config:
+                a resume may change it.
 
         Returns:
             The history: per stage, a list of per-epoch dicts (loss, accuracy where defined, seconds, ...).
@@ -162,11 +173,16 @@ class EncodeNetWrapper:
             DataError: an image file that cannot be read (named, with its index: before training where
                 ``config.data.scan`` finds it, else at its first read), or, on resume, training data
                 that differs from the run's (size, class counts, label order, files).
+            Interrupted: SIGTERM or SIGINT (with `run_dir`); the run directory says "interrupted" and
+                how to resume.
+            RankLostError: under torchrun, another rank died or stopped answering.
         """
         check_loader(train_loader, "train_loader", map_style=True)
         _checked(self.config)  # before any stage: a value set by hand on wrapper.config since __init__
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to continue")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0 (0: at epoch ends only), got {checkpoint_every!r}")
         train_loader, val_loader, plain_loader, skipped = readable(  # image files scanned (config.data)
             train_loader, val_loader, plain_loader, scan=self.config.data.scan,
             skip=self.config.data.skip_unreadable)
@@ -181,6 +197,7 @@ class EncodeNetWrapper:
         # under torchrun rank 0 writes the run directory, every rank reads it to resume
         run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(),
                                     lambda: self._run_facts(train_loader.dataset, skipped), resume=resume)
+        self._checkpoint_every = checkpoint_every if run_dir is not None else 0
         try:  # the run directory stays locked until fit returns or raises
             if resume:
                 self._restore(self._run.latest())
@@ -190,7 +207,7 @@ class EncodeNetWrapper:
             self._run = Run()
             run.finish(lambda: self.export().state_dict())
         finally:
-            self._run = Run()
+            self._run, self._checkpoint_every = Run(), 0
             run.close()
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
@@ -255,8 +272,7 @@ class EncodeNetWrapper:
         self.model.requires_grad_(True)
         task = ClassificationTask(self.model, criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
-        hist = train_stage(task, train_loader, cfg, stage=stage, check=self._check(),
-                           val_fn=self._val_fn(val_loader), **self._train_kwargs(stage))
+        hist = self._train(task, train_loader, stage, check=self._check(), val_fn=self._val_fn(val_loader))
         self.history[stage] = hist
         return hist
 
@@ -313,9 +329,8 @@ class EncodeNetWrapper:
         task = ConvertingAutoencoderTask(ConvertingAutoencoder(self.encoder, decoder, head), reps.images,
                                          device=self.device, cluster_labels=reps.cluster_labels,
                                          ce_weight=cfg.ce_weight)
-        hist = train_stage(task, loader, cfg, stage="autoencoder",
-                           check=self._check(image_size=self.input_size[1:], labels=False),
-                           **self._train_kwargs("autoencoder"))  # 0 epochs: train_stage skips it
+        hist = self._train(task, loader, "autoencoder",  # 0 epochs: train_stage skips it
+                           check=self._check(image_size=self.input_size[1:], labels=False))
         self._decoder_trained = True
         self.history["autoencoder"] = hist
         return hist
@@ -338,8 +353,7 @@ class EncodeNetWrapper:
         task = ClassificationTask(trainable, criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
         try:
-            hist = train_stage(task, train_loader, cfg, stage="transfer", check=self._check(),
-                               val_fn=self._val_fn(val_loader), **self._train_kwargs("transfer"))
+            hist = self._train(task, train_loader, "transfer", check=self._check(), val_fn=self._val_fn(val_loader))
         finally:
             self.model.requires_grad_(True)
         self.history["transfer"] = hist

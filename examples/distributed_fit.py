@@ -6,6 +6,9 @@ Each rank gets ``--batch-size`` images per step (the global batch is nproc x bat
 use NCCL (chosen when CUDA is present); on CPU gloo. Rank 0 writes model.safetensors,
 representatives.safetensors and history.json to --out; with --all-ranks every rank writes its
 weights (rank<R>.safetensors), to check that the ranks stay in sync.
+
+With --run-dir the run is checkpointed there (every --checkpoint-every steps too), and a launch that
+finds a run there continues it: ``torchrun --max-restarts 1`` survives a rank that dies.
 """
 import argparse
 import json
@@ -34,10 +37,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--device-data", action="store_true", help="hold the digits on the device (device_data.py)")
+    p.add_argument("--run-dir", default=None, help="checkpoint the run there; continue the run found there")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="with --run-dir: also every N steps")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # torchrun sets rank and world
+    # torchrun sets rank and world; NCCL with CUDA, else gloo; a collective waits at most $ENCODENET_DIST_TIMEOUT s
+    distributed.init_group()
     try:
         train, _ = digits_datasets(size=32, in_chans=3, seed=0)
         train = Subset(train, range(min(args.train_size, len(train))))
@@ -58,7 +64,9 @@ def main() -> None:
             # global batch is split over ranks (BatchNorm, the default, sees per-rank statistics)
             "decoder.norm": "group"})
         wrapper = EncodeNetWrapper(model, config)
-        history = wrapper.fit(loader)
+        run_dir = Path(args.run_dir) if args.run_dir else None
+        resume = run_dir is not None and (run_dir / "run.json").is_file()  # a restart, or a relaunch
+        history = wrapper.fit(loader, run_dir=run_dir, resume=resume, checkpoint_every=args.checkpoint_every)
         rank, out = dist.get_rank(), Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         weights = {k: v.contiguous() for k, v in wrapper.export().state_dict().items()}

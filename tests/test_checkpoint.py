@@ -13,6 +13,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
+from encodenet_timm.errors import Interrupted
 from encodenet_timm.checkpoint import (MANIFEST, RunDir, load_state_into, load_tensors, model_fingerprint,
                                        save_tensors, write_atomic)
 from encodenet_timm.data import digits_datasets
@@ -142,11 +143,13 @@ _FIT_STAGES = ("baseline", "autoencoder", "transfer", "finetune")
 
 
 class _KillInStage(Dataset):
-    """Reads through to `dataset`; SIGKILLs this process at the `kill_at`-th image read inside `stage`
-    (the stage is read from the calling wrapper method on the stack)."""
+    """Reads through to `dataset`; sends `signum` (SIGKILL, SIGTERM, SIGINT) to this process at the
+    `kill_at`-th image read inside `stage` (the stage is read from the calling wrapper method on the
+    stack). `twice`: a second SIGTERM comes while the checkpoint after the first is being written."""
 
-    def __init__(self, dataset, stage=None, kill_at=0):
+    def __init__(self, dataset, stage=None, kill_at=0, signum=signal.SIGKILL, twice=False):
         self.dataset, self.stage, self.kill_at, self.reads = dataset, stage, kill_at, 0
+        self.signum, self.twice = signum, twice
 
     def __len__(self):
         return len(self.dataset)
@@ -158,19 +161,39 @@ class _KillInStage(Dataset):
         if frame is not None and _METHODS[frame.f_code.co_name] == self.stage:
             self.reads += 1
             if self.reads == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                if self.twice:
+                    _signal_in_next_save()
+                os.kill(os.getpid(), self.signum)
         return self.dataset[i]
 
 
-def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=None, hook=None):
+def _signal_in_next_save():
+    """The next torch.save (a checkpoint's optimizer.pt) is preceded by a SIGTERM to this process."""
+    save = torch.save
+
+    def signal_then_save(obj, path):
+        torch.save = save
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(obj, path)
+    torch.save = signal_then_save
+
+
+def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=None, hook=None, checkpoint_every=0,
+                signum=signal.SIGKILL, twice=False):
     """resnet20_cifar split before its last stage, through every stage (2 epochs each, finetune too) on
     60 real digits, on 1 thread.
 
-    `kill_stage`: SIGKILL at the `kill_at`-th image read in that stage; "checkpoint": half-way through
-    writing the first optimizer.pt (in a child process only: it replaces torch.save).
+    `kill_stage`: `signum` at the `kill_at`-th image read in that stage (`_KillInStage`); "checkpoint":
+    SIGKILL half-way through the `kill_at`-th torch.save (optimizer.pt, position.pt inside an epoch; in a
+    child process only: it replaces torch.save).
     """
     if kill_stage == "checkpoint":
+        save, saves = torch.save, [0]
+
         def dying_save(obj, path):
+            saves[0] += 1
+            if saves[0] < kill_at:
+                return save(obj, path)
             Path(path).write_bytes(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = dying_save
@@ -180,8 +203,8 @@ def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=Non
         train, test = digits_datasets(size=32, seed=0)
         labels = train.tensors[1]
         idx = [i for c in range(10) for i in torch.nonzero(labels == c).flatten()[:6].tolist()]  # 6 per class
-        loader = DataLoader(_KillInStage(Subset(train, idx), kill_stage, kill_at), batch_size=20, shuffle=True,
-                            generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(_KillInStage(Subset(train, idx), kill_stage, kill_at, signum, twice), batch_size=20,
+                            shuffle=True, generator=torch.Generator().manual_seed(0))
         val_loader = DataLoader(Subset(test, range(40)), batch_size=40)
         cfg = config or EncodeNetConfig(device="cpu", progress=False, split="last_stage")  # with a tail to restore
         for stage in _FIT_STAGES:
@@ -190,20 +213,32 @@ def _digits_fit(run_dir, resume=False, kill_stage=None, kill_at=0, *, config=Non
         wrapper = EncodeNetWrapper(make_model("resnet20_cifar"), cfg)
         if hook is not None:
             hook(wrapper)
-        return wrapper, wrapper.fit(loader, val_loader, run_dir=run_dir, resume=resume)
+        return wrapper, wrapper.fit(loader, val_loader, run_dir=run_dir, resume=resume,
+                                    checkpoint_every=checkpoint_every)
     finally:
         torch.set_num_threads(threads)
 
 
-def _killed_child(run_dir, resume, stage, kill_at):
-    """`_digits_fit` in a new process that SIGKILLs itself inside `stage`. The processes are forked from
-    a server that imported torch and this module once (multiprocessing's forkserver), to start fast."""
+def _stopping_fit(*args, **kwargs):
+    """`_digits_fit`; `Interrupted` exits with 128 + its signal, as the CLI does."""
+    try:
+        _digits_fit(*args, **kwargs)
+    except Interrupted as e:
+        sys.exit(128 + e.signal)
+
+
+def _killed_child(run_dir, resume, stage, kill_at, signum=signal.SIGKILL, checkpoint_every=0, twice=False):
+    """`_stopping_fit` in a new process that sends itself `signum` inside `stage`. The processes are
+    forked from a server that imported torch, scikit-learn and this module once (multiprocessing's
+    forkserver), to start fast."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    child = ctx.Process(target=_digits_fit, args=(str(run_dir), resume, stage, kill_at))
+    ctx.set_forkserver_preload([__name__, "sklearn.datasets"])  # digits_datasets imports sklearn (3 s)
+    child = ctx.Process(target=_stopping_fit, args=(str(run_dir), resume, stage, kill_at),
+                        kwargs=dict(checkpoint_every=checkpoint_every, signum=signum, twice=twice))
     child.start()
     child.join(timeout=300)
-    assert child.exitcode == -signal.SIGKILL, f"not killed in {stage} (exit code {child.exitcode})"
+    expected = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum
+    assert child.exitcode == expected, f"{signum!r} in {stage}: exit code {child.exitcode}, not {expected}"
 
 
 def _same_weights(a, b):
@@ -231,27 +266,42 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="needs forkserver (POSIX)")
-def test_kill_in_every_stage_and_resume_gives_the_uninterrupted_weights(straight, tmp_path):
-    """SIGKILL in the middle of each stage in turn, and once while a checkpoint is being written (each
-    resume is a new process), then finish: model.safetensors and the metrics equal those of an
-    uninterrupted run, bit for bit."""
+def test_kill_or_stop_in_every_stage_and_resume_gives_the_uninterrupted_weights(straight, tmp_path):
+    """SIGKILL and SIGTERM in the middle of an epoch of each training stage in turn, SIGKILL in the
+    representatives and while a checkpoint is being written, a second SIGTERM while the stop's checkpoint
+    is written (each resume is a new process, with or without checkpoints inside epochs), then finish:
+    model.safetensors and the metrics equal those of an uninterrupted run, bit for bit."""
     straight_dir, expected = straight
     run = tmp_path / "killed"
-    # 60 images, batches of 20: a training epoch reads 60 images, the feature pass 60 (+ 20 representatives)
-    # ("checkpoint": the first optimizer.pt is the autoencoder's epoch 1: a finished stage writes none)
-    chain = [("baseline", 90, ("baseline", 1)), ("representatives", 30, ("baseline", 2)),
-             ("checkpoint", 0, ("representatives", 1)),
-             ("autoencoder", 90, ("autoencoder", 1)), ("transfer", 90, ("transfer", 1)),
-             ("finetune", 90, ("finetune", 1))]
-    for i, (stage, kill_at, (last_stage, last_epoch)) in enumerate(chain):
-        _killed_child(run, i > 0, stage, kill_at)
+    kill, term = signal.SIGKILL, signal.SIGTERM
+    # 60 images, batches of 20: a training epoch is 3 steps and reads 60 images, the feature pass 60 (+ 20
+    # representatives). A process reads from where it resumed: a SIGKILL leaves the newest checkpoint (one
+    # every step with checkpoint_every=1), a SIGTERM finishes the step it comes in and checkpoints there.
+    # (stage, signal, at image read, checkpoint_every, twice) -> (stage, epochs, steps) of the newest checkpoint
+    chain = [(("checkpoint", kill, 6, 1, False), ("baseline", 1, 0)),    # writing the one after step 1 of epoch 2
+             (("baseline", term, 30, 0, False), ("baseline", 1, 2)),      # in step 2: stop after it
+             (("representatives", kill, 30, 0, False), ("baseline", 2, 0)),
+             (("autoencoder", term, 30, 0, False), ("autoencoder", 0, 2)),
+             (("autoencoder", kill, 50, 1, False), ("autoencoder", 1, 1)),
+             (("transfer", term, 30, 0, True), ("transfer", 0, 2)),       # a second SIGTERM during the write
+             (("transfer", kill, 50, 1, False), ("transfer", 1, 1)),
+             (("finetune", term, 90, 0, False), ("finetune", 1, 2)),
+             (("finetune", kill, 10, 1, False), ("finetune", 1, 2))]      # in the last step of all
+    for i, ((stage, signum, kill_at, every, twice), newest) in enumerate(chain):
+        _killed_child(run, i > 0, stage, kill_at, signum, every, twice)
         latest = RunDir(run, RUN_STAGES).latest()
-        assert (latest.stage, latest.epoch) == (last_stage, last_epoch)
+        assert (latest.stage, latest.epoch, latest.step) == newest, (i, stage)
+        complete = [d.name for d in latest.directory.parent.iterdir() if (d / MANIFEST).is_file()]
+        assert complete == [latest.directory.name], complete  # older ones pruned once it was complete
         record = json.loads((run / "run.json").read_text())
-        assert len(record["resumed"]) == i and record["status"] == "running"  # killed: nothing recorded it
-        assert not (run / "model.safetensors").exists()
-        if stage == "checkpoint":  # the autoencoder's epoch 1 files were being written: there, but no manifest
-            half = run / "checkpoints" / "autoencoder" / "epoch-0001"
+        assert len(record["resumed"]) == i and not (run / "model.safetensors").exists()
+        if signum == kill:  # nothing recorded it
+            assert record["status"] == "running" and "resume" not in record
+        else:
+            assert record["status"] == "interrupted" and record["stages"][stage]["status"] == "interrupted"
+            assert "SIGTERM" in record["error"] and record["resume"] == f"fit(..., run_dir={str(run)!r}, resume=True)"
+        if stage == "checkpoint":  # its files were being written: there, but no manifest
+            half = run / "checkpoints" / "baseline" / "epoch-0001-step-0000001"
             assert (half / "model.safetensors").is_file() and not (half / MANIFEST).exists()
     _, history = _digits_fit(run, resume=True)
     _same_weights(run / "model.safetensors", straight_dir / "model.safetensors")

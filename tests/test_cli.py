@@ -196,40 +196,76 @@ def test_fit_on_an_image_folder(capsys, tmp_path):
     assert code == 2 and "--val-fraction 0" in err
 
 
-def test_interrupted_fit_resumes(capsys, tmp_path, monkeypatch):
+# a small seeded fit: 108 training digits, 4 steps an epoch
+SEEDED = ["--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "12", "--batch-size", "32",
+          "--progress", "false", "--baseline.epochs", "1", "--autoencoder.epochs", "1", "--transfer.epochs", "1",
+          "--finetune.epochs", "0", "--representatives.clusters_per_class", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeded") / "run"
+    assert main(["fit", "--out", str(out), *SEEDED]) == 0
+    return load_file(str(out / "model.safetensors"))
+
+
+def _same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_and_sigint_stop_with_143_and_130_and_resume_to_the_same_weights(seeded_run, capsys, tmp_path,
+                                                                                 monkeypatch):
+    """A signal in the middle of an epoch: the step finishes, a checkpoint is written, the run is marked
+    interrupted, the resume command printed, and the exit status is 128 + the signal. A torchrun restart
+    of the same command continues the run; the result is the uninterrupted one, bit for bit."""
+    import os
+    import signal
+    from timm.task import ClassificationTask
+
+    from encodenet_timm.checkpoint import RunDir
+    from encodenet_timm.wrapper import RUN_STAGES
+
     out = tmp_path / "run"
-    transfer = EncodeNetWrapper.fit_transfer
+    forward, calls = ClassificationTask.forward, [0]
 
-    def interrupt(self, *args, **kwargs):
-        raise KeyboardInterrupt
+    def signalled(signum, at):
+        def forward_then_signal(self, *args):  # baseline, transfer (and finetune) training steps
+            calls[0] += torch.is_grad_enabled()
+            if calls[0] == at:
+                os.kill(os.getpid(), signum)
+            return forward(self, *args)
+        calls[0] = 0
+        monkeypatch.setattr(ClassificationTask, "forward", forward_then_signal)
 
-    monkeypatch.setattr(EncodeNetWrapper, "fit_transfer", interrupt)
-    code, _, err = run(capsys, "fit", "--model", "resnet20_cifar", "--dataset", "digits", "--out", out,
-                       "--per-class", "10", "--val-fraction", "0", "--baseline.epochs", "1", *TINY)
-    assert code == 130 and f"encodenet fit --out {out} --resume" in err
-    assert not (out / "model.safetensors").exists()
-    monkeypatch.setattr(EncodeNetWrapper, "fit_transfer", transfer)
-    code, _, err = run(capsys, "fit", "--out", out, "--resume")
-    assert code == 0, err
-    assert (out / "model.safetensors").is_file() and (out / "eval.json").is_file()
+    signalled(signal.SIGTERM, 2)  # in step 2 of the baseline's 4
+    code, _, err = run(capsys, "fit", "--out", out, "--checkpoint-every", "3", *SEEDED)
+    again = f"encodenet fit --out {out} --resume"
+    assert code == 143 and "stopped by SIGTERM in baseline after step 2 of epoch 1" in err and again in err
     record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "complete" and len(record["resumed"]) == 1
-    assert record["stages"]["transfer"]["status"] == "complete"
+    assert (record["status"], record["resume"], record["stages"]["baseline"]["status"]) == (
+        "interrupted", again, "interrupted")
+    latest = RunDir(out, RUN_STAGES).latest()
+    assert (latest.stage, latest.epoch, latest.step) == ("baseline", 0, 2)
+    assert json.loads((out / "cli.json").read_text())["checkpoint_every"] == 3
+    signalled(signal.SIGINT, 3)  # the resumed baseline's steps 3 and 4, then step 1 of the transfer
+    code, _, err = run(capsys, "fit", "--out", out, "--resume")
+    assert code == 130 and "stopped by SIGINT in transfer after step 1 of epoch 1" in err and again in err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit put its handlers back
+    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun --max-restarts reruns the first command
+    code, _, err = run(capsys, "fit", "--out", out, "--checkpoint-every", "3", *SEEDED)
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumed"]) == 2 and "resume" not in record
+    _same(load_file(str(out / "model.safetensors")), seeded_run)
 
 
-def test_two_fits_with_the_same_seed_give_the_same_weights(tmp_path, capsys):
+def test_two_fits_with_the_same_seed_give_the_same_weights(seeded_run, tmp_path, capsys):
     """The model's random init is seeded too (issue #16.6): the CLI repeats itself as the API does."""
-    from safetensors.torch import load_file
-    args = ["--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "12", "--batch-size", "32",
-            "--progress", "false", "--baseline.epochs", "1", "--autoencoder.epochs", "1", "--transfer.epochs", "1",
-            "--finetune.epochs", "0", "--representatives.clusters_per_class", "2", "--seed", "3"]
-    weights = []
-    for name in ("a", "b"):
-        assert main(["fit", "--out", str(tmp_path / name), *args]) == 0
-        weights.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert main(["fit", "--out", str(tmp_path / "b"), *SEEDED]) == 0
     capsys.readouterr()
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    _same(load_file(str(tmp_path / "b" / "model.safetensors")), seeded_run)
 
 
 def test_the_run_dir_has_a_summary_csv_of_every_epoch(digits_run):

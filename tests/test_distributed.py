@@ -106,6 +106,37 @@ def test_cli_fit_and_resume_under_torchrun(tmp_path):
     assert len(json.loads((out / "run.json").read_text())["resumed"]) == 1
 
 
+@pytest.mark.parametrize("restart", ["relaunch", pytest.param("max-restarts", marks=pytest.mark.slow)])
+def test_a_rank_killed_in_a_stage_stops_the_other_and_the_run_continues_to_the_uninterrupted_result(
+        runs, tmp_path, restart):
+    """Rank 1 SIGKILLs itself in step 5 of the autoencoder's epoch (checkpoints every 3 steps): rank 0
+    stops with a clear message instead of waiting, and the same launch again ("relaunch") or torchrun's
+    own restart ("max-restarts", slow; `init_group` keys the restarted group by the attempt) continues
+    from the checkpoint inside the epoch to the weights of the uninterrupted 2-rank run ("two_ram"), bit
+    for bit."""
+    worker = Path(__file__).with_name("ddp_kill_worker.py")
+    run_dir, marker = tmp_path / "run", tmp_path / "killed-once"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *(["--max-restarts", "1"] if restart == "max-restarts" else []), str(worker), str(marker),
+           "--out", str(tmp_path / "out"), "--batch-size", "32", "--train-size", "512", "--epochs", "1",
+           "--run-dir", str(run_dir), "--checkpoint-every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert marker.exists() and "rank 0 lost the other ranks in autoencoder" in done.stderr, done.stderr[-4000:]
+    if restart == "relaunch":
+        assert done.returncode != 0
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "failed" and record["error"].startswith("RankLostError")
+        assert [d.name for d in (run_dir / "checkpoints" / "autoencoder").iterdir()] == ["epoch-0000-step-0000003"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumed"]) == 1
+    killed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    straight = load_file(str(runs / "two_ram" / "model.safetensors"))
+    assert killed.keys() == straight.keys() and all(torch.equal(killed[k], straight[k]) for k in killed)
+
+
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     worker = Path(__file__).with_name("ddp_nan_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
@@ -172,6 +203,17 @@ def test_without_a_group_everything_is_the_identity(digits):
     assert distributed.all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2.0]
     assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.gather_objects(3) == [3]
     assert np.isnan(distributed.all_reduce_sum([float("nan")], torch.device("cpu"))[0])
+
+
+def test_a_failed_collective_is_told_from_other_errors_and_the_timeout_is_checked(monkeypatch):
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:7074: Connection reset by peer")
+    assert distributed.is_collective_error(gloo)
+    assert not distributed.is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not distributed.is_collective_error(ValueError("Connection reset by peer"))
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="ENCODENET_DIST_TIMEOUT must be a number of seconds > 0, got 'soon'"):
+        distributed.init_group("gloo")
+    assert not distributed.is_distributed()
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "encodenet_timm"
 ORDER = [
     "models",                                    # the CIFAR zoo, registered into timm
     "errors", "config", "env", "distributed",    # plain data, error types, machine facts, process-group glue
+    "stopping",                                  # SIGTERM/SIGINT handlers for the length of a run
     "device_data",                               # datasets held on the training device, batched there
     "checks", "loaders",                         # input checks; every DataLoader the package builds
     "split", "decoder",                          # encoder/head split; the mirrored decoder

@@ -24,3 +24,32 @@ def test_seeded_loader_shuffles_by_its_seed_only_when_asked():
         seeded_loader(ds, batch_size=5, shuffle=True, seed=1))
     assert _order(seeded_loader(ds, batch_size=5)) == [[float(i) for i in range(j, j + 5)] for j in range(0, 20, 5)]
     assert seeded_loader(None, batch_size=5) is None
+
+
+class _Counted(TensorDataset):
+    reads = 0
+
+    def __getitem__(self, i):
+        _Counted.reads += 1
+        return super().__getitem__(i)
+
+
+def test_epoch_batches_skips_in_the_sampler_and_draws_the_same_order():
+    """From batch 3 on: the batches iter(loader) gives from there, with its generator or with the global
+    RNG (no generator), and no image read for the batches passed over."""
+    from encodenet_timm.loaders import epoch_batches
+    ds = _Counted(torch.arange(50).float()[:, None], torch.zeros(50, dtype=torch.long))
+    for generator in (torch.Generator(), None):
+        loader = DataLoader(ds, batch_size=7, shuffle=True, generator=generator)
+
+        def seed():  # what the loop's epoch start does
+            torch.manual_seed(5)
+            if generator is not None:
+                generator.manual_seed(5)
+        seed()
+        whole = _order(epoch_batches(loader))
+        seed()
+        _Counted.reads = 0
+        rest = _order(epoch_batches(loader, 3))
+        assert rest == whole[3:] and len(whole) == 8 and _Counted.reads == 50 - 3 * 7
+        assert _order(epoch_batches(loader, 8)) == []  # stopped after the last step: nothing left

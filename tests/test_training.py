@@ -54,38 +54,60 @@ def test_gpu_training_with_amp(amp):
     assert hist[-1]["loss"] < hist[0]["loss"]
 
 
-def test_resume_from_an_epoch_end_state_is_bitwise_exact():
-    """Stop after epoch 1 (copying what a checkpoint holds), resume in fresh objects: same weights as 3 epochs."""
+@pytest.mark.parametrize("stop_at, generator", [((1, 0), True), ((1, 2), False), ((2, 1), True)],
+                         ids=["epoch-end", "inside-an-epoch-global-rng", "stop-signal"])
+def test_resume_from_a_checkpoint_state_is_bitwise_exact(stop_at, generator):
+    """Stop after (epochs, steps) (copying what a checkpoint holds), resume in fresh objects: the weights
+    and per-epoch losses of 3 uninterrupted epochs. The shuffle comes from the loader's generator or
+    (no generator) from the global RNG, which dropout also draws from. "stop-signal": `stop` asks for it,
+    the loop checkpoints after that step and raises `Interrupted`."""
     import copy
+    import signal
+
+    from encodenet_timm.errors import Interrupted
 
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.arange(48) % 2
     cfg = StageConfig(epochs=3, lr=0.05, warmup_epochs=1, opt="sgd")
+    by_signal = stop_at == (2, 1)
 
     def run(model, resume=None, stop_after=None):
         loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
-                            generator=torch.Generator().manual_seed(123))
-        saved = {}
+                            generator=torch.Generator().manual_seed(123) if generator else None)
+        saved, steps = {}, [0]
+        model.register_forward_pre_hook(lambda *_: steps.__setitem__(0, steps[0] + torch.is_grad_enabled()))
 
-        def on_epoch_end(state):
-            if state.epoch == stop_after:
+        def on_checkpoint(state):
+            assert state.step == 0 or state.ranks[0]["sums"][2] == 16 * state.step  # images seen this epoch
+            if (state.epoch, state.step) == stop_after:
                 saved.update(state=copy.deepcopy(state), model=copy.deepcopy(model.state_dict()))
-                raise KeyboardInterrupt  # the process dies here
+                if not by_signal:
+                    raise KeyboardInterrupt  # the process dies here
+
+        def stop():  # SIGTERM from the step that ends 2 epochs + 1 step on (3 steps an epoch)
+            return signal.SIGTERM if stop_after is not None and steps[0] >= 3 * stop_after[0] + stop_after[1] else 0
         try:
             hist = train_stage(ClassificationTask(model, verbose=False), loader, cfg, stage="t",
                                device=torch.device("cpu"), progress=False, seed=7, resume=resume,
-                               on_epoch_end=on_epoch_end)
+                               on_checkpoint=on_checkpoint, checkpoint_every=0 if by_signal else 1,
+                               stop=stop if by_signal else None)
         except KeyboardInterrupt:
+            return saved
+        except Interrupted as e:
+            assert (e.signal, e.stage, e.epoch, e.step) == (signal.SIGTERM, "t", *stop_after)
             return saved
         return hist
 
-    full = make_model("resnet10t", num_classes=2)
+    full = make_model("resnet10t", num_classes=2, drop_rate=0.2)
     hist_full = run(full)
-    saved = run(make_model("resnet10t", num_classes=2), stop_after=1)
-    resumed = make_model("resnet10t", num_classes=2)
+    saved = run(make_model("resnet10t", num_classes=2, drop_rate=0.2), stop_after=stop_at)
+    assert (saved["state"].epoch, saved["state"].step) == stop_at
+    resumed = make_model("resnet10t", num_classes=2, drop_rate=0.2)
     resumed.load_state_dict(saved["model"])
+    torch.manual_seed(99)  # whatever the global RNG holds now, the checkpoint's states are restored
     hist_resumed = run(resumed, resume=saved["state"])
     assert [h["loss"] for h in hist_resumed] == [h["loss"] for h in hist_full]
+    assert [h["accuracy"] for h in hist_resumed] == [h["accuracy"] for h in hist_full]
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
