@@ -77,7 +77,7 @@ REGIMES = {
                     "autoencoder 10, transfer 10, fine-tune 5 epochs (the package defaults)",
         per_class=250, val_per_class=500, batch_size=128, baseline=_sgd(0, 0.1),
         autoencoder=_adamw(10), transfer=_sgd(10, 0.01), finetune=_sgd(5, 0.01),
-        convergence_epochs=(40, 80, 120, 60, 180, 90, 270, 135, 405)),
+        convergence_epochs=(40, 80, 120, 60, 180, 90, 270, 135, 405, 608, 202)),
     "short": Regime(description="2 CPU cores: 500 images per class (450 train + 50 validation), 12 baseline epochs; "
                                 "autoencoder 2, transfer 3, fine-tune 2 epochs",
                     per_class=500, batch_size=128, baseline=_sgd(12, 0.1), autoencoder=_adamw(2),
