@@ -65,7 +65,9 @@ def main() -> None:
             "decoder.norm": "group"})
         wrapper = EncodeNetWrapper(model, config)
         run_dir = Path(args.run_dir) if args.run_dir else None
-        resume = run_dir is not None and (run_dir / "run.json").is_file()  # a restart, or a relaunch
+        resume = [run_dir is not None and (run_dir / "run.json").is_file()]  # a restart, or a relaunch
+        dist.broadcast_object_list(resume, src=0)  # rank 0's answer: it may write run.json while others look
+        resume = resume[0]
         history = wrapper.fit(loader, run_dir=run_dir, resume=resume, checkpoint_every=args.checkpoint_every)
         rank, out = dist.get_rank(), Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ from encodenet_timm.stopping import StopSignals
 
 
 def test_a_signal_is_deferred_inside_training_and_raised_at_once_elsewhere():
-    before = signal.getsignal(signal.SIGTERM)
+    # what was installed before (SIGINT is SIG_IGN in a background job)
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopSignals() as stop:
         with pytest.raises(Interrupted) as raised:
             with stop.deferred():
@@ -18,7 +19,7 @@ def test_a_signal_is_deferred_inside_training_and_raised_at_once_elsewhere():
                 os.kill(os.getpid(), signal.SIGINT)  # a second signal: ignored
                 assert stop() == signal.SIGTERM
         assert raised.value.signal == signal.SIGTERM  # not acted on inside: raised at the end of the block
-    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is before_int
     with StopSignals():
         with pytest.raises(Interrupted, match="stopped by SIGINT"):
             os.kill(os.getpid(), signal.SIGINT)
