@@ -409,6 +409,15 @@ def resume_command(path: PathLike) -> str:
     return f"fit(..., run_dir={str(path)!r}, resume=True)"
 
 
+def _remove_checkpoints(stage_dir: Path, keep: Optional[Path]) -> None:
+    """Remove every checkpoint of `stage_dir` but `keep`: its manifest first, so that a half-deleted
+    directory is never complete."""
+    for old in _checkpoint_dirs(stage_dir):
+        if old != keep:
+            (old / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 # ---- run directory -----------------------------------------------------------------------------------
 class RunDir:
     """A run directory: config, run record, per-stage checkpoints and the final model (layout above).
@@ -614,10 +623,7 @@ class RunDir:
         manifest = {"format": _FORMAT, "complete": True, "stage": stage, "epoch": epoch, "step": step,
                     "epochs": epochs, "saved": _now(), "files": entries, "state": state, "loop": loop}
         write_json(directory / MANIFEST, manifest)
-        for old in _checkpoint_dirs(self.stage_dir(stage)):
-            if old != directory:  # the manifest first, so a half-deleted directory is never complete
-                (old / MANIFEST).unlink(missing_ok=True)
-                shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoints(self.stage_dir(stage), keep=directory)
         history = train.history if train is not None else state.get("history", {}).get(stage)
         self.update_stage(stage, status="complete" if epoch >= epochs else "running", epochs_done=epoch,
                           steps_done=step, epochs=epochs, **({"history": history} if history is not None else {}))
@@ -648,10 +654,7 @@ class RunDir:
         self._write_record()
         last = self.latest()
         for stage in self.stages:
-            for old in _checkpoint_dirs(self.stage_dir(stage)):
-                if last is None or old != last.directory:  # the manifest first: never a half-deleted complete one
-                    (old / MANIFEST).unlink(missing_ok=True)
-                    shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoints(self.stage_dir(stage), keep=None if last is None else last.directory)
             if self.stage_dir(stage).is_dir() and not any(self.stage_dir(stage).iterdir()):
                 self.stage_dir(stage).rmdir()
 
