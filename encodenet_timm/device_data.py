@@ -17,14 +17,15 @@ decoded once to uint8 when it fits a byte budget) into device datasets; `device_
 DataLoader settings they need (no workers, no pinning, `device_collate`).
 """
 import logging
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, default_collate
 
-__all__ = ["DeviceArrayDataset", "DeviceBatch", "device_collate", "is_device_dataset", "device_loader_kwargs"]
+__all__ = ["DeviceArrayDataset", "DeviceBatch", "device_collate", "is_device_dataset", "device_loader_kwargs",
+           "check_once"]
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class DeviceArrayDataset(Dataset):
             if mean is not None or std is not None:
                 raise ValueError("float images are taken as already normalised: pass mean=std=None")
             x = x.float()
+            if not torch.isfinite(x).all():  # checked once here, so no batch needs it (`check_once`)
+                raise ValueError("images contain NaN or inf values; check the array")
         else:
             raise ValueError(f"images must be uint8 or float, got {x.dtype}")
         if len(labels) != len(x):
@@ -119,9 +122,17 @@ class DeviceArrayDataset(Dataset):
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             else:  # flip only the flipped half (2x faster on CPU than torch.where)
                 x[flip] = x[flip].flip(-1)
+        return DeviceBatch((self._normalised(x), self.labels[idx]))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:  # advanced indexing copied: x is never a view of the stored array
             x = x.float().div_(255.0).sub_(self.mean).div_(self.std)  # (x / 255 - mean) / std, in place
-        return DeviceBatch((x, self.labels[idx]))
+        return x
+
+    def plain_image(self, i: int) -> torch.Tensor:
+        """Image `i` as (1, C, H, W) float32, without augmentation (no random draw)."""
+        (h, w), p = self.size, (self.pad if self.augment else 0)
+        return self._normalised(self.images[i:i + 1, :, p:p + h, p:p + w].clone())
 
     def __getitem__(self, i: int):
         """(image (C, H, W) float32, label int) of one index (draws one crop/flip when augmenting)."""
@@ -147,3 +158,28 @@ def device_loader_kwargs(dataset: Optional[Dataset]) -> Dict[str, Any]:
     if not is_device_dataset(dataset):
         return {}
     return {"num_workers": 0, "pin_memory": False, "collate_fn": device_collate}
+
+
+def check_once(check: Optional[Callable[[torch.Tensor, torch.Tensor], None]],
+               loader: Any) -> Optional[Callable[[torch.Tensor, torch.Tensor], None]]:
+    """The batch check a loop should run per batch of `loader`: `check` itself, or, for a device dataset,
+    None after running `check` once on its first image and all of its labels.
+
+    A device dataset's batches are gathered from one array whose images are finite (uint8, or float
+    checked when the dataset was built) and whose shape is fixed, so checking every label once is
+    checking every batch, without a host read of the device per step.
+    """
+    dataset = getattr(loader, "dataset", None)
+    if check is None or not is_device_dataset(dataset):
+        return check
+    indices = None  # the base dataset's indices behind the Subsets, outermost last
+    while isinstance(dataset, Subset):
+        inner = torch.as_tensor(dataset.indices, dtype=torch.long)
+        indices = inner if indices is None else inner[indices]
+        dataset = dataset.dataset
+    labels = dataset.labels if indices is None else dataset.labels[indices.to(dataset.labels.device)]
+    if len(labels):
+        first = int(indices[0]) if indices is not None else 0
+        check(dataset.plain_image(first), labels)  # (1, C, H, W), (N,)
+    return None
+

@@ -1,7 +1,8 @@
 """The one training loop, evaluation and seeding; knows timm tasks, not EncodeNet stages.
 
-Step order: to device -> autocast -> forward -> loss -> finite check -> backward -> clip -> step
--> schedule. Optimizers and schedules come from timm (`create_optimizer_v2`, `create_scheduler_v2`).
+Step order: to device -> autocast -> forward -> loss -> (at a read: losses to the host, finite check)
+-> backward -> clip -> step -> schedule. A read is every step on CPU, every `READ_EVERY_ACCELERATOR`
+steps (and at checkpoints, stops, epoch ends) on a GPU, so its queue is not drained for a loss value. Optimizers and schedules come from timm (`create_optimizer_v2`, `create_scheduler_v2`).
 """
 import logging
 import random
@@ -9,7 +10,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checks import BatchCheck, eval_mode
 from .config import StageConfig
+from .device_data import check_once
 from .errors import Interrupted, NonFiniteLossError
 from .loaders import epoch_batches, full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
 
@@ -110,12 +112,28 @@ class LoopOptions:
         channels_last: batches in channels_last memory format.
         progress: a tqdm bar per epoch (rank 0 only).
         compile: ``task.compile()`` (torch.compile of the trainable module) before training.
+        read_every: steps between reads of the losses to the host (the finite check, the running sums,
+            the progress bar and, under torchrun, the stop vote); each read waits for the device to
+            finish. None: every step on CPU, where a read costs nothing, and every
+            `READ_EVERY_ACCELERATOR` steps elsewhere. A checkpoint step, a stop and an epoch's last
+            step are always read.
     """
     device: torch.device
     amp: str = "none"
     channels_last: bool = False
     progress: bool = True
     compile: bool = False
+    read_every: Optional[int] = None
+
+    def steps_between_reads(self) -> int:
+        if self.read_every is None:
+            return 1 if self.device.type == "cpu" else READ_EVERY_ACCELERATOR
+        if isinstance(self.read_every, bool) or not isinstance(self.read_every, int) or self.read_every < 1:
+            raise ValueError(f"read_every must be a positive int or None, got {self.read_every!r}")
+        return self.read_every
+
+
+READ_EVERY_ACCELERATOR = 16  # a host read per 16 steps: the GPU queue never drains for a loss value
 
 
 def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage: str,
@@ -156,7 +174,9 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         One dict per epoch: epoch, loss, accuracy (classification outputs only), lr, seconds, val_*.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf; the weights are those of the last finite step.
+        NonFiniteLossError: the loss became NaN/inf. On CPU (a read every step) the weights are those of the
+            last finite step; with ``read_every`` > 1 up to ``read_every - 1`` later steps may have been
+            applied. No checkpoint holds them: the error comes before the next checkpoint is written.
         Interrupted: `stop` asked for it; the checkpoint of that step has been written.
         TypeError: both `options` and option keywords, or a keyword that is not a `LoopOptions` field.
     """
@@ -180,6 +200,7 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         loader = train_loader(loader, seed if seed is not None else 0)
         task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
     loader = full_last_batch(loader)
+    check = check_once(check, loader)  # a device dataset: checked whole here, not per batch
     try:
         return _train_epochs(task, loader, cfg, options, stage=stage, check=check, val_fn=val_fn, seed=seed,
                              resume=resume, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every,
@@ -205,6 +226,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
                                            updates_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
     memory_format = torch.channels_last if options.channels_last else torch.preserve_format
+    read_every = options.steps_between_reads()
     history: List[Dict[str, float]] = []
     num_updates, start_epoch, skip = 0, 0, 0
     if resume is not None:
@@ -234,12 +256,13 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         set_epoch(loader, epoch)
         task.train()
         start = time.perf_counter()
-        loss_sum, correct, seen, classifies = 0.0, 0, 0, False
+        sums, classifies = [0.0, 0, 0], False  # loss_sum, correct, seen: over the steps read so far
+        unread: List[Tuple[int, torch.Tensor, int, Optional[torch.Tensor]]] = []  # (step, loss, n, hits)
         batches = epoch_batches(loader, skip)  # the epoch's order drawn; `skip` batches passed over unread
         if skip:  # where the interrupted epoch stood on this rank
             mine = resume.ranks[distributed.rank()]
             _set_rng_state(mine["rng"])
-            loss_sum, correct, seen, classifies = mine["sums"]
+            *sums, classifies = mine["sums"]
             start -= mine["seconds"]
         # a bar in a terminal; with output redirected (CI, a log file) tqdm stays silent (disable=None) and
         # the epoch's one logging line below is the record
@@ -259,17 +282,22 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
                                      f"cannot train on ({e}); give the training loader batches of two or more "
                                      f"(drop_last=True, or a batch_sampler without single-image batches)") from e
                 raise
-            loss = out["loss"]
-            loss_value = float(loss.detach())
-            signum = stop() if stop is not None else 0
-            if in_group:  # the mean over ranks: a NaN on any rank stops every rank at the same step; and in
-                # the same reduction, whether a rank was asked to stop: every rank stops after this step
-                loss_value, signum_sum, stopping = distributed.all_reduce_sum([loss_value, signum, signum > 0],
-                                                                              device)
-                loss_value /= world
-                signum = signum or _common_signal(signum_sum, stopping)
-            if not np.isfinite(loss_value):
-                raise NonFiniteLossError(stage, epoch, step, loss_value)
+            loss, n, done = out["loss"], x.shape[0], step + 1
+            logits = out.get("output")
+            hits = None
+            if logits is not None and logits.ndim == 2 and y.ndim == 1:
+                classifies = True
+                hits = (logits.detach().argmax(1) == y).sum()  # stays on the device until the next read
+            unread.append((step, loss.detach(), n, hits))
+            checkpoint_due = bool(checkpoint_every) and done % checkpoint_every == 0 and done < steps_per_epoch
+            signum = stop() if stop is not None else 0  # a flag set by the signal handler: no device wait
+            if (read_every == 1 or done % read_every == 0 or done == steps_per_epoch or checkpoint_due
+                    or (signum and not in_group)):  # the same steps on every rank: the vote below is collective
+                signum = _read(unread, signum, stage=stage, epoch=epoch, device=device, world=world, sums=sums)
+                unread = []
+                bar.set_postfix(loss=f"{sums[0] / max(sums[2], 1):.4f}")
+            else:
+                signum = 0  # under torchrun a stop waits for the next read, where every rank votes
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -288,18 +316,8 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
                 task.update_ema(step=num_updates)
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
-            n = x.shape[0]
-            loss_sum += loss_value * n
-            seen += n
-            logits = out.get("output")
-            if logits is not None and logits.ndim == 2 and y.ndim == 1:
-                classifies = True
-                correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-            done = step + 1
-            if on_checkpoint is not None and (signum or (checkpoint_every and done % checkpoint_every == 0
-                                                         and done < steps_per_epoch)):
-                position = {"rng": _rng_state(), "sums": [loss_sum, correct, seen, classifies],
+            if on_checkpoint is not None and (signum or checkpoint_due):
+                position = {"rng": _rng_state(), "sums": [sums[0], sums[1], sums[2], classifies],
                             "seconds": time.perf_counter() - start}
                 on_checkpoint(state(epoch, done, distributed.gather_objects(position)))  # rank 0: all
             if signum:
@@ -308,6 +326,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         skip = 0
         if scheduler is not None:
             scheduler.step(epoch + 1)
+        loss_sum, correct, seen = sums
         if in_group:
             loss_sum, correct, seen, classifies = distributed.all_reduce_sum([loss_sum, correct, seen, classifies],
                                                                              device)
@@ -329,6 +348,31 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
             if signum:
                 raise Interrupted(signum, stage, epoch + 1, 0)
     return history
+
+
+def _read(unread: List[Tuple[int, torch.Tensor, int, Optional[torch.Tensor]]], signum: int, *, stage: str,
+          epoch: int, device: torch.device, world: int, sums: List[float]) -> int:
+    """Bring the unread steps' losses and hits to the host (one wait for the device), check them, add them
+    to `sums` ([loss_sum, correct, seen], in place); under torchrun the losses are the means over ranks and
+    every rank learns whether one was asked to stop. Returns the stop signal (0: go on).
+
+    Raises:
+        NonFiniteLossError: the first unread step whose loss is NaN/inf (on any rank).
+    """
+    losses = torch.stack([loss.double() for _, loss, _, _ in unread]).tolist()  # float64: float() of each
+    hits = [h for _, _, _, h in unread if h is not None]
+    if distributed.is_distributed():  # a NaN on any rank stops every rank at the same step
+        *losses, signum_sum, stopping = distributed.all_reduce_sum(losses + [signum, signum > 0], device)
+        losses = [v / world for v in losses]
+        signum = signum or _common_signal(signum_sum, stopping)
+    for (step, _, n, _), value in zip(unread, losses):
+        if not np.isfinite(value):
+            raise NonFiniteLossError(stage, epoch, step, value)
+        sums[0] += value * n
+        sums[2] += n
+    if hits:
+        sums[1] += sum(torch.stack(hits).tolist())
+    return signum
 
 
 def _common_signal(signum_sum: float, count: float) -> int:
@@ -368,8 +412,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chec
     In a process group each rank evaluates its share of the batches (`loaders.shard_batches`) and
     the sums are reduced: every rank must call it, and every rank gets the whole set's metrics.
     """
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one read at the end
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     memory_format = torch.channels_last if channels_last else torch.preserve_format
+    check = check_once(check, loader)
     with eval_mode(model):
         for x, y in tqdm(shard_batches(loader), desc="evaluate",
                          disable=(not progress or not distributed.is_main()) or None, leave=False):
@@ -377,10 +424,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chec
                 check(x, y)
             x, y = x.to(device, memory_format=memory_format), y.to(device)
             logits = model(x).float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()  # as float(): float32 -> float64
+            correct += (logits.argmax(1) == y).sum()
             seen += y.numel()
-    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
+    loss_sum, correct, seen = distributed.all_reduce_sum([float(loss_sum), int(correct), seen], device)
     if seen == 0:
         raise ValueError("evaluation loader is empty")
     return {"accuracy": correct / seen, "loss": loss_sum / seen}

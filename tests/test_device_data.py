@@ -224,3 +224,34 @@ def test_image_folder_is_decoded_once_and_matches_the_per_sample_splits(tmp_path
     assert moved.train.dataset.classes == data.classes
     small = device_splits(data, "cpu", budget_bytes=100)  # over budget: the per-sample splits stay
     assert not is_device_dataset(small.train) and not is_device_dataset(small.test)
+
+
+def test_a_device_dataset_is_checked_once_whole_not_per_batch():
+    """The loop's batch check runs once on a device dataset (its first plain image, every label behind
+    the Subsets), then not per batch: no host read of the device per step. A bad label anywhere is
+    found before the first step; other loaders keep the per-batch check."""
+    from encodenet_timm.device_data import check_once
+
+    images, labels = _arrays(n=40)
+    labels[33] = 12
+    ds = DeviceArrayDataset(images, labels, MEAN, STD, augment=True)
+    calls = []
+
+    def check(x, y):
+        calls.append((tuple(x.shape), y.tolist()))
+        if int(y.max()) >= 10:
+            raise ValueError("labels must lie in [0, 10)")
+    inner = Subset(ds, list(range(10, 40)))
+    ok = Subset(inner, [5, 0, 1])  # base indices 15, 10, 11
+    rng = torch.get_rng_state()
+    assert check_once(check, DataLoader(ok, batch_size=2, collate_fn=device_collate)) is None
+    assert calls == [((1, 3, 8, 8), labels[[15, 10, 11]].tolist())]
+    assert torch.equal(torch.get_rng_state(), rng)  # the plain image draws no crop
+    with pytest.raises(ValueError, match="labels must lie"):
+        check_once(check, DataLoader(inner, batch_size=2, collate_fn=device_collate))
+    per_sample = DataLoader(CifarDataset(images, labels, MEAN, STD), batch_size=4)
+    assert check_once(check, per_sample) is check
+    plain = DeviceArrayDataset(images, labels, MEAN, STD)
+    assert torch.equal(ds.plain_image(15), plain.__getitems__([15])[0])
+    with pytest.raises(ValueError, match="NaN"):
+        DeviceArrayDataset(np.full((2, 4, 4, 3), np.nan, np.float32), [0, 1])

@@ -139,3 +139,57 @@ def test_options_or_their_keywords_not_both():
         train_stage(task, loader, cfg, stage="t", options=LoopOptions(torch.device("cpu")), progress=False)
     with pytest.raises(TypeError):
         train_stage(task, loader, cfg, stage="t", device=torch.device("cpu"), no_such_option=True)
+
+
+def _read_run(read_every, *, nan_at=None, checkpoints=None):
+    """4 epochs of 3 steps (48 images, batch 16) with a read of the losses every `read_every` steps;
+    `nan_at`: the global step whose loss is NaN."""
+    torch.manual_seed(0)
+    model = make_model("resnet10t", num_classes=2)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, torch.arange(48) % 2), batch_size=16, shuffle=True,
+                        generator=torch.Generator().manual_seed(1))
+    task = ClassificationTask(model, verbose=False)
+    if nan_at is not None:
+        steps = [0]
+        forward = task.forward
+
+        def poisoned(x, y):
+            out = forward(x, y)
+            steps[0] += 1
+            return {**out, "loss": out["loss"] * float("nan")} if steps[0] == nan_at + 1 else out
+        task.forward = poisoned
+    hist = train_stage(task, loader, StageConfig(epochs=4, lr=0.05, opt="sgd"), stage="t", seed=3,
+                       options=LoopOptions(torch.device("cpu"), progress=False, read_every=read_every),
+                       on_checkpoint=None if checkpoints is None else checkpoints.append)
+    return model, hist
+
+
+def test_reading_the_losses_every_k_steps_changes_nothing_computed():
+    """What a GPU run does by default (READ_EVERY_ACCELERATOR): the losses stay on the device between
+    reads. Weights and history equal reading every step, bit for bit, and an epoch's last step is
+    always read (3 steps an epoch, reads every 2 or 5)."""
+    model, hist = _read_run(1)
+    for k in (2, 5):
+        other, other_hist = _read_run(k)
+        assert [(h["loss"], h["accuracy"]) for h in other_hist] == [(h["loss"], h["accuracy"]) for h in hist]
+        for name, v in model.state_dict().items():
+            assert torch.equal(v, other.state_dict()[name]), (k, name)
+    assert LoopOptions(torch.device("cpu")).steps_between_reads() == 1
+    assert LoopOptions(torch.device("meta")).steps_between_reads() > 1
+    with pytest.raises(ValueError, match="read_every"):
+        LoopOptions(torch.device("cpu"), read_every=0).steps_between_reads()
+
+
+@pytest.mark.parametrize("read_every", [1, 4])
+def test_a_nan_loss_is_named_at_its_step_and_no_checkpoint_holds_its_update(read_every):
+    """NaN at global step 7 (epoch 2, step 1): every step on CPU raises before that update; with reads
+    every 4 steps the error names the same step, at the read after it, and the checkpoints written are
+    those of epochs 1 and 2 only, whose weights are finite."""
+    from encodenet_timm.errors import NonFiniteLossError
+
+    checkpoints = []
+    with pytest.raises(NonFiniteLossError) as info:
+        _read_run(read_every, nan_at=7, checkpoints=checkpoints)
+    assert (info.value.epoch, info.value.step) == (2, 1)
+    assert [c.epoch for c in checkpoints] == [1, 2]
