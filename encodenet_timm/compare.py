@@ -28,9 +28,10 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,9 +42,10 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import distributed
-from .checkpoint import write_atomic, write_json
+from .checkpoint import DirLock, write_atomic, write_json
 from .checks import check_batch, check_data, check_loader
 from .config import EncodeNetConfig, StageConfig
+from .errors import RunDirInUseError
 from .env import machine, versions
 from .loaders import readable
 from .split import check_timm_classifier
@@ -511,6 +513,44 @@ def _settled(fingerprint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         return fingerprint
 
 
+@contextmanager
+def _seed_lock(out: Optional[Path], seed: int, todo: Sequence[str]) -> Iterator[None]:
+    """Hold ``out/locks/seed<k>`` while a seed's unfinished rows train: processes given other seeds share
+    `out`, a second process on the same seed is refused. A seed with nothing to train takes no lock."""
+    if out is None or not todo:
+        yield
+        return
+    lock = DirLock(out / "locks" / f"seed{seed}")
+    try:
+        lock.acquire()
+    except RunDirInUseError as e:
+        raise RunDirInUseError(f"seed {seed} of {out} is being trained by another process ({e}); give this "
+                               f"process other seeds, or wait for that one to end") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_seed(runner: "_Rows", seed: int, config: EncodeNetConfig, variants: Mapping[str, EncodeNetConfig],
+              controls: Sequence[str], compute: Dict[str, Any]) -> None:
+    """Every row of `seed` not finished yet (a record another process wrote counts as finished)."""
+    if not runner.done("baseline", seed):
+        runner.baseline(seed)
+    if not runner.done("encodenet", seed):
+        runner.encodenet("encodenet", seed, config, compute["extra_epochs"])
+    for name, cfg in variants.items():
+        if not runner.done(name, seed):
+            runner.encodenet(name, seed, cfg, compute["variants"][name])
+    todo = [r for r in ("continued", "ema") if r in controls and not runner.done(r, seed)]
+    if todo:
+        runner.continued(seed, todo)
+    if "kd" in controls and not runner.done("kd", seed):
+        runner.kd_row(seed)
+    if "equal" in controls and not runner.done("equal", seed):
+        runner.equal(seed)
+
+
 def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loader: DataLoader, *,
             config: Optional[EncodeNetConfig] = None, controls: Sequence[str] = CONTROLS,
             seeds: Sequence[int] = (0, 1, 2), plain_loader: Optional[DataLoader] = None,
@@ -595,20 +635,8 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
                    kd_task_loss_weight=kd_task_loss_weight, ema_decay=ema_decay, fingerprint=fingerprint)
     rows = ["baseline", "encodenet", *variants, *controls]
     for seed in seeds:
-        if not runner.done("baseline", seed):
-            runner.baseline(seed)
-        if not runner.done("encodenet", seed):
-            runner.encodenet("encodenet", seed, config, compute["extra_epochs"])
-        for name, cfg in variants.items():
-            if not runner.done(name, seed):
-                runner.encodenet(name, seed, cfg, compute["variants"][name])
-        todo = [r for r in ("continued", "ema") if r in controls and not runner.done(r, seed)]
-        if todo:
-            runner.continued(seed, todo)
-        if "kd" in controls and not runner.done("kd", seed):
-            runner.kd_row(seed)
-        if "equal" in controls and not runner.done("equal", seed):
-            runner.equal(seed)
+        with _seed_lock(out, seed, todo=[r for r in rows if not runner.done(r, seed)]):
+            _run_seed(runner, seed, config, variants, controls, compute)
     records = {r: runner.records[r] for r in rows}
     return CompareResult(records=records, compute=compute, seeds=seeds, controls=controls,
                          config=config.to_dict(), notes=notes, model_fn=model_fn, out_dir=out,

@@ -218,3 +218,35 @@ def test_a_record_made_before_a_config_key_existed_stays_valid():
     assert compare_mod._settled(old) == compare_mod._settled(new)
     changed = {**new, "config": {**config, "seed": 1}}
     assert compare_mod._settled(changed) != compare_mod._settled(new) and compare_mod._settled(None) is None
+
+
+def test_a_seed_another_process_is_training_is_refused_before_training(loaders, tmp_path, monkeypatch):
+    """Processes given different seeds may share one out_dir (each seed's rows under out/locks/seed<k>);
+    a second process on a seed being trained is told so, and nothing trains."""
+    import multiprocessing as mp
+
+    from encodenet_timm.checkpoint import DirLock
+    from encodenet_timm.errors import RunDirInUseError
+
+    train, val, _ = loaders
+    ctx = mp.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+
+    def hold():
+        lock = DirLock(tmp_path / "cmp" / "locks" / "seed0").acquire()
+        held.set()
+        done.wait(60)
+        lock.release()
+    child = ctx.Process(target=hold)
+    child.start()
+    try:
+        assert held.wait(60)
+        monkeypatch.setattr(compare_mod._Rows, "baseline", lambda *a: pytest.fail("trained a locked seed"))
+        with pytest.raises(RunDirInUseError, match=rf"seed 0 of .*cmp is being trained by another process.*"
+                                                   rf"process {child.pid}"):
+            compare(_model, train, val, config=_config(), controls=("continued",), seeds=(0,),
+                    out_dir=tmp_path / "cmp")
+    finally:
+        done.set()
+        child.join(60)
+    assert not (tmp_path / "cmp" / "runs").exists()
