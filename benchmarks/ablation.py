@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
-from encodenet_timm.checkpoint import write_json
+from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare, paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, versions

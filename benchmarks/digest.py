@@ -108,7 +108,7 @@ def ablation_digest(work: Path) -> Dict[str, str]:
     _image_zip(work / "cifar10-jpeg.zip")
     out = work / "ablation"
     ablation.main(["--data-dir", str(work), "--cache-dir", str(work / "cache"), "--regime", "smoke",
-                   "--seeds", "0", "--variants", "paper,split_last_ce_ft,centroid,auto_k", "--out-dir", str(out),
+                   "--seeds", "0", "--variants", "paper,split_last_no_ae,split_features,ce_0.3", "--out-dir", str(out),
                    "--threads", "1", "--device", "cpu"])
     return {f"ablation.{p.relative_to(out)}": _json_sha(json.loads(p.read_text()))
             for p in sorted(out.rglob("*.json"))}

@@ -15,7 +15,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from encodenet_timm.checkpoint import write_json
+from encodenet_timm.files import write_json
 from encodenet_timm.cli import main as encodenet
 from encodenet_timm.env import machine, versions
 

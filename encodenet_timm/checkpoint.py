@@ -1,9 +1,8 @@
-"""Run directories: their layout and file names, atomic files, stage checkpoints (at epoch ends and
-every N steps inside an epoch), loading them back safely, and the lifecycle of one `fit(run_dir=...)`
-(`Run`: begin or resume, checkpoints, skipped, failed and interrupted stages, finish).
+"""Run directories: their layout and file names, stage checkpoints (at epoch ends and every N steps
+inside an epoch), loading them back safely, and the lifecycle of one `fit(run_dir=...)` (`Run`: begin
+or resume, checkpoints, skipped, failed and interrupted stages, finish).
 
-Every file is written to a temporary file in its own directory, fsynced, then renamed over its name
-(``os.replace``), so a reader never sees half a file. A checkpoint is complete only once its
+Every file is written atomically (`files.write_atomic`), so a reader never sees half a file. A checkpoint is complete only once its
 ``manifest.json`` exists: it is written last and records every file's size and SHA-256. Tensors go
 to safetensors, optimizer state to ``torch.save`` (read back with ``weights_only=True``), everything
 else to JSON or YAML. Nothing is unpickled.
@@ -34,12 +33,9 @@ A new run goes only into an empty directory or one holding nothing but files a r
 import csv
 import fnmatch
 import hashlib
-import json
-import os
 import re
 import shutil
 import logging
-import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,25 +44,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import distributed
 from .checks import check_writable, fingerprint_changes
 from .config import EncodeNetConfig
-from .errors import DataError, Interrupted, RankLostError, RunDirInUseError
+from .errors import DataError, Interrupted, RankLostError
+from .files import (LOCK_FILE, DirLock, cpu_copies, load_tensors, read_json, save_tensors, sha256_file, some,
+                    write_atomic, write_json)
 from .stopping import StopSignals
 from .training import TrainState
 
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): directories are not locked
-    fcntl = None
-
-__all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "write_atomic",
-           "LOCK_FILE", "PICTURES", "RUN_FILES",
-           "write_json", "read_json", "check_writable", "check_new_dir", "DirLock", "save_tensors", "load_tensors", "load_state_into", "load_model_file",
-           "model_fingerprint", "resume_command", "Checkpoint", "RunDir", "Run"]
+__all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "PICTURES", "RUN_FILES",
+           "check_new_dir", "load_model_file", "model_fingerprint", "resume_command", "Checkpoint", "RunDir", "Run"]
 
 _logger = logging.getLogger(__name__)
 
@@ -80,7 +70,6 @@ EVAL_FILE = "eval.json"           # `encodenet evaluate`'s results (eval-<name>.
 PICTURES = ("representatives.png", "reconstructions.png", "curves.png")  # `plots.save_run_plots`'s
 SUMMARY_FILE = "summary.csv"      # one row per epoch of every stage (as timm's train.py writes), rewritten each epoch
 MANIFEST = "manifest.json"        # a checkpoint's, written last
-LOCK_FILE = ".lock"               # flock()ed while a process writes the directory
 # what a run directory may hold (fnmatch patterns): a new run may go into a directory holding only these
 RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, "eval-*.json", SUMMARY_FILE, *PICTURES,
              LOCK_FILE, "checkpoints", ".*.tmp")
@@ -93,26 +82,6 @@ _SECTION_STAGE = {"decoder": "autoencoder"}  # config sections that a stage of a
 
 
 # ---- files -------------------------------------------------------------------------------------------
-def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Write `path` through ``write(tmp_path)``, fsync, then rename: `path` is never half written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def check_new_dir(path: PathLike, ours: Sequence[str] = RUN_FILES, *, what: str = "run directory") -> None:
     """Raise ValueError unless a new run may be written to `path`: it is writable (`check_writable`) and
     absent, empty, or holds only entries matching `ours` (left by one of our runs that stopped early).
@@ -126,141 +95,9 @@ def check_new_dir(path: PathLike, ours: Sequence[str] = RUN_FILES, *, what: str 
         return
     foreign = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in ours))
     if foreign:
-        raise ValueError(f"{path} is not empty and not a {what} of encodenet_timm (it holds {_first(foreign)}); "
+        raise ValueError(f"{path} is not empty and not a {what} of encodenet_timm (it holds {some(foreign)}); "
                          f"nothing in it is overwritten: choose an empty or new directory (or resume one of "
                          f"our runs)")
-
-
-# which directories this process holds locked: resolved path -> [open lock file, DirLock objects holding it]
-_HELD: Dict[Path, List[Any]] = {}
-
-
-class DirLock:
-    """An exclusive lock on a directory, so that two processes never write it at once.
-
-    ``flock`` on ``DIR/.lock``, held open while the process writes: the OS releases it when the process
-    ends, however it ends (a stale ``.lock`` left by a killed process never blocks a resume). Within one
-    process the lock is re-entrant (the CLI holds it around `EncodeNetWrapper.fit`, which takes it too).
-    Each `DirLock` is acquired at most once; `release` undoes that.
-    """
-
-    def __init__(self, directory: PathLike):
-        self.path = Path(directory)
-        self._key: Optional[Path] = None
-
-    def acquire(self) -> "DirLock":
-        """Create the directory if needed and lock it.
-
-        Raises:
-            RunDirInUseError: another process holds the lock; the message names it (pid and host).
-        """
-        if self._key is not None or fcntl is None:
-            return self
-        self.path.mkdir(parents=True, exist_ok=True)
-        key = self.path.resolve()
-        if key not in _HELD:
-            fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # BlockingIOError: held elsewhere
-                holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise RunDirInUseError(
-                    f"{self.path} is being written by {holder} (it holds {key / LOCK_FILE}); wait for it to end "
-                    f"or stop it, then try again, or choose another directory") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-            _HELD[key] = [fd, 0]
-        _HELD[key][1] += 1
-        self._key = key
-        return self
-
-    def release(self) -> None:
-        """Undo `acquire` (the lock itself goes once no `DirLock` of this process holds it)."""
-        key, self._key = self._key, None
-        if key is None or key not in _HELD:
-            return
-        _HELD[key][1] -= 1
-        if _HELD[key][1] == 0:
-            os.close(_HELD.pop(key)[0])  # closing the file releases the flock
-
-    def __enter__(self) -> "DirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def write_json(path: PathLike, data: Dict[str, Any], *, indent: int = 1, newline: bool = False) -> None:
-    """Atomically write `data` as indented JSON (`newline`: end the file with one)."""
-    text = json.dumps(data, indent=indent) + ("\n" if newline else "")
-    write_atomic(path, lambda p: p.write_text(text))
-
-
-def read_json(path: PathLike) -> Dict[str, Any]:
-    """A JSON object from `path`; ValueError when the file is not one (corrupted or truncated)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is corrupted or truncated: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is corrupted: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Atomically write named tensors to a safetensors file (CPU copies, so shared storage is fine)."""
-    on_cpu = _cpu(tensors)
-    write_atomic(path, lambda p: save_file(on_cpu, str(p), metadata=metadata))
-
-
-def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Named CPU tensors from a safetensors file.
-
-    Raises:
-        FileNotFoundError: no file at `path`.
-        ValueError: the file is not valid safetensors (corrupted or truncated).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise ValueError(f"{path} is corrupted or truncated: not a readable safetensors file ({e})") from e
-
-
-def load_state_into(module: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
-    """Load `tensors` into `module` (strict), after checking names and shapes.
-
-    Raises:
-        ValueError: keys are missing or unexpected, or a shape differs; the message names them and
-            says the file was written for another model.
-    """
-    own = module.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    what = f"{source} does not fit this {type(module).__name__} (it was saved from another model)"
-    if missing or unexpected:
-        raise ValueError(f"{what}: {len(missing)} missing keys {_first(missing)}, "
-                         f"{len(unexpected)} unexpected keys {_first(unexpected)}")
-    for key, value in own.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)} in the file but "
-                             f"{tuple(value.shape)} in the model")
-    module.load_state_dict(tensors)
-
-
-def _first(keys: List[str], n: int = 3) -> str:
-    return "[" + ", ".join(map(repr, keys[:n])) + (", ..." if len(keys) > n else "") + "]"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> Dict[str, Any]:
@@ -362,7 +199,7 @@ class Checkpoint:
         path = self.directory / name
         if entry is None or not path.is_file():
             raise ValueError(f"checkpoint {self.directory} has no {name}")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise ValueError(f"{path} is corrupted or truncated: its size or SHA-256 differs from {MANIFEST}")
         return path
 
@@ -507,7 +344,7 @@ class RunDir:
         """config.yaml, then run.json with the config and config.yaml's SHA-256."""
         write_atomic(self.config_path, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
         self.record["config"] = config
-        self.record["config_sha256"] = _sha256(self.config_path)
+        self.record["config_sha256"] = sha256_file(self.config_path)
         self._write_record()
 
     def _reopen(self, config: Dict[str, Any], info: Dict[str, Any]) -> None:
@@ -523,7 +360,7 @@ class RunDir:
             raise ValueError(f"cannot resume {self.path}: it was written for another model ("
                              + "; ".join(diff) + ")")
         saved = self.record.get("config", on_disk)  # runs written before run.json held the config: the file
-        if self.record.get("config_sha256") not in (None, _sha256(self.config_path)):
+        if self.record.get("config_sha256") not in (None, sha256_file(self.config_path)):
             edits = _differences(_settings(saved), _settings(on_disk or {}))
             raise ValueError(f"{self.config_path} was edited after the run began ({'; '.join(edits) or 'its text'}); "
                              f"the run's checkpoints were made with the settings {self.record_path.name} records "
@@ -608,7 +445,7 @@ class RunDir:
         directory = self.stage_dir(stage) / _checkpoint_name(epoch, step)
         (directory / MANIFEST).unlink(missing_ok=True)  # incomplete while its files are rewritten
         files: Dict[str, Callable[[Path], None]] = {
-            f"{stem}.safetensors": (lambda p, t=_cpu(t): save_file(t, str(p))) for stem, t in tensors.items()}
+            f"{stem}.safetensors": (lambda p, t=cpu_copies(t): save_file(t, str(p))) for stem, t in tensors.items()}
         if train is not None and epoch < epochs:  # a finished stage is never continued: no optimizer state
             files["optimizer.pt"] = lambda p: torch.save(train.optimizer, p)
             if step:
@@ -617,7 +454,7 @@ class RunDir:
         entries = {}
         for name, write in files.items():
             write_atomic(directory / name, write)
-            entries[name] = {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            entries[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
         loop = None if train is None else {"num_updates": train.num_updates, "history": train.history,
                                            "scheduler": train.scheduler, "scaler": train.scaler}
         manifest = {"format": _FORMAT, "complete": True, "stage": stage, "epoch": epoch, "step": step,
@@ -818,10 +655,6 @@ def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
 def _settings(config: Dict[str, Any]) -> Dict[str, Any]:
     """`config` without the keys a resume may change freely (`_RUNTIME_CONFIG_KEYS`)."""
     return {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS}
-
-
-def _cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
 def _now() -> str:

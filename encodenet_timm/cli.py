@@ -22,13 +22,14 @@ import timm
 import torch
 
 from . import distributed
-from .checkpoint import (CLI_FILE, CONFIG_FILE, EVAL_FILE, LOCK_FILE, MODEL_FILE, RECORD_FILE, DirLock,
-                         check_new_dir, check_writable, read_json, save_tensors, write_json)
+from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, check_new_dir
+from .checks import check_writable
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig, parse_value
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .errors import EncodeNetError, Interrupted
+from .files import LOCK_FILE, DirLock, read_json, save_tensors, write_json
 from .plots import save_run_plots
 from .training import resolve_device, seed_everything
 from .wrapper import EncodeNetWrapper

@@ -42,11 +42,11 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import distributed
-from .checkpoint import DirLock, write_atomic, write_json
 from .checks import check_batch, check_data, check_loader
 from .config import EncodeNetConfig, StageConfig
-from .errors import RunDirInUseError
 from .env import machine, versions
+from .errors import RunDirInUseError
+from .files import DirLock, write_atomic, write_json
 from .loaders import readable
 from .split import check_timm_classifier
 from .training import LoopOptions, evaluate, resolve_device, seed_everything, train_stage

@@ -14,11 +14,12 @@ from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
-from .checkpoint import Checkpoint, Run, load_model_file, load_state_into, model_fingerprint
+from .checkpoint import Checkpoint, Run, load_model_file, model_fingerprint
 from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, versions
+from .files import load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model

@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
-from encodenet_timm.checkpoint import save_tensors
+from encodenet_timm.files import save_tensors
 from encodenet_timm.checks import check_batch
 
 from conftest import make_model

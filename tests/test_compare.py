@@ -225,7 +225,7 @@ def test_a_seed_another_process_is_training_is_refused_before_training(loaders, 
     a second process on a seed being trained is told so, and nothing trains."""
     import multiprocessing as mp
 
-    from encodenet_timm.checkpoint import DirLock
+    from encodenet_timm.files import DirLock
     from encodenet_timm.errors import RunDirInUseError
 
     train, val, _ = loaders

@@ -12,13 +12,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "encodenet_timm"
 ORDER = [
     "models",                                    # the CIFAR zoo, registered into timm
     "errors", "config", "env", "distributed",    # plain data, error types, machine facts, process-group glue
+    "files",                                     # atomic files, safe reads, one writer per directory
     "stopping",                                  # SIGTERM/SIGINT handlers for the length of a run
     "device_data",                               # datasets held on the training device, batched there
     "checks", "loaders",                         # input checks; every DataLoader the package builds
     "split", "decoder",                          # encoder/head split; the mirrored decoder
     "feature_store", "clustering", "representatives",  # the representatives step, in its order
     "tasks", "training",                         # stage modules and tasks; the one loop
-    "checkpoint", "wrapper", "compare",          # run directories; the stages in order; the controls
+    "checkpoint", "wrapper", "compare",          # run directories and checkpoints; the stages in order; the controls
     "compat", "plots", "data", "cli",            # check_model; pictures; the CLI's datasets; the command
 ]
 
