@@ -12,7 +12,9 @@ fi
 # 1. GPU tests (AMP, channels_last, FAISS GPU vs CPU, device data on CUDA)
 python -m pytest -q -m gpu tests/
 # 2. loader img/s (per-sample vs device) + training img/s + baseline/autoencoder/transfer epochs, both paths
-python benchmarks/data_path.py --device cuda --data-dir "$DATA" --batch-size 512
+#    (--stage-epochs 5: each stage's seconds are the median of epochs 2-5; training img/s is also measured
+#    with a host read of the losses every step, against the loop's default of every 16)
+python benchmarks/data_path.py --device cuda --data-dir "$DATA" --batch-size 512 --stage-epochs 5
 # 3. where the autoencoder epoch goes on the GPU (torch.profiler, full training set)
 python benchmarks/profile_autoencoder.py --device cuda --data-dir "$DATA" --images 50000 --batch-size 512
 # 4. FAISS k-means GPU vs CPU (and AMP/channels_last/compile rows at 32x32)
