@@ -26,7 +26,7 @@ class StopSignals:
     handlers back on exit. ``stop()`` is the signal received (0: none), for the training loop to poll.
 
     Handlers can only be installed from the main thread; elsewhere the signals keep their handlers and
-    ``stop()`` stays 0. A forked process (a DataLoader worker) ignores them: its main process stops it.
+    ``stop()`` stays 0. A signal ignored (SIG_IGN) when the object is entered stays ignored. A forked process (a DataLoader worker) ignores them: its main process stops it.
     """
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -42,7 +42,9 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            # a signal ignored when the run began (SIGINT in a shell's background job, `nohup`) stays ignored
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc: Any) -> None:

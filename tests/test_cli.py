@@ -214,13 +214,17 @@ def _same(a, b):
 
 
 def test_sigterm_and_sigint_stop_with_143_and_130_and_resume_to_the_same_weights(seeded_run, capsys, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, request):
     """A signal in the middle of an epoch: the step finishes, a checkpoint is written, the run is marked
     interrupted, the resume command printed, and the exit status is 128 + the signal. A torchrun restart
     of the same command continues the run; the result is the uninterrupted one, bit for bit."""
     import os
     import signal
-    before_int = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job
+    original = signal.getsignal(signal.SIGINT)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, original))
+    # as in a terminal: in a background job SIGINT is SIG_IGN, and a run started there leaves it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    before_int = signal.getsignal(signal.SIGINT)
     from timm.task import ClassificationTask
 
     from encodenet_timm.checkpoint import RunDir
