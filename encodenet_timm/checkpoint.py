@@ -2,10 +2,10 @@
 inside an epoch), loading them back safely, and the lifecycle of one `fit(run_dir=...)` (`Run`: begin
 or resume, checkpoints, skipped, failed and interrupted stages, finish).
 
-Every file is written atomically (`files.write_atomic`), so a reader never sees half a file. A checkpoint is complete only once its
-``manifest.json`` exists: it is written last and records every file's size and SHA-256. Tensors go
-to safetensors, optimizer state to ``torch.save`` (read back with ``weights_only=True``), everything
-else to JSON or YAML. Nothing is unpickled.
+Every file is written atomically (`files.write_atomic`), so a reader never sees half a file. A
+checkpoint is complete only once its ``manifest.json`` exists: it is written last and records every
+file's size and SHA-256. Tensors go to safetensors, optimizer state to ``torch.save`` (read back with
+``weights_only=True``), everything else to JSON or YAML. Nothing is unpickled.
 
 Layout of a run directory::
 

@@ -21,10 +21,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from .config import SCAN_MODES
+from .device_data import is_device_dataset
 from .errors import DataError
 
-__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_class_counts", "check_data",
-           "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
+__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_once",
+           "check_class_counts", "check_data", "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
 
 _logger = logging.getLogger(__name__)
@@ -195,6 +196,26 @@ def dataset_targets(dataset: Dataset) -> Optional[np.ndarray]:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         return None
     return labels.astype(np.int64)
+
+
+def check_once(check: Optional[BatchCheck], loader: DataLoader) -> Optional[BatchCheck]:
+    """The batch check a loop should run per batch of `loader`: `check` itself, or, for a device dataset
+    (`device_data.DeviceArrayDataset`, possibly inside Subsets), None after running `check` once on its
+    first image (unaugmented) and all of its labels.
+
+    A device dataset's batches are gathered from one array whose images are finite (uint8, or float
+    checked when the dataset was built) and whose shape is fixed, so checking every label once is
+    checking every batch, without a host read of the device per step.
+    """
+    dataset = getattr(loader, "dataset", None)
+    if check is None or not is_device_dataset(dataset):
+        return check
+    if len(dataset):
+        base, first = dataset, 0
+        while isinstance(base, Subset):  # the first image's index in the array
+            base, first = base.dataset, int(base.indices[first])
+        check(base.plain_image(first), torch.from_numpy(dataset_targets(dataset)))  # (1, C, H, W), (N,)
+    return None
 
 
 def first_sample(loader: DataLoader) -> Tuple[torch.Tensor, torch.Tensor]:

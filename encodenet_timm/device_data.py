@@ -17,15 +17,14 @@ decoded once to uint8 when it fits a byte budget) into device datasets; `device_
 DataLoader settings they need (no workers, no pinning, `device_collate`).
 """
 import logging
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, default_collate
 
-__all__ = ["DeviceArrayDataset", "DeviceBatch", "device_collate", "is_device_dataset", "device_loader_kwargs",
-           "check_once"]
+__all__ = ["DeviceArrayDataset", "DeviceBatch", "device_collate", "is_device_dataset", "device_loader_kwargs"]
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class DeviceArrayDataset(Dataset):
             if mean is not None or std is not None:
                 raise ValueError("float images are taken as already normalised: pass mean=std=None")
             x = x.float()
-            if not torch.isfinite(x).all():  # checked once here, so no batch needs it (`check_once`)
+            if not torch.isfinite(x).all():  # checked once here, so no batch needs it (`checks.check_once`)
                 raise ValueError("images contain NaN or inf values; check the array")
         else:
             raise ValueError(f"images must be uint8 or float, got {x.dtype}")
@@ -158,28 +157,3 @@ def device_loader_kwargs(dataset: Optional[Dataset]) -> Dict[str, Any]:
     if not is_device_dataset(dataset):
         return {}
     return {"num_workers": 0, "pin_memory": False, "collate_fn": device_collate}
-
-
-def check_once(check: Optional[Callable[[torch.Tensor, torch.Tensor], None]],
-               loader: Any) -> Optional[Callable[[torch.Tensor, torch.Tensor], None]]:
-    """The batch check a loop should run per batch of `loader`: `check` itself, or, for a device dataset,
-    None after running `check` once on its first image and all of its labels.
-
-    A device dataset's batches are gathered from one array whose images are finite (uint8, or float
-    checked when the dataset was built) and whose shape is fixed, so checking every label once is
-    checking every batch, without a host read of the device per step.
-    """
-    dataset = getattr(loader, "dataset", None)
-    if check is None or not is_device_dataset(dataset):
-        return check
-    indices = None  # the base dataset's indices behind the Subsets, outermost last
-    while isinstance(dataset, Subset):
-        inner = torch.as_tensor(dataset.indices, dtype=torch.long)
-        indices = inner if indices is None else inner[indices]
-        dataset = dataset.dataset
-    labels = dataset.labels if indices is None else dataset.labels[indices.to(dataset.labels.device)]
-    if len(labels):
-        first = int(indices[0]) if indices is not None else 0
-        check(dataset.plain_image(first), labels)  # (1, C, H, W), (N,)
-    return None
-

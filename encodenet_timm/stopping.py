@@ -26,7 +26,8 @@ class StopSignals:
     handlers back on exit. ``stop()`` is the signal received (0: none), for the training loop to poll.
 
     Handlers can only be installed from the main thread; elsewhere the signals keep their handlers and
-    ``stop()`` stays 0. A signal ignored (SIG_IGN) when the object is entered stays ignored. A forked process (a DataLoader worker) ignores them: its main process stops it.
+    ``stop()`` stays 0. A signal ignored (SIG_IGN) when the object is entered stays ignored. A forked
+    process (a DataLoader worker) ignores them: its main process stops it.
     """
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -2,7 +2,8 @@
 
 Step order: to device -> autocast -> forward -> loss -> (at a read: losses to the host, finite check)
 -> backward -> clip -> step -> schedule. A read is every step on CPU, every `READ_EVERY_ACCELERATOR`
-steps (and at checkpoints, stops, epoch ends) on a GPU, so its queue is not drained for a loss value. Optimizers and schedules come from timm (`create_optimizer_v2`, `create_scheduler_v2`).
+steps (and at checkpoints, stops, epoch ends) on a GPU, so its queue is not drained for a loss value.
+Optimizers and schedules come from timm (`create_optimizer_v2`, `create_scheduler_v2`).
 """
 import logging
 import random
@@ -22,9 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checks import BatchCheck, eval_mode
+from .checks import BatchCheck, check_once, eval_mode
 from .config import StageConfig
-from .device_data import check_once
 from .errors import Interrupted, NonFiniteLossError
 from .loaders import epoch_batches, full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
 
@@ -317,7 +317,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
             if on_checkpoint is not None and (signum or checkpoint_due):
-                position = {"rng": _rng_state(), "sums": [sums[0], sums[1], sums[2], classifies],
+                position = {"rng": _rng_state(), "sums": [*sums, classifies],
                             "seconds": time.perf_counter() - start}
                 on_checkpoint(state(epoch, done, distributed.gather_objects(position)))  # rank 0: all
             if signum:

@@ -230,7 +230,7 @@ def test_a_device_dataset_is_checked_once_whole_not_per_batch():
     """The loop's batch check runs once on a device dataset (its first plain image, every label behind
     the Subsets), then not per batch: no host read of the device per step. A bad label anywhere is
     found before the first step; other loaders keep the per-batch check."""
-    from encodenet_timm.device_data import check_once
+    from encodenet_timm.checks import check_once
 
     images, labels = _arrays(n=40)
     labels[33] = 12
