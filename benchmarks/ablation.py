@@ -38,8 +38,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
+from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
-from encodenet_timm.compare import CONTROLS, CompareResult, compare, paired_difference
+from encodenet_timm.compare import CONTROLS, CompareResult, compare
+from encodenet_timm.result import row_what
+from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, versions
 from encodenet_timm.training import evaluate, resolve_device
@@ -59,7 +62,11 @@ class Regime:
     finetune: StageConfig
     val_per_class: Optional[int] = None  # validation drawn from the unused training images; None: val_fraction
     val_fraction: float = 0.1        # of the subset, per class (legacy regimes)
-    convergence_epochs: tuple = ()   # from-scratch lengths the converge phase trains (one seed)
+    convergence_epochs: tuple = ()   # from-scratch lengths the converge phase trains (one seed), E chosen by rule
+    evidence_epochs: tuple = ()      # E fixed: from-scratch lengths beside it (seed 0) that show E has converged
+    amp: str = "none"                # "auto": bf16 autocast where the CPU (or GPU) has native bf16
+    controls: tuple = CONTROLS       # the control rows
+    variants: Optional[tuple] = None  # the variant rows (None: every one in VARIANTS)
 
 
 def _sgd(epochs: int, lr: float) -> StageConfig:
@@ -78,6 +85,15 @@ REGIMES = {
         per_class=250, val_per_class=500, batch_size=128, baseline=_sgd(0, 0.1),
         autoencoder=_adamw(10), transfer=_sgd(10, 0.01), finetune=_sgd(5, 0.01),
         convergence_epochs=(40, 80, 120, 60, 180, 90, 270, 135, 405, 608, 202)),
+    "full": Regime(
+        description="all of CIFAR-10 (the JPEG copy): 45,000 training images, 5,000 stratified validation images "
+                    "from the training set, the 10,000 test images sealed until the choice; resnet20 baseline SGD "
+                    "lr 0.1, momentum 0.9, wd 5e-4, cosine, batch 128, crop + flip, E = 120 epochs, with 60 and "
+                    "180 from scratch beside it (seed 0); autoencoder 10, transfer 10, fine-tune 5 epochs (the "
+                    "package defaults); bf16 autocast on CPUs with native bf16",
+        per_class=4500, val_per_class=500, batch_size=128, baseline=_sgd(120, 0.1),
+        autoencoder=_adamw(10), transfer=_sgd(10, 0.01), finetune=_sgd(5, 0.01), evidence_epochs=(60, 180),
+        amp="auto", controls=("continued", "ema", "kd"), variants=("paper", "split_last_no_ae")),
     "short": Regime(description="2 CPU cores: 500 images per class (450 train + 50 validation), 12 baseline epochs; "
                                 "autoencoder 2, transfer 3, fine-tune 2 epochs",
                     per_class=500, batch_size=128, baseline=_sgd(12, 0.1), autoencoder=_adamw(2),
@@ -107,7 +123,7 @@ VARIANTS: Dict[str, tuple] = {
 def regime_config(regime: Regime, seed: int = 0, baseline_epochs: Optional[int] = None,
                   variant: Optional[str] = None) -> EncodeNetConfig:
     """The default recipe (or a variant, or the paper preset) at the regime's stage lengths."""
-    overrides = {"seed": seed, "progress": False, "channels_last": True}
+    overrides = {"seed": seed, "progress": False, "channels_last": True, "amp": regime.amp}
     for stage in ("baseline", "autoencoder", "transfer", "finetune"):
         for key, value in dataclasses.asdict(getattr(regime, stage)).items():
             overrides[f"{stage}.{key}"] = value
@@ -217,16 +233,52 @@ def baseline_epochs(ctx) -> int:
 
 
 # ---- rows -------------------------------------------------------------------------------------------------
-def run_compare(ctx, seeds: List[int]):
+def run_compare(ctx, seeds: List[int], rows: Optional[List[str]] = None):
     """compare() over `seeds` into the results folder: runs/*.json (committed), weights/ (only the baselines
-    are committed: a later run trains the missing rows from them)."""
+    are committed: a later run trains the missing rows from them), checkpoints/ of rows in progress."""
     args, regime, data = ctx["args"], ctx["regime"], ctx["data"]
     E = baseline_epochs(ctx)
     config = regime_config(regime, baseline_epochs=E)
     variants = {v: regime_config(regime, baseline_epochs=E, variant=v) for v in ctx["variants"]}
-    return compare(_model_fn(args, ctx["num_classes"]), data.train, data.val, config=config, controls=CONTROLS,
+    return compare(_model_fn(args, ctx["num_classes"]), data.train, data.val, config=config, controls=regime.controls,
                    seeds=seeds, plain_loader=data.plain, test_loader=data.test, out_dir=ctx["out"],
-                   variants=variants)
+                   variants=variants, controls_config=ctx["controls_config"], trials=args.trials,
+                   checkpoint_every=args.checkpoint_every, rows=rows,
+                   described={v: VARIANTS[v][0] for v in variants},
+                   allow_untrained_baseline=args.allow_untrained_baseline)
+
+
+def baselines(ctx):
+    """Only the baseline row of each seed (the long part of a regime; the other rows start from them)."""
+    for seed in ctx["args"].seeds:
+        run_compare(ctx, [seed], rows=["baseline"])
+
+
+def evidence(ctx) -> Dict:
+    """From-scratch baselines of the regime's evidence lengths beside E (seed 0, one compare folder each under
+    evidence/E<L>), resumable inside a run; their validation and (unaugmented) training accuracy."""
+    args, regime, data, out = ctx["args"], ctx["regime"], ctx["data"], ctx["out"]
+    path = out / "evidence.json"
+    found = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    for length in args.epochs or regime.evidence_epochs:
+        if str(length) in found["runs"]:
+            continue
+        folder = out / "evidence" / f"E{length}"
+        res = compare(_model_fn(args, ctx["num_classes"]), data.train, data.val,
+                      config=regime_config(regime, baseline_epochs=length), controls=(), seeds=[0],
+                      plain_loader=data.plain, out_dir=folder, controls_config=ctx["controls_config"],
+                      checkpoint_every=args.checkpoint_every, rows=["baseline"])
+        record = res.records["baseline"][0]
+        model = res.model("baseline", 0).to(resolve_device(args.device))
+        found = json.loads(path.read_text()) if path.is_file() else found  # another process may have added one
+        found["runs"][str(length)] = {
+            "epochs": length, "val_accuracy": record["val_accuracy"], "seconds": record["seconds"],
+            "train_accuracy": evaluate(model, data.plain, resolve_device(args.device), channels_last=True,
+                                       amp=regime.amp)["accuracy"],
+            "final_train_loss": record["history"][-1]["loss"], "folder": str(folder.relative_to(out))}
+        write_json(path, found)
+        _logger.info("evidence: %d epochs from scratch -> val %.4f", length, record["val_accuracy"])
+    return found
 
 
 def validate(ctx):
@@ -236,46 +288,15 @@ def validate(ctx):
 
 
 def load_result(ctx) -> CompareResult:
-    """The finished records as a `CompareResult`, training nothing: the seeds on which every row finished
-    or, while none has, the first seed with the rows it has finished (a partial report, said in its notes)."""
-    out = ctx["out"]
-    expected = ["baseline", "encodenet", *ctx["variants"], *CONTROLS]
-    records: Dict[str, Dict[int, Dict]] = {}
-    for path in sorted((out / "runs").glob("*.json")):
-        record = json.loads(path.read_text())
-        records.setdefault(record["row"], {})[record["seed"]] = record
-    seen = sorted({s for by_seed in records.values() for s in by_seed if s in ctx["args"].seeds})
-    complete = [s for s in seen if all(s in records.get(r, {}) for r in expected)]
-    seeds = complete or seen[:1]
-    rows = [r for r in expected if seeds and all(s in records.get(r, {}) for s in seeds)]
-    if "encodenet" not in rows:
-        raise SystemExit(f"{out}: the default recipe has not finished on any seed yet; nothing to report")
-    notes = [] if complete else [f"partial: seed {seeds[0]} only, {len(rows)} of {len(expected)} rows finished "
-                                 f"({', '.join(r for r in expected if r not in rows)} still to run)"]
-    return CompareResult(records={r: {s: records[r][s] for s in seeds} for r in rows},
-                         compute=json.loads((out / "compute.json").read_text()), seeds=seeds,
-                         controls=[c for c in CONTROLS if c in rows], config=records["encodenet"][seeds[0]]
-                         ["fingerprint"]["config"], notes=notes, model_fn=_model_fn(ctx["args"], ctx["num_classes"]),
-                         out_dir=out)
-
-
-def choose(result, rows: List[str]) -> str:
-    """The EncodeNet row (default or variant) with the highest mean validation accuracy; controls never."""
-    return max(rows, key=lambda r: np.mean(result.accuracy(r)))
-
-
-def test_phase(ctx, result) -> Dict:
-    """Test accuracy of the chosen row, the paper row, the default and every baseline/control row.
-
-    Each row's test accuracy was measured once, when it finished (compare's test_loader), and is read only
-    here, after the choice on validation."""
-    chosen = choose(result, [r for r in ("encodenet", *ctx["variants"]) if r in result.records])
-    out = {row: {str(s): result.records[row][s]["test_accuracy"] for s in result.seeds}
-           for row in dict.fromkeys([chosen, "paper", "encodenet", "baseline", *result.controls])
-           if row in result.records}
-    tested = {"chosen": chosen, "seeds": result.seeds, "test_accuracy": out}
-    write_json(ctx["out"] / "test.json", tested)
-    return tested
+    """The finished records as a `CompareResult` (`CompareResult.load`), training and evaluating nothing: the
+    rows finished on every seed asked for; the sealed test once all of them have (compare wrote test.json)."""
+    result = CompareResult.load(ctx["out"], seeds=ctx["args"].seeds, model_fn=_model_fn(ctx["args"], ctx["num_classes"]),
+                                described={v: VARIANTS[v][0] for v in ctx["variants"]})
+    expected = ["baseline", "encodenet", *ctx["variants"], *ctx["regime"].controls]
+    missing = [r for r in expected if r not in result.records]
+    if missing and not any(n.startswith("partial") for n in result.notes):
+        result.notes.append(f"partial: {', '.join(missing)} not run yet")
+    return result
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -284,59 +305,76 @@ def _pct(values: List[float]) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}"
 
 
-def report(ctx, result) -> Dict:
-    out = ctx["out"]
-    result.save(out)  # results.json/.md/.png of compare itself (every row, the verdict of the default)
-    tested = json.loads((out / "test.json").read_text()) if (out / "test.json").is_file() else None
-    if tested is not None and tested["seeds"] != result.seeds:
-        tested = None
+def _per_seed(values: List[float]) -> str:
+    return ", ".join(f"{100 * a:.2f}" for a in values)
+
+
+def _length_table(title: str, runs: Dict, rule: Optional[str]) -> List[str]:
+    lines = [f"## {title}", "", "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |",
+             "|---:|---:|---:|---:|"]
+    for e, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |")
+    return lines + ([""] + ([rule, ""] if rule else []))
+
+
+def report(ctx, result: CompareResult) -> Dict:
+    """results.json/.md/.png (compare's own report) and ablation.md: the baseline's convergence, every row on
+    validation (which chooses), and the sealed test of the declared rows with the verdict."""
+    out, regime = ctx["out"], ctx["regime"]
+    result.save(out)
     conv = json.loads((out / "converge.json").read_text()) if (out / "converge.json").is_file() else None
+    evid = json.loads((out / "evidence.json").read_text()) if (out / "evidence.json").is_file() else None
     X = result.compute["extra_epochs"]
     lines = [f"# Ablation: {ctx['args'].dataset} / {ctx['args'].model} / regime `{ctx['args'].regime}`", "",
              f"`python benchmarks/ablation.py {' '.join(ctx['args'].argv)}`", "",
-             f"Regime: {ctx['regime'].description}.", "",
-             f"Seeds {result.seeds}. Machine: {machine()}. Versions: {versions()}.", "",
-             *[f"**{n}.**\n" for n in result.notes]]
+             f"Regime: {regime.description}.", "",
+             f"Seeds {result.seeds}; validation trials per side: {result.trials}. Machine: {machine()}. "
+             f"Versions: {versions()}.", "", *[f"**{n}.**\n" for n in result.notes]]
     if conv is not None:
-        lines += ["## Convergence of the baseline (seed 0, from scratch)", "",
-                  "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |", "|---:|---:|---:|---:|"]
-        for e, r in sorted(conv["runs"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |")
-        lines += ["", f"Chosen E = **{conv.get('chosen')}** ({conv.get('rule')}).", ""]
-    lines += ["## Validation (chooses the recipe; the test set is not used)", "",
+        lines += _length_table("Convergence of the baseline (seed 0, from scratch)", conv["runs"],
+                               f"Chosen E = **{conv.get('chosen')}** ({conv.get('rule')}).")
+    if evid is not None:
+        lines += _length_table("Convergence evidence: from-scratch lengths beside E (seed 0)", evid["runs"], None)
+    lines += ["## Validation (chooses; the test set is not read here)", "",
               f"Extra compute in supervised epochs of FLOPs beyond the baseline. The controls get X = {X:.2f}, the "
-              f"default recipe's; a variant that costs more than X is marked †.", "",
-              "| row | what | extra epochs | val accuracy (%) | per seed | Δ vs default (paired, p) |",
-              "|---|---|---:|---|---|---|"]
+              f"default recipe's; a variant that costs more than X is marked †. Differences vs the default are "
+              f"paired over seeds (p uncorrected, shown from 3 seeds on).", "",
+              "| row | what | extra epochs | val accuracy (%) | per seed | Δ vs default |", "|---|---|---:|---|---|---|"]
     for r in result.rows:
-        extra = float(np.mean([result.records[r][s]["extra_epochs"] for s in result.seeds]))
-        what = VARIANTS[r][0] if r in VARIANTS else ("the package default EncodeNetConfig()" if r == "encodenet"
-                                                     else r)
-        d = paired_difference(result.accuracy(r), result.accuracy("encodenet")) if r != "encodenet" else None
-        delta = "" if d is None else (f"{100 * d['mean']:+.2f}" + ("" if d["p"] is None else f" (p={d['p']:.2f})"))
+        extra = result.extra_epochs(r)
+        d = paired_difference(result.accuracy(r), result.accuracy("encodenet")) if (
+            r != "encodenet" and "encodenet" in result.records) else None
+        delta = "" if d is None else (f"{100 * d['mean']:+.2f}" + (f" (p={d['p']:.3f})" if d["p"] is not None and
+                                                                      d["n"] >= 3 else ""))
         mark = " †" if extra > X * 1.05 else ""
-        lines.append(f"| {r} | {what} | {extra:.2f}{mark} | {_pct(result.accuracy(r))} | "
-                     f"{', '.join(f'{100 * a:.2f}' for a in result.accuracy(r))} | {delta} |")
-    lines += ["", f"compare's verdict for the default, on validation: {result.verdict_on('val')}", ""]
-    if tested is not None:
-        t = {r: [v[str(s)] for s in result.seeds] for r, v in tested["test_accuracy"].items()}
-        lines += ["## Test (once, after choosing on validation)", "",
-                  f"Chosen on validation: **{tested['chosen']}**. Test accuracy (%), full CIFAR-10 test set.", "",
-                  "| row | test accuracy | per seed |", "|---|---|---|"]
-        for r, acc in t.items():
-            lines.append(f"| {r} | {_pct(acc)} | {', '.join(f'{100 * a:.2f}' for a in acc)} |")
-        lines += ["", "Paired test differences (points; t-test over seeds):", "",
-                  "| comparison | mean | std | per seed | p |", "|---|---:|---:|---|---:|"]
-        for a in dict.fromkeys([tested["chosen"], "encodenet", "paper"]):
-            for b in ("baseline", *result.controls):
-                if a in t and b in t:
-                    d = paired_difference(t[a], t[b])
-                    std = "" if d["std"] is None else f"{100 * d['std']:.2f}"
-                    pval = "" if d["p"] is None else f"{d['p']:.3f}"
-                    diffs = ", ".join(f"{100 * x:+.2f}" for x in d["diffs"])
-                    lines.append(f"| {a} - {b} | {100 * d['mean']:+.2f} | {std} | {diffs} | {pval} |")
+        what = VARIANTS[r][0] if r in VARIANTS else row_what(r)
+        diverged = f" **diverged**: {result.diverged(r)}" if result.diverged(r) else ""
+        lines.append(f"| {r} | {what}{diverged} | {extra:.2f}{mark} | {_pct(result.accuracy(r))} | "
+                     f"{_per_seed(result.accuracy(r))} | {delta} |")
+    lines += ["", f"Chosen on validation: EncodeNet row **{result.chosen}**" +
+              (f"; best of {result.trials} per side: " + ", ".join(f"{k} -> {v}" for k, v in result.chosen_trials.items())
+               if result.chosen_trials else "") + ".", "",
+              f"The verdict on validation: {result.verdict_on('val')}", ""]
+    if result.has_test:
+        lines += ["## Test (read once, after the choice, for the declared rows only)", "",
+                  "| row | test accuracy (%) | per seed |", "|---|---|---|"]
+        for r in result.tests:
+            lines.append(f"| {r} | {_pct(result.accuracy(r, 'test'))} | {_per_seed(result.accuracy(r, 'test'))} |")
+        lines += ["", f"**Verdict (test):** {result.verdict}", ""]
+        for best_of in ((False, True) if result.trials > 1 and result.chosen_trials else (False,)):
+            lines += [f"Paired test differences{' (best of k against best of k)' if best_of else ''} (points):", "",
+                      "| comparison | mean | 95% CI | per seed | p (Holm) | detectable |", "|---|---:|---|---|---:|---:|"]
+            for other, d in result.comparisons("test", best_of).items():
+                ci = "" if d["ci"] is None or d["n"] < 3 else f"{100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
+                p = "" if d["p_holm"] is None else f"{d['p_holm']:.3f}"
+                det = "" if d["detectable"] is None or d["n"] < 3 else f"{100 * d['detectable']:.2f}"
+                lines.append(f"| {d['row']} - {other} | {100 * d['mean']:+.2f} | {ci} | "
+                             f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {p} | {det} |")
+            lines.append("")
+    else:
+        lines += ["## Test", "", "Not read yet: the test set is read once every row has finished on every seed.", ""]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    return {"tested": tested, "converge": conv}
+    return {"converge": conv, "evidence": evid}
 
 
 def main(argv: Optional[List[str]] = None):
@@ -346,14 +384,24 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--model", default="resnet20_cifar")
     p.add_argument("--regime", choices=sorted(REGIMES), default="converged")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--phase", choices=("converge", "validate", "test", "report", "all"), default="all")
+    p.add_argument("--phase", choices=("converge", "baselines", "evidence", "validate", "report", "all"),
+                   default="all", help="converge: choose E by rule (regimes with convergence_epochs); baselines: "
+                   "only each seed's baseline; evidence: the from-scratch lengths beside a fixed E; validate: every "
+                   "row; report: trains nothing")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/ablation-<regime>)")
     p.add_argument("--cache-dir", default=None, help="decoded cifar10-jpeg cache (default ~/.cache/encodenet_timm)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant rows (default: all)")
+    p.add_argument("--variants", default=None, help="comma-separated variant rows (default: the regime's)")
     p.add_argument("--epochs", type=int, nargs="+", default=None,
                    help="converge phase: train these lengths (default: the regime's convergence_epochs)")
+    p.add_argument("--trials", type=int, default=1, help="validation trials per side (compare's trials)")
+    p.add_argument("--checkpoint-every", type=int, default=200,
+                   help="optimizer steps between checkpoints inside a row (a stopped process loses at most these)")
+    p.add_argument("--allow-untrained-baseline", action="store_true",
+                   help="compare from a baseline near chance accuracy (the smoke regime's tiny data)")
+    p.add_argument("--controls-config", default=None, help="YAML file of ControlsConfig settings (default: its "
+                   "defaults)")
     p.add_argument("--baseline-epochs", type=int, default=None,
                    help="the baseline's E instead of converge.json's choice (the records say which E they used)")
     args = p.parse_args(argv)
@@ -361,30 +409,36 @@ def main(argv: Optional[List[str]] = None):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("encodenet_timm").setLevel(logging.WARNING)
     logging.getLogger("encodenet_timm.compare").setLevel(logging.INFO)
+    logging.getLogger("encodenet_timm.controls").setLevel(logging.INFO)
+    logging.getLogger("encodenet_timm.training").setLevel(logging.INFO)  # a line per epoch: the long runs' progress
     if args.threads:
         torch.set_num_threads(args.threads)
+    regime = REGIMES[args.regime]
+    if args.variants is None:
+        args.variants = ",".join(regime.variants if regime.variants is not None else VARIANTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     arrays = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=False)
-    regime = REGIMES[args.regime]
     out = Path(args.out_dir or Path(__file__).parent / "results" / f"ablation-{args.regime}")
     out.mkdir(parents=True, exist_ok=True)
+    controls_config = (ControlsConfig.from_yaml(args.controls_config) if args.controls_config else
+                       ControlsConfig())
     ctx = {"args": args, "regime": regime, "variants": variants, "num_classes": len(arrays.classes), "out": out,
-           "data": make_data(arrays, regime)}
+           "data": make_data(arrays, regime), "controls_config": controls_config}
     if args.phase == "converge":
         return converge(ctx)
+    if args.phase == "baselines":
+        return baselines(ctx)
+    if args.phase == "evidence":
+        return evidence(ctx)
     if args.phase in ("validate", "all"):
         if regime.convergence_epochs and args.baseline_epochs is None and not (out / "converge.json").is_file():
             converge(ctx)
         result = validate(ctx)
-    elif args.phase == "report":  # what has finished, without training anything
+    else:  # report (and test): what has finished, training nothing; the sealed test once every row has
         result = load_result(ctx)
-    else:
-        result = run_compare(ctx, args.seeds)
-    if args.phase in ("test", "all") or (args.phase == "report" and result.notes == []):
-        test_phase(ctx, result)
     return {"result": result, **report(ctx, result)}
 
 

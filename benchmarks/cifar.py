@@ -113,6 +113,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--controls", default=",".join(CONTROLS), help=f"comma-separated, from {','.join(CONTROLS)}")
+    p.add_argument("--allow-untrained-baseline", action="store_true",
+                   help="compare from a baseline near chance accuracy (the smoke profile's tiny data)")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper row")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (cuda fails without a GPU)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/<dataset>-<model>-<profile>")
@@ -166,7 +168,8 @@ def main(argv: Optional[List[str]] = None) -> CompareResult:
     variants = {} if args.no_paper else {"paper": profile_config(profile, args.device, paper=True)}
     model_fn = lambda: timm.create_model(args.model, pretrained=False, num_classes=len(d.classes))
     result = compare(model_fn, train, val, config=profile_config(profile, args.device), controls=args.controls,
-                     seeds=args.seeds, plain_loader=plain, test_loader=test, out_dir=args.out_dir, variants=variants)
+                     seeds=args.seeds, plain_loader=plain, test_loader=test, out_dir=args.out_dir, variants=variants,
+                     allow_untrained_baseline=args.allow_untrained_baseline)
     result.save(args.out_dir)
     md = Path(args.out_dir) / "results.md"
     md.write_text(f"`python benchmarks/cifar.py {' '.join(args.argv)}`\n\nProfile `{args.profile}`: "

@@ -25,7 +25,7 @@ from . import distributed
 from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, check_new_dir
 from .checks import check_writable
 from .compare import CONTROLS, compare
-from .config import EncodeNetConfig, parse_value
+from .config import ControlsConfig, EncodeNetConfig, parse_value
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .errors import EncodeNetError, Interrupted
@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=int, nargs="+", metavar="S", help="one set of rows per seed (default 0 1 2)")
     cmp.add_argument("--controls", metavar="LIST", help=f"comma-separated, any of {','.join(CONTROLS)} (default: all)")
     cmp.add_argument("--resume", action="store_true", help="continue the comparison in --out with its saved settings")
+    cmp.add_argument("--trials", type=_count(1), metavar="K",
+                     help="validation trials per side: EncodeNet's stage lrs and each restarted control's lr x 1, "
+                          "1/3, 3, ... (the first K); each side's best is chosen on validation (default 1)")
+    cmp.add_argument("--checkpoint-every", type=_count(0), metavar="N",
+                     help="also checkpoint a row every N optimizer steps (default 0: at epoch ends only); "
+                          "--resume may change it")
+    cmp.add_argument("--allow-untrained-baseline", action="store_true", default=None,
+                     help="compare from a baseline near chance accuracy instead of refusing it")
+    cmp.add_argument("--controls-config", metavar="YAML", help="ControlsConfig file: how continued, ema and kd train")
+    ctl = cmp.add_argument_group("controls' settings (ControlsConfig; values are YAML)")
+    for key, default in ControlsConfig().to_dict().items():
+        ctl.add_argument(f"--controls.{key}", dest=f"ctl:{key}", metavar="V", help=f"default: {default}")
     _add_config_options(cmp)
     cmp.set_defaults(func=_cmd_compare)
 
@@ -406,10 +418,17 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     return 0
 
 
+def _controls_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The --controls.KEY flags given, as ControlsConfig overrides (values read as YAML)."""
+    return {k[4:]: parse_value(v) for k, v in vars(args).items() if k.startswith("ctl:") and v is not None}
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     given = {k: getattr(args, k) for k in _FIT_DEFAULTS if getattr(args, k) is not None}
-    run = {"seeds": args.seeds, "controls": args.controls}
+    run = {"seeds": args.seeds, "controls": args.controls, "trials": args.trials,
+           "allow_untrained_baseline": args.allow_untrained_baseline,
+           "controls_config": _controls_overrides(args) or None}
     if args.resume:
         if not (out / COMPARE_JSON).is_file():
             raise FileNotFoundError(f"{out} has no {COMPARE_JSON}: it is not a comparison written by "
@@ -430,8 +449,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if config.baseline.epochs == 0 and not spec["pretrained"]:
             raise ValueError("compare trains the baseline from the model's random weights: set --baseline.epochs N "
                              "(or --pretrained to start every row from timm's weights)")
+        controls_config = (ControlsConfig.from_yaml(args.controls_config) if args.controls_config
+                           else ControlsConfig()).override(_controls_overrides(args))
         run = {"seeds": args.seeds or [0, 1, 2],
-               "controls": [c.strip() for c in (args.controls or ",".join(CONTROLS)).split(",") if c.strip()]}
+               "controls": [c.strip() for c in (args.controls or ",".join(CONTROLS)).split(",") if c.strip()],
+               "trials": args.trials or 1, "allow_untrained_baseline": bool(args.allow_untrained_baseline),
+               "controls_config": controls_config.to_dict()}
         unknown = [c for c in run["controls"] if c not in CONTROLS]
         if unknown:
             raise ValueError(f"unknown --controls {unknown}; choose from {','.join(CONTROLS)}")
@@ -458,7 +481,10 @@ def _compare(args: argparse.Namespace, out: Path, spec: Dict[str, Any], run: Dic
                            pin_memory=torch.cuda.is_available())
     result = compare(lambda: _create_model(spec, pretrained=spec["pretrained"]), loaders["train"], loaders["val"],
                      config=config, controls=run["controls"], seeds=run["seeds"], plain_loader=loaders["plain"],
-                     test_loader=loaders["test"], out_dir=out)
+                     test_loader=loaders["test"], out_dir=out, trials=run.get("trials", 1),
+                     controls_config=ControlsConfig.from_dict(run.get("controls_config") or {}),
+                     allow_untrained_baseline=run.get("allow_untrained_baseline", False),
+                     checkpoint_every=args.checkpoint_every or 0)
     result.save(out)
     print(result.table())
     print()
@@ -617,7 +643,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"encodenet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"encodenet {args.command}: interrupted", file=sys.stderr)
+        again = f"; continue with: encodenet {args.command} --out {args.out} --resume" if args.command in (
+            "fit", "compare") else ""
+        print(f"encodenet {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("ENCODENET_TRACEBACK"):

@@ -1,6 +1,7 @@
 """Will EncodeNet help *this* model? The recipe against same-size controls at equal extra compute.
 
-    result = compare(lambda: timm.create_model("resnet20_cifar", num_classes=10), train_loader, val_loader)
+    result = compare(lambda: timm.create_model("resnet20_cifar", num_classes=10), train_loader, val_loader,
+                     test_loader=test_loader, seeds=(0, 1, 2))
     print(result.table()); print(result.verdict)
     model = result.model()            # the best row's weights as a plain timm model
 
@@ -9,26 +10,24 @@ Rows, per seed (each a model of the baseline's architecture and size):
 * ``baseline``: trained here when ``config.baseline.epochs > 0``; otherwise the model `model_fn` returns
   *is* the trained baseline and the seeds vary only what comes after it.
 * ``encodenet``: `EncodeNetWrapper.fit` from the baseline with `config` (and one row per entry of `variants`).
-* the controls, each given the recipe's extra compute X (its FLOPs counted with `FlopCounterMode` on the
-  real stage code, in supervised epochs; `count_compute`):
+* the controls (`encodenet_timm.controls`), each given the recipe's extra compute X (its FLOPs counted
+  with `FlopCounterMode` on the real stage code, in supervised epochs; `count_compute`): ``continued``,
+  ``ema``, ``kd`` (restarted from the baseline with `ControlsConfig`'s schedule) and ``equal`` (from
+  scratch, baseline + X epochs; only when the baseline is trained here).
 
-  - ``continued``: the baseline trained on for X epochs with the fine-tune schedule (``config.finetune``);
-  - ``ema``: the weight average (timm `ModelEmaV3`) of that same run, evaluated at the end;
-  - ``kd``: timm's `LogitDistillationTask`, teacher = the baseline, student = a copy of it, X epochs' FLOPs;
-  - ``equal``: from scratch, one schedule of ``baseline.epochs`` + X epochs (only when the baseline is
-    trained here).
-
-A control's budget is exact to the image, not rounded to whole epochs: it runs ``ceil(budget)`` epochs of
-``round(budget * N / ceil(budget))`` images each (a seeded `RandomSampler`), one schedule.
-Validation picks nothing inside a row: every row is evaluated once at its end on `val_loader` (and
-`test_loader`), and `CompareResult.best` is the row with the highest mean validation accuracy.
+An equal tuning budget: with ``trials=k`` EncodeNet gets k settings (every stage's lr x 1, 1/3, 3, ...) and
+so does each of continued, ema and kd (its lr x the same factors); each side's best is chosen on validation.
+Validation chooses everything; the test set is evaluated once, after the choice, and only for the rows
+declared before it (`result.declared_rows`); it is written to ``test.json`` apart from the runs.
+A row whose training diverges (`controls.divergence`) is marked and left out of the verdict. A baseline
+that looks untrained (validation accuracy near chance) is refused unless ``allow_untrained_baseline``.
 """
 import dataclasses
 import json
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -38,57 +37,33 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from timm.task import ClassificationTask, LogitDistillationTask
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import distributed
 from .checks import check_batch, check_data, check_loader
-from .config import EncodeNetConfig, StageConfig
-from .env import machine, versions
-from .errors import RunDirInUseError
-from .files import DirLock, write_atomic, write_json
+from .config import ControlsConfig, EncodeNetConfig
+from .controls import RowCheckpoints, budget_loader, divergence, non_finite, train_row
+from .env import precision
+from .errors import NonFiniteLossError, RunDirInUseError
+from .files import DirLock, read_json, write_atomic, write_json
 from .loaders import readable
+from .result import (CONTROLS, TRIAL_FACTORS, CompareResult, _choose_on_val, base_row, declared_rows, record_path,
+                     trial_name, weights_path)
 from .split import check_timm_classifier
-from .training import LoopOptions, evaluate, resolve_device, seed_everything, train_stage
+from .stats import paired_difference
+from .stopping import StopSignals
+from .training import LoopOptions, evaluate, resolve_device, seed_everything
 from .wrapper import EncodeNetWrapper
 
-__all__ = ["compare", "count_compute", "paired_difference", "CompareResult", "CONTROLS"]
+__all__ = ["compare", "count_compute", "paired_difference", "CompareResult", "CONTROLS", "UNTRAINED_MARGIN"]
 
 _logger = logging.getLogger(__name__)
 
-CONTROLS = ("continued", "kd", "ema", "equal")
-_CONTROL_WHAT = {
-    "baseline": "the baseline (starting point of every row but equal)",
-    "encodenet": "EncodeNet with the given config",
-    "continued": "baseline trained X more epochs (fine-tune schedule)",
-    "ema": "weight average (ModelEmaV3) of the continued run",
-    "kd": "timm LogitDistillationTask, teacher = baseline, X epochs of FLOPs",
-    "equal": "from scratch, one schedule of baseline + X epochs",
-}
 # offsets from the row's seed for the controls' random streams (EncodeNet's stages use 0..4)
 _SEED_OFFSET = {"continued": 10, "kd": 11, "equal": 12}
-_ALPHA = 0.05  # significance level of the verdict's paired t-test
-
-
-# ---- statistics -------------------------------------------------------------------------------------------
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> Dict[str, Any]:
-    """Paired comparison a - b over seeds: per-seed diffs, mean, std, t statistic, two-sided p-value.
-
-    ``t`` and ``p`` are None with fewer than 2 pairs or identical differences (no variance to test).
-    """
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    out = {"n": int(len(d)), "diffs": d.tolist(), "mean": float(d.mean()) if len(d) else None,
-           "std": float(d.std(ddof=1)) if len(d) > 1 else None, "t": None, "p": None}
-    if len(d) >= 2 and out["std"] > 0:
-        from scipy import stats
-        out["t"] = float(d.mean() / (out["std"] / math.sqrt(len(d))))
-        out["p"] = float(2 * stats.t.sf(abs(out["t"]), len(d) - 1))
-    return out
-
-
-def _mean_std(values: Sequence[float]) -> Dict[str, float]:
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+UNTRAINED_MARGIN = 0.05  # a baseline within this much of chance accuracy (1 / num_classes) is refused
+_RUNTIME_KEYS = ("seed", "device", "progress")  # config keys that do not change what a row computes
 
 
 # ---- compute ---------------------------------------------------------------------------------------------
@@ -120,6 +95,30 @@ def count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: DataL
         ``{"train_step", "kd_step", "per_image_per_epoch": {features, autoencoder, transfer, finetune},
         "extra_epochs", "note"}``; FLOPs are per image. k-means and evaluation passes are not counted.
     """
+    with _quiet():  # a count, not a training run: the stages' own logging stays out of the way
+        return _count_compute(model, config, train_loader, kd_temperature=kd_temperature,
+                              kd_task_loss_weight=kd_task_loss_weight)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The package's INFO logging held back (warnings still show) while FLOPs are counted, also from its
+    loggers that were given their own level."""
+    names = ["encodenet_timm"] + [n for n in logging.root.manager.loggerDict if n.startswith("encodenet_timm.")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg, level in zip(loggers, levels):
+        if lg is loggers[0] or level:  # NOTSET children follow the package logger
+            lg.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: DataLoader, *,
+                   kd_temperature: float, kd_task_loss_weight: float) -> Dict[str, Any]:
     loader = _counting_loader(train_loader, model.num_classes)
     x, y = next(iter(loader))
     n = len(x)
@@ -148,217 +147,80 @@ def count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: DataL
                     "not counted"}
 
 
-def _budget_loader(like: DataLoader, images: float, seed: int) -> Tuple[DataLoader, int]:
-    """A loader over ``like.dataset`` that sees `images` images in ``ceil(images / N)`` epochs (an equal
-    share each, drawn without replacement within an epoch by a seeded `RandomSampler`); and that epoch count."""
-    n = len(like.dataset)
-    epochs = max(1, math.ceil(images / n - 1e-9))
-    per_epoch = max(1, int(round(images / epochs)))
-    sampler = RandomSampler(like.dataset, num_samples=per_epoch, generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(like.dataset, batch_size=like.batch_size or 1, sampler=sampler, num_workers=like.num_workers,
-                        collate_fn=like.collate_fn, pin_memory=like.pin_memory, drop_last=like.drop_last,
-                        persistent_workers=like.persistent_workers and like.num_workers > 0)
-    return loader, epochs
+# ---- what each row depends on --------------------------------------------------------------------------
+def _recipe(config_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """An EncodeNet row's settings: its config without the runtime keys and the baseline's section."""
+    return {k: v for k, v in config_dict.items() if k not in (*_RUNTIME_KEYS, "baseline")}
 
 
-# ---- result ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class CompareResult:
-    """Every row's accuracy per seed, the compute it got, and the paired verdict against each control.
-
-    Attributes:
-        records: row -> seed -> record (val_accuracy, test_accuracy, extra_epochs, seconds, history, ...).
-        compute: `count_compute`'s figures for the recipe (and ``variants``: the same per variant row).
-        seeds: the seeds every row finished.
-        notes: what was left out and why (e.g. ``equal`` when the baseline came trained).
-    """
-    records: Dict[str, Dict[int, Dict[str, Any]]]
-    compute: Dict[str, Any]
-    seeds: List[int]
-    controls: List[str]
-    config: Dict[str, Any]
-    notes: List[str]
-    model_fn: Optional[Callable[[], nn.Module]] = dataclasses.field(default=None, repr=False)
-    out_dir: Optional[Path] = None
-    _weights: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
-
-    @property
-    def rows(self) -> List[str]:
-        return list(self.records)
-
-    @property
-    def has_test(self) -> bool:
-        return all(self.records[r][s].get("test_accuracy") is not None for r in self.rows for s in self.seeds)
-
-    def accuracy(self, row: str, split: str = "val") -> List[float]:
-        """The row's accuracy per seed on ``"val"`` or ``"test"``."""
-        return [self.records[row][s][f"{split}_accuracy"] for s in self.seeds]
-
-    @property
-    def best(self) -> str:
-        """The row with the highest mean validation accuracy."""
-        return max(self.rows, key=lambda r: np.mean(self.accuracy(r)))
-
-    def _split(self, split: Optional[str]) -> str:
-        if split is None:
-            return "test" if self.has_test else "val"
-        if split not in ("val", "test") or (split == "test" and not self.has_test):
-            raise ValueError(f"split must be 'val' or 'test' (test only when compare got a test_loader), got {split!r}")
-        return split
-
-    def deltas(self, split: Optional[str] = None, row: str = "encodenet") -> Dict[str, Dict[str, Any]]:
-        """`row` - every other baseline/control row, paired over seeds (`paired_difference`), on `split`
-        (default: test when compare got a test_loader, else validation)."""
-        split = self._split(split)
-        mine = self.accuracy(row, split)
-        return {other: paired_difference(mine, self.accuracy(other, split))
-                for other in ("baseline", *self.controls) if other in self.records and other != row}
-
-    @property
-    def verdict(self) -> str:
-        """One plain sentence: beats / ties / loses to each row (mean paired difference in points, p), on
-        test accuracy when compare got a test_loader, else on validation."""
-        return self.verdict_on(None)
-
-    def verdict_on(self, split: Optional[str]) -> str:
-        """`verdict` on ``"val"`` or ``"test"`` accuracy."""
-        split = self._split(split)
-        parts = []
-        for other, d in self.deltas(split).items():
-            mean, p = 100 * d["mean"], d["p"]
-            if p is None:
-                word = "above" if mean > 0 else "below" if mean < 0 else "equal to"
-                parts.append(f"{word} {other} ({mean:+.2f}, {d['n']} seed{'s' * (d['n'] != 1)}: no test)")
-            else:
-                word = "beats" if p < _ALPHA and mean > 0 else "loses to" if p < _ALPHA else "ties"
-                parts.append(f"{word} {other} ({mean:+.2f}, p={p:.2f})")
-        best = self.best
-        same_size = "" if best == "encodenet" else f"; the most accurate same-size model here is {best!r}"
-        n = len(self.seeds)
-        how = f"{n} seeds, paired t-test" if n > 1 else "1 seed: differences of a point or two can be noise"
-        return f"EncodeNet {'; '.join(parts)} [{split} accuracy, points, {how}]{same_size}"
-
-    def table(self) -> str:
-        """A Markdown table: per row, what it is, extra compute (supervised epochs), accuracy mean ± std."""
-        test = self.has_test
-        head = "| row | what | extra epochs | val accuracy (%) |" + (" test accuracy (%) |" if test else "")
-        lines = [head, "|---|---|---:|---|" + ("---|" if test else "")]
-        for r in self.rows:
-            extra = np.mean([self.records[r][s]["extra_epochs"] for s in self.seeds])
-            cells = [r, _CONTROL_WHAT.get(r, "EncodeNet variant"), f"{extra:.2f}", _pct(self.accuracy(r))]
-            if test:
-                cells.append(_pct(self.accuracy(r, "test")))
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-    def model(self, row: Optional[str] = None, seed: Optional[int] = None) -> nn.Module:
-        """That row's trained model (default: `best`, first seed) as a plain timm model, on CPU, eval mode."""
-        row = row or self.best
-        seed = self.seeds[0] if seed is None else seed
-        if row not in self.records or seed not in self.records[row]:
-            raise ValueError(f"no trained model for row {row!r} seed {seed}; rows: {self.rows}, seeds: {self.seeds}")
-        if self.model_fn is None:
-            raise ValueError("this result was loaded without a model_fn; pass one to CompareResult.load")
-        state = self._weights.get((row, seed))
-        if state is None:
-            path = None if self.out_dir is None else _weights_path(self.out_dir, row, seed)
-            if path is None or not path.is_file():
-                raise ValueError(f"the weights of {row!r} seed {seed} were not kept ({path or 'no out_dir'})")
-            state = load_file(str(path))
-        seed_everything(seed)
-        model = deepcopy(self.model_fn())
-        model.load_state_dict(state)
-        return model.cpu().eval()
-
-    def to_dict(self) -> Dict[str, Any]:
-        split = self._split(None)
-        return {"rows": {r: {"what": _CONTROL_WHAT.get(r, "EncodeNet variant"),
-                             "val": {**_mean_std(self.accuracy(r)), "per_seed": self.accuracy(r)},
-                             "test": ({**_mean_std(self.accuracy(r, "test")), "per_seed": self.accuracy(r, "test")}
-                                      if self.has_test else None),
-                             "extra_epochs": float(np.mean([self.records[r][s]["extra_epochs"] for s in self.seeds]))}
-                         for r in self.rows},
-                "deltas": {"split": split, **self.deltas(split)}, "verdict": self.verdict, "best": self.best,
-                "seeds": self.seeds, "controls": self.controls, "compute": self.compute, "config": self.config,
-                "notes": self.notes, "versions": versions(), "machine": machine(),
-                "records": {r: {str(s): v for s, v in by_seed.items()} for r, by_seed in self.records.items()}}
-
-    def save(self, directory: Union[str, Path]) -> Path:
-        """Write results.json (every number, config, versions, machine), results.md and accuracy_vs_compute.png."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        data = self.to_dict()
-        write_json(directory / "results.json", data)
-        write_atomic(directory / "results.md", lambda p: p.write_text(self.markdown()))
-        self.plot(directory / "accuracy_vs_compute.png")
-        return directory
-
-    def markdown(self) -> str:
-        split = self._split(None)
-        lines = ["# EncodeNet against same-size controls at equal extra compute", "",
-                 f"Seeds {self.seeds}. X = {self.compute['extra_epochs']:.2f} supervised epochs of FLOPs (the "
-                 f"recipe's extra compute; {self.compute['note']}).", "", self.table(), "",
-                 f"**Verdict:** {self.verdict}", "", f"Paired differences ({split} accuracy, points):", "",
-                 "| comparison | mean | std | per seed | p |", "|---|---:|---:|---|---:|"]
-        for other, d in self.deltas(split).items():
-            std = "" if d["std"] is None else f"{100 * d['std']:.2f}"
-            p = "" if d["p"] is None else f"{d['p']:.3f}"
-            lines.append(f"| encodenet - {other} | {100 * d['mean']:+.2f} | {std} | "
-                         f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {p} |")
-        lines += [""] + [f"- {n}" for n in self.notes]
-        return "\n".join(lines) + "\n"
-
-    def plot(self, path: Union[str, Path]) -> None:
-        """Validation accuracy against extra compute, mean ± std over seeds, one point per row."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in self.rows:
-            acc = 100 * np.asarray(self.accuracy(r))
-            extra = float(np.mean([self.records[r][s]["extra_epochs"] for s in self.seeds]))
-            control = r in CONTROLS or r == "baseline"
-            ax.errorbar(extra, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt="s" if control else "o",
-                        color="tab:gray" if control else "tab:blue", capsize=3)
-            ax.annotate(r, (extra, acc.mean()), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel("extra compute beyond the baseline (supervised epochs of FLOPs)")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title(f"EncodeNet vs same-size controls (mean ± std, {len(self.seeds)} seeds)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+def _settled(config_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """`config_dict` read back through `EncodeNetConfig`: a key added since a record was written counts at its
+    default, so committed records stay valid; a key since removed is kept as it is (it then differs)."""
+    try:
+        return EncodeNetConfig.from_dict(config_dict).to_dict()
+    except (ValueError, TypeError):
+        return config_dict
 
 
-def _pct(values: Sequence[float]) -> str:
-    v = 100 * np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+def _row_fingerprint(common: Dict[str, Any], row: str, *, config: EncodeNetConfig,
+                     recipe: Optional[EncodeNetConfig] = None, controls: Optional[ControlsConfig] = None,
+                     X: Optional[float] = None) -> Dict[str, Any]:
+    """What the row's result depends on besides its seed: the model, the data's sizes, the precision and
+    memory format, the baseline's schedule, and the row's own settings (recipe / controls, lr factor, X)."""
+    fp = {**common, "baseline": _settled(config.to_dict())["baseline"], "row": base_row(row)[0]}
+    kind, trial = base_row(row)
+    if kind == "baseline":
+        return fp
+    if recipe is not None:
+        return {**fp, "row": "encodenet", "recipe": _recipe(_settled(recipe.to_dict()))}
+    if kind == "equal":
+        return {**fp, "X": X}
+    return {**fp, "row": "continued" if kind == "ema" else kind, "controls": controls.to_dict(),
+            "lr_factor": TRIAL_FACTORS[trial], "X": X}
 
 
-def _weights_path(out_dir: Path, row: str, seed: int) -> Path:
-    return out_dir / "weights" / f"{row}-seed{seed}.safetensors"
-
-
-def _record_path(out_dir: Path, row: str, seed: int) -> Path:
-    return out_dir / "runs" / f"{row}-seed{seed}.json"
+def _projected(fingerprint: Any, row: str) -> Any:
+    """A record's fingerprint as `_row_fingerprint` writes it. Records written before per-row fingerprints
+    held the whole comparison's settings; their part that the row depends on is read out of them
+    (their controls had no `ControlsConfig`, so old control rows never match and train again)."""
+    if not isinstance(fingerprint, dict) or "config" not in fingerprint:
+        return fingerprint
+    config = _settled(fingerprint["config"])
+    data = fingerprint.get("data") or {}
+    fp = {"model": fingerprint.get("model"), "params": fingerprint.get("params"),
+          "num_classes": fingerprint.get("num_classes"), "data": {"train": data.get("train"), "val": data.get("val")},
+          "precision": "fp32",  # compare autocast on CUDA only then; these rows ran on CPU
+          "channels_last": config.get("channels_last"), "baseline": config.get("baseline"), "row": base_row(row)[0]}
+    kind = base_row(row)[0]
+    if kind == "baseline":
+        return fp
+    if kind == "encodenet" or kind in (fingerprint.get("variants") or {}):
+        source = config if kind == "encodenet" else _settled(fingerprint["variants"][kind])
+        return {**fp, "row": "encodenet", "recipe": _recipe(source)}
+    if kind == "equal":  # from scratch on the baseline's schedule: it never read the controls' settings
+        return {**fp, "X": fingerprint.get("X")}
+    return {**fp, "legacy_controls": [fingerprint.get("kd"), fingerprint.get("ema_decay")]}
 
 
 # ---- rows ------------------------------------------------------------------------------------------------
 class _Rows:
-    """Trains one (row, seed) at a time; each finished one is written to `out_dir` (or kept in memory)."""
+    """Trains one (row, seed) at a time; each finished one is written to `out_dir` (or kept in memory).
+    With `out_dir` a row in progress keeps checkpoints in ``out_dir/checkpoints/<row>-seed<k>``."""
 
-    def __init__(self, model_fn, train_loader, val_loader, config: EncodeNetConfig, *, plain_loader, test_loader,
-                 out_dir: Optional[Path], compute: Dict[str, Any], kd_temperature: float,
-                 kd_task_loss_weight: float, ema_decay: float, fingerprint: Dict[str, Any]):
-        self.model_fn, self.train, self.val, self.plain, self.test = (model_fn, train_loader, val_loader,
-                                                                     plain_loader, test_loader)
-        self.config, self.out_dir, self.compute, self.fingerprint = config, out_dir, compute, fingerprint
-        self.kd = dict(temperature=kd_temperature, task_loss_weight=kd_task_loss_weight)
-        self.ema_decay = ema_decay
+    def __init__(self, model_fn, train_loader, val_loader, config: EncodeNetConfig, controls: ControlsConfig, *,
+                 plain_loader, out_dir: Optional[Path], compute: Dict[str, Any], common: Dict[str, Any],
+                 recipes: Dict[str, EncodeNetConfig], checkpoint_every: int, stop: Optional[StopSignals] = None):
+        self.model_fn, self.train, self.val, self.plain = model_fn, train_loader, val_loader, plain_loader
+        self.config, self.controls, self.out_dir, self.compute = config, controls, out_dir, compute
+        self.common, self.recipes, self.checkpoint_every, self.stop = common, recipes, checkpoint_every, stop
         self.device = resolve_device(config.device)
         self.n = len(train_loader.dataset)
         self.weights: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
         self.records: Dict[str, Dict[int, Dict[str, Any]]] = {}
+
+    def fingerprint(self, row: str) -> Dict[str, Any]:
+        return _row_fingerprint(self.common, row, config=self.config, recipe=self.recipes.get(row),
+                                controls=self.controls, X=self.compute["extra_epochs"])
 
     # -- storage
     def done(self, row: str, seed: int) -> bool:
@@ -366,42 +228,46 @@ class _Rows:
             return True
         if self.out_dir is None:
             return False
-        path = _record_path(self.out_dir, row, seed)
+        path = record_path(self.out_dir, row, seed)
         if not path.is_file():  # its weights may be absent (not committed): rows that start from it say so
             return False
-        record = json.loads(path.read_text())
-        if _settled(record.get("fingerprint")) != _settled(self.fingerprint):
-            raise ValueError(f"{path} was made with other settings (model, data, config or controls); use another "
-                             f"out_dir, or delete {self.out_dir} to start again")
+        record = read_json(path)
+        if _projected(record.get("fingerprint"), row) != self.fingerprint(row):
+            raise ValueError(f"{path} was made with other settings (model, data, precision, the baseline's schedule "
+                             f"or the row's own); use another out_dir, or delete that record (and "
+                             f"{self.out_dir / 'checkpoints'}) to train the row again")
         self.records.setdefault(row, {})[seed] = record
         return True
 
+    def checkpoints(self, row: str, seed: int) -> RowCheckpoints:
+        directory = None if self.out_dir is None else self.out_dir / "checkpoints" / f"{row}-seed{seed}"
+        return RowCheckpoints(directory, row, self.fingerprint(row))
+
     def _finish(self, row: str, seed: int, model: nn.Module, record: Dict[str, Any]) -> None:
-        model_metrics = evaluate(model, self.val, self.device, channels_last=self.config.channels_last)
-        record = {"row": row, "seed": seed, "val_accuracy": model_metrics["accuracy"], "val_loss": model_metrics["loss"],
-                  "test_accuracy": None, **record}
-        if self.test is not None:
-            record["test_accuracy"] = evaluate(model, self.test, self.device,
-                                               channels_last=self.config.channels_last)["accuracy"]
+        """Evaluate on validation (never test: see `test_rows`), write the record and the weights."""
+        metrics = evaluate(model, self.val, self.device, channels_last=self.config.channels_last, amp=self.config.amp)
+        record = {"row": row, "seed": seed, "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
+                  "precision": precision(self.device, self.config.amp), "diverged": None, **record}
         state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
         if self.out_dir is not None:
-            record["fingerprint"] = self.fingerprint
-            write_atomic(_weights_path(self.out_dir, row, seed), lambda p: save_file(state, str(p)))
-            write_json(_record_path(self.out_dir, row, seed), record)
+            record["fingerprint"] = self.fingerprint(row)
+            write_atomic(weights_path(self.out_dir, row, seed), lambda p: save_file(state, str(p)))
+            write_json(record_path(self.out_dir, row, seed), record)
+            self.checkpoints(row, seed).remove()
         else:
             self.weights[(row, seed)] = state
         self.records.setdefault(row, {})[seed] = record
-        _logger.info("compare: %s seed %d: val %.4f%s (extra %.2f epochs, %.0f s)", row, seed, record["val_accuracy"],
-                     "" if record["test_accuracy"] is None else f", test {record['test_accuracy']:.4f}",
-                     record["extra_epochs"], record["seconds"])
+        _logger.info("compare: %s seed %d: val %.4f (extra %.2f epochs, %.0f s)%s", row, seed, record["val_accuracy"],
+                     record["extra_epochs"], record["seconds"],
+                     f"; DIVERGED: {record['diverged']}" if record["diverged"] else "")
 
     def load(self, row: str, seed: int) -> nn.Module:
         """A fresh model holding `row`'s finished weights for `seed`, on the device."""
         state = self.weights.get((row, seed))
         if state is None:
-            path = _weights_path(self.out_dir, row, seed)
+            path = weights_path(self.out_dir, row, seed)
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing but {_record_path(self.out_dir, row, seed)} says the row "
+                raise FileNotFoundError(f"{path} is missing but {record_path(self.out_dir, row, seed)} says the row "
                                         f"finished; delete that record to train the row again")
             state = load_file(str(path))
         model = self.fresh(seed)
@@ -422,62 +288,107 @@ class _Rows:
         in_chans = getattr(model, "in_chans", None) or self.train.dataset[0][0].shape[0]
         return lambda x, y: check_batch(x, y, num_classes=model.num_classes, in_chans=in_chans)
 
-    def _train(self, task, model: nn.Module, cfg: StageConfig, images: float, stage: str, seed: int):
-        loader, epochs = _budget_loader(self.train, images, seed)
+    def _train(self, task, model: nn.Module, cfg, images: float, row: str, seed: int, modules=None):
+        """`images` images of training (exact, see `budget_loader`) under `cfg`, on the row's own random stream
+        (`_SEED_OFFSET`): (history, images trained, why it diverged or None)."""
+        kind = base_row(row)[0]
+        stream = seed + _SEED_OFFSET["continued" if kind == "ema" else kind]
+        loader, epochs = budget_loader(self.train, images, stream)
         c = self.config
-        seed_everything(seed)
+        seed_everything(stream)
         options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
                               compile=c.compile)
-        hist = train_stage(task, loader, dataclasses.replace(cfg, epochs=epochs), stage=stage, options=options,
-                           check=self._check(model), seed=seed)
-        return hist, epochs * len(loader.sampler)
+        try:
+            hist = train_row(task, loader, dataclasses.replace(cfg, epochs=epochs), row=row, seed=stream,
+                             options=options, check=self._check(model), checkpoints=self.checkpoints(row, seed),
+                             checkpoint_every=self.checkpoint_every, modules=modules, stop=self.stop)
+            bad = None
+        except NonFiniteLossError as e:  # recorded as diverged, with the weights of its last finite step
+            hist, bad = [], non_finite(e)
+        return hist, epochs * len(loader.sampler), bad
+
+    def _start(self, seed: int, same_loss: bool) -> Dict[str, Optional[float]]:
+        """Where a row that continues the baseline starts: its last epoch's training accuracy and, when the
+        row trains the same loss (`same_loss`), its training loss (`controls.divergence`)."""
+        hist = self.records["baseline"][seed].get("history") or []
+        last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
+        return {"start_accuracy": last.get("accuracy"), "start_loss": last.get("loss") if same_loss else None}
 
     # -- the rows
     def baseline(self, seed: int) -> None:
         start = time.perf_counter()
-        wrapper = EncodeNetWrapper(self.fresh(seed), self.config.override({"seed": seed}), copy=False)
-        hist = wrapper.fit_baseline(self.train) if self.config.baseline.epochs > 0 else []
-        self._finish("baseline", seed, wrapper.model, {"extra_epochs": 0.0, "history": hist,
-                                                       "seconds": time.perf_counter() - start})
+        model = self._prepare(self.fresh(seed))
+        hist, bad = [], None
+        if self.config.baseline.epochs > 0:  # as EncodeNetWrapper.fit_baseline trains it: task, seed, weights
+            seed_everything(seed)
+            model.requires_grad_(True)
+            task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.config.baseline.smoothing),
+                                      device=self.device, verbose=False)
+            options = LoopOptions(self.device, amp=self.config.amp, channels_last=self.config.channels_last,
+                                  progress=self.config.progress, compile=self.config.compile)
+            try:
+                hist = train_row(task, self.train, self.config.baseline, row="baseline", seed=seed, options=options,
+                                 check=self._check(model), checkpoints=self.checkpoints("baseline", seed),
+                                 checkpoint_every=self.checkpoint_every, stop=self.stop)
+            except NonFiniteLossError as e:
+                bad = non_finite(e)
+            bad = bad or divergence(hist, images=len(self.train.dataset))
+        self._finish("baseline", seed, model, {"extra_epochs": 0.0, "history": hist, "diverged": bad,
+                                               "seconds": time.perf_counter() - start})
 
-    def encodenet(self, row: str, seed: int, config: EncodeNetConfig, extra_epochs: float) -> None:
+    def encodenet(self, row: str, seed: int) -> None:
         start = time.perf_counter()
-        cfg = config.override({"seed": seed, "baseline.epochs": 0})
+        cfg = self.recipes[row].override({"seed": seed, "baseline.epochs": 0})
         wrapper = EncodeNetWrapper(self.load("baseline", seed), cfg, copy=False)
-        hist = wrapper.fit(self.train, plain_loader=self.plain)
+        run_dir = None if self.out_dir is None else self.checkpoints(row, seed).dir.path
+        bad = None
+        try:
+            hist = wrapper.fit(self.train, plain_loader=self.plain, run_dir=run_dir,
+                               resume=run_dir is not None and (run_dir / "run.json").is_file(),
+                               checkpoint_every=self.checkpoint_every if run_dir is not None else 0)
+        except NonFiniteLossError as e:
+            hist, bad = {}, non_finite(e)
         hist = {k: v for k, v in hist.items() if isinstance(v, list)}
-        self._finish(row, seed, wrapper.model, {"extra_epochs": extra_epochs, "history": hist,
+        bad = bad or next(filter(None, (divergence(hist.get(s, []), images=self.n) for s in ("transfer", "finetune"))),
+                          None)
+        extra = self.compute["variants"].get(row, self.compute["extra_epochs"])
+        self._finish(row, seed, wrapper.model, {"extra_epochs": extra, "history": hist, "diverged": bad,
                                                 "seconds": time.perf_counter() - start})
 
-    def continued(self, seed: int, rows: Sequence[str]) -> None:
-        """The baseline trained on for X epochs; `rows` says which of "continued" and "ema" to record."""
+    def continued(self, seed: int, trial: int, rows: Sequence[str]) -> None:
+        """The baseline trained on for X epochs; `rows` says which of continued and ema (trial names) to record."""
         start = time.perf_counter()
         model = self._prepare(self.load("baseline", seed))
-        task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.config.finetune.smoothing),
+        task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.controls.smoothing),
                                   device=self.device, verbose=False)
-        if "ema" in rows:  # warm-up decay: the average spans about the last fifth of a short run
-            task.setup_ema(decay=self.ema_decay, use_warmup=True, warmup_power=0.75, device=self.device)
-        X = self.compute["extra_epochs"]
-        hist, images = self._train(task, model, self.config.finetune, X * self.n, "continued",
-                                   seed + _SEED_OFFSET["continued"])
-        seconds = time.perf_counter() - start
-        if "continued" in rows:
-            self._finish("continued", seed, model, {"extra_epochs": images / self.n, "history": hist,
-                                                    "seconds": seconds})
-        if "ema" in rows:
-            ema = task.get_trainable_module(ema=True).module
-            self._finish("ema", seed, ema, {"extra_epochs": images / self.n, "history": hist, "seconds": seconds})
+        task.setup_ema(decay=self.controls.ema_decay, use_warmup=True, warmup_power=0.75, device=self.device)
+        ema = task.get_trainable_module(ema=True)
+        name = trial_name("continued", trial)
+        hist, images, bad = self._train(task, model, self.controls.stage(1, TRIAL_FACTORS[trial]),
+                                        self.compute["extra_epochs"] * self.n, name, seed,
+                                        modules={"model": model, "ema": ema})
+        same_loss = self.controls.smoothing == self.config.baseline.smoothing
+        bad = bad or divergence(hist, images=images // max(len(hist), 1), **self._start(seed, same_loss))
+        record = {"extra_epochs": images / self.n, "history": hist, "diverged": bad,
+                  "seconds": time.perf_counter() - start}
+        if name in rows:
+            self._finish(name, seed, model, dict(record))
+        if trial_name("ema", trial) in rows:
+            self._finish(trial_name("ema", trial), seed, ema.module, dict(record))
 
-    def kd_row(self, seed: int) -> None:
+    def kd(self, seed: int, trial: int) -> None:
         start = time.perf_counter()
         teacher = self._prepare(self.load("baseline", seed)).eval().requires_grad_(False)
         student = self._prepare(self.load("baseline", seed))
-        task = LogitDistillationTask(student, teacher_model=teacher, device=self.device, verbose=False, **self.kd)
-        c = self.compute
-        ratio = c["kd_step"] / c["train_step"]  # one kd image costs this many supervised images
-        hist, images = self._train(task, student, self.config.finetune, c["extra_epochs"] * self.n / ratio, "kd",
-                                   seed + _SEED_OFFSET["kd"])
-        self._finish("kd", seed, student, {"extra_epochs": images * ratio / self.n, "history": hist,
+        c = self.controls
+        task = LogitDistillationTask(student, teacher_model=teacher, device=self.device, verbose=False,
+                                     temperature=c.kd_temperature, task_loss_weight=c.kd_task_loss_weight)
+        ratio = self.compute["kd_step"] / self.compute["train_step"]  # one kd image costs this many supervised ones
+        name = trial_name("kd", trial)
+        hist, images, bad = self._train(task, student, c.stage(1, TRIAL_FACTORS[trial]),
+                                        self.compute["extra_epochs"] * self.n / ratio, name, seed)
+        bad = bad or divergence(hist, images=images // max(len(hist), 1), **self._start(seed, same_loss=False))
+        self._finish(name, seed, student, {"extra_epochs": images * ratio / self.n, "history": hist, "diverged": bad,
                                            "seconds": time.perf_counter() - start})
 
     def equal(self, seed: int) -> None:
@@ -486,31 +397,11 @@ class _Rows:
         task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.config.baseline.smoothing),
                                   device=self.device, verbose=False)
         E = self.config.baseline.epochs
-        hist, images = self._train(task, model, self.config.baseline, (E + self.compute["extra_epochs"]) * self.n,
-                                   "equal", seed + _SEED_OFFSET["equal"])
-        self._finish("equal", seed, model, {"extra_epochs": images / self.n - E, "history": hist,
+        hist, images, bad = self._train(task, model, self.config.baseline, (E + self.compute["extra_epochs"]) * self.n,
+                                        "equal", seed)
+        bad = bad or divergence(hist, images=images // max(len(hist), 1))
+        self._finish("equal", seed, model, {"extra_epochs": images / self.n - E, "history": hist, "diverged": bad,
                                             "seconds": time.perf_counter() - start})
-
-
-def _fingerprint(model: nn.Module, config: EncodeNetConfig, variants: Mapping[str, EncodeNetConfig],
-                 loaders: Dict[str, Optional[DataLoader]], extra: Dict[str, Any]) -> Dict[str, Any]:
-    return {"model": type(model).__name__, "params": int(sum(p.numel() for p in model.parameters())),
-            "num_classes": int(model.num_classes), "config": config.to_dict(),
-            "variants": {k: v.to_dict() for k, v in variants.items()},
-            "data": {k: (None if v is None else len(v.dataset)) for k, v in loaders.items()}, **extra}
-
-
-def _settled(fingerprint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """`fingerprint` with its configs read back through `EncodeNetConfig`: a key added to the config since a
-    record was written counts at its default, so the record stays valid."""
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("config"), dict):
-        return fingerprint
-    try:
-        return {**fingerprint, "config": EncodeNetConfig.from_dict(fingerprint["config"]).to_dict(),
-                "variants": {k: EncodeNetConfig.from_dict(v).to_dict()
-                             for k, v in (fingerprint.get("variants") or {}).items()}}
-    except (ValueError, TypeError):  # a key since removed: not the same settings
-        return fingerprint
 
 
 @contextmanager
@@ -532,68 +423,133 @@ def _seed_lock(out: Optional[Path], seed: int, todo: Sequence[str]) -> Iterator[
         lock.release()
 
 
-def _run_seed(runner: "_Rows", seed: int, config: EncodeNetConfig, variants: Mapping[str, EncodeNetConfig],
-              controls: Sequence[str], compute: Dict[str, Any]) -> None:
-    """Every row of `seed` not finished yet (a record another process wrote counts as finished)."""
-    if not runner.done("baseline", seed):
-        runner.baseline(seed)
-    if not runner.done("encodenet", seed):
-        runner.encodenet("encodenet", seed, config, compute["extra_epochs"])
-    for name, cfg in variants.items():
-        if not runner.done(name, seed):
-            runner.encodenet(name, seed, cfg, compute["variants"][name])
-    todo = [r for r in ("continued", "ema") if r in controls and not runner.done(r, seed)]
+def _check_trained(runner: _Rows, seed: int, allow: bool) -> None:
+    """Refuse a baseline whose validation accuracy is within `UNTRAINED_MARGIN` of chance."""
+    acc = runner.records["baseline"][seed]["val_accuracy"]
+    chance = 1.0 / runner.common["num_classes"]
+    if acc < chance + UNTRAINED_MARGIN and not allow:
+        raise ValueError(f"the baseline of seed {seed} scores {100 * acc:.1f}% on validation, within "
+                         f"{100 * UNTRAINED_MARGIN:.0f} points of chance ({100 * chance:.1f}%): it looks untrained, "
+                         f"so every row would be compared from noise. Train it (config.baseline.epochs > 0, CLI "
+                         f"--baseline.epochs N), pass a model_fn that returns the trained model, or pass "
+                         f"allow_untrained_baseline=True if this is intended")
+
+
+def _run_seed(runner: _Rows, seed: int, rows: Sequence[str], allow_untrained: bool) -> None:
+    """Every row of `rows` for `seed` not finished yet (a record another process wrote counts as finished)."""
+    finished = [r for r in rows if runner.done(r, seed)]
+    todo = [r for r in rows if r not in finished]
     if todo:
-        runner.continued(seed, todo)
-    if "kd" in controls and not runner.done("kd", seed):
-        runner.kd_row(seed)
-    if "equal" in controls and not runner.done("equal", seed):
-        runner.equal(seed)
+        _logger.info("compare: seed %d: %s%s", seed, f"kept (finished before): {', '.join(finished)}; " if finished
+                     else "", f"to train: {', '.join(todo)}")
+    if "baseline" in todo:
+        runner.baseline(seed)
+    if runner.done("baseline", seed):
+        _check_trained(runner, seed, allow_untrained)
+    for row in todo:
+        kind, trial = base_row(row)
+        if runner.done(row, seed) or kind == "baseline":
+            continue
+        if row in runner.recipes:
+            runner.encodenet(row, seed)
+        elif kind in ("continued", "ema"):
+            runner.continued(seed, trial, [r for r in (trial_name("continued", trial), trial_name("ema", trial))
+                                           if r in todo])
+        elif kind == "kd":
+            runner.kd(seed, trial)
+        elif kind == "equal":
+            runner.equal(seed)
+
+
+def _test_rows(runner: _Rows, test_loader: DataLoader, rows: Sequence[str], seeds: Sequence[int],
+               out: Optional[Path], choice: Dict[str, Any]) -> Dict[str, Dict[int, float]]:
+    """Test accuracy of the declared `rows`, once, after the choice: read from ``test.json`` when it holds
+    them for the same choice, from a record that measured it blind at its end (records written before the
+    test was sealed), or evaluated now from the row's weights; written to ``test.json``."""
+    path = out / "test.json" if out is not None else None
+    saved = read_json(path) if path is not None and path.is_file() else {}
+    same = saved.get("choice") == choice
+    tests: Dict[str, Dict[int, float]] = {}
+    for row in rows:
+        tests[row] = {}
+        for seed in seeds:
+            old = (saved.get("test", {}).get(row, {}) if same else {}).get(str(seed))
+            legacy = runner.records[row][seed].get("test_accuracy")
+            if old is None and legacy is None:
+                model = runner.load(row, seed)
+                old = evaluate(model, test_loader, runner.device, channels_last=runner.config.channels_last,
+                               amp=runner.config.amp)["accuracy"]
+            tests[row][seed] = float(old if old is not None else legacy)
+    if path is not None:
+        write_json(path, {"choice": choice, "rule": "validation chooses; these rows were declared before the choice "
+                          "and their test accuracy read once, after it", "seeds": list(seeds),
+                          "test": {r: {str(s): v for s, v in by_seed.items()} for r, by_seed in tests.items()}})
+    return tests
 
 
 def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loader: DataLoader, *,
             config: Optional[EncodeNetConfig] = None, controls: Sequence[str] = CONTROLS,
             seeds: Sequence[int] = (0, 1, 2), plain_loader: Optional[DataLoader] = None,
             test_loader: Optional[DataLoader] = None, out_dir: Optional[Union[str, Path]] = None,
-            variants: Optional[Mapping[str, EncodeNetConfig]] = None, kd_temperature: float = 4.0,
-            kd_task_loss_weight: float = 0.3, ema_decay: float = 0.9998) -> CompareResult:
+            variants: Optional[Mapping[str, EncodeNetConfig]] = None,
+            controls_config: Optional[ControlsConfig] = None, trials: int = 1, checkpoint_every: int = 0,
+            rows: Optional[Sequence[str]] = None, allow_untrained_baseline: bool = False,
+            described: Optional[Mapping[str, str]] = None) -> CompareResult:
     """Train the baseline, EncodeNet and same-size controls at equal extra compute, per seed, and compare.
 
     Args:
         model_fn: returns a fresh timm classifier; called after seeding with each seed. With
             ``config.baseline.epochs == 0`` it must return the *trained* baseline.
         train_loader: (images, labels) over a map-style dataset, may augment; every row trains on it.
-        val_loader: every row is evaluated on it once, at its end; `CompareResult.best` uses it.
+        val_loader: every row is evaluated on it once, at its end; every choice is made on it.
         config: the EncodeNet recipe (``EncodeNetConfig()`` when None); its ``seed`` is replaced per seed.
         controls: any of ``("continued", "kd", "ema", "equal")``.
-        seeds: one full set of rows per seed; the paired statistics run over them.
+        seeds: one full set of rows per seed; a verdict needs at least 3 (`encodenet_timm.stats`).
         plain_loader: the training set without augmentation (EncodeNet's feature pass), as in `fit`.
-        test_loader: evaluated once per row at its end, reported beside validation; never used to choose.
+        test_loader: evaluated once, after the choice, for the declared rows only (`result.declared_rows`).
         out_dir: each finished (row, seed) is written there (runs/*.json, weights/*.safetensors) and skipped
-            when compare runs again with the same settings; compute.json holds the counted FLOPs.
+            when compare runs again with the same settings; a row in progress checkpoints under
+            checkpoints/ (every `checkpoint_every` steps and every epoch) and continues from there;
+            compute.json holds the counted FLOPs, test.json the sealed test. SIGTERM or SIGINT then finishes
+            the step, writes the row's checkpoint and raises `Interrupted` (compare again to continue).
         variants: more EncodeNet rows, name -> config (e.g. an ablation); each is counted for its own compute.
-        kd_temperature, kd_task_loss_weight: timm `LogitDistillationTask` settings of the ``kd`` control.
-        ema_decay: the ``ema`` control's `ModelEmaV3` decay (with warm-up).
+        controls_config: how continued, ema and kd are trained (`ControlsConfig`; its defaults when None).
+        trials: validation trials per side: EncodeNet's stage lrs and each restarted control's lr times
+            1, 1/3, 3, 1/9, 9 (the first `trials`); each side's best is chosen on validation.
+        checkpoint_every: optimizer steps between checkpoints inside a row (with `out_dir`; 0: epoch ends only).
+        rows: train only these rows now (names as in the table, e.g. ``["baseline"]``; their seed's baseline
+            too; ``[]`` trains nothing); the rows that finished before are reported, and the test waits until
+            every row has finished.
+        allow_untrained_baseline: compare from a baseline at chance accuracy instead of refusing it.
+        described: row -> what it is, for the table (variants).
 
     Raises:
-        ValueError: an unknown control, no seeds, a variant named like a control, settings that differ
-            from the ones `out_dir` was made with, or bad data (the checks of `EncodeNetWrapper.fit`).
+        ValueError: an unknown control, no seeds, a variant named like a row, settings that differ from the
+            ones `out_dir` was made with, an untrained-looking baseline, or bad data (`EncodeNetWrapper.fit`'s
+            checks).
         TypeError: `model_fn` does not return a timm classifier, or a loader is not a DataLoader.
     """
     config = EncodeNetConfig() if config is None else config
     if not isinstance(config, EncodeNetConfig):
         raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
+    controls_config = ControlsConfig() if controls_config is None else controls_config
+    if not isinstance(controls_config, ControlsConfig):
+        raise TypeError(f"controls_config must be a ControlsConfig, got {type(controls_config).__name__}")
     controls = list(dict.fromkeys(controls))
     unknown = [c for c in controls if c not in CONTROLS]
     if unknown:
         raise ValueError(f"unknown controls {unknown}; choose from {', '.join(CONTROLS)}")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
-        raise ValueError("seeds is empty: give at least one (three or more for a paired test)")
+        raise ValueError("seeds is empty: give at least one (three or more for a verdict)")
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= len(TRIAL_FACTORS):
+        raise ValueError(f"trials must be an int from 1 to {len(TRIAL_FACTORS)}, got {trials!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: at epoch ends only), got {checkpoint_every!r}")
     variants = dict(variants or {})
-    clash = [v for v in variants if v in ("baseline", "encodenet", *CONTROLS)]
+    clash = [v for v in variants if base_row(v)[0] in ("baseline", "encodenet", *CONTROLS) or "@" in v]
     if clash:
-        raise ValueError(f"variant names {clash} are taken by compare's own rows; rename them")
+        raise ValueError(f"variant names {clash} are taken by compare's own rows (or hold '@'); rename them")
     if distributed.is_distributed():
         raise ValueError("compare runs in one process: launch it without torchrun (fit runs under torchrun)")
     check_loader(train_loader, "train_loader", map_style=True)
@@ -607,6 +563,15 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
         notes.append("equal was left out: the baseline came trained (config.baseline.epochs == 0), so there is no "
                      "baseline schedule to lengthen")
         _logger.warning("compare: %s", notes[-1])
+    recipes = {trial_name("encodenet", t): config.override(
+        {f"{s}.lr": getattr(config, s).lr * TRIAL_FACTORS[t] for s in ("autoencoder", "transfer", "finetune")})
+        for t in range(trials)}
+    recipes.update(variants)
+    all_rows = ["baseline", *recipes] + [trial_name(c, t) for c in controls
+                                         for t in range(1 if c == "equal" else trials)]
+    unknown_rows = [r for r in (rows or ()) if r not in all_rows]
+    if unknown_rows:
+        raise ValueError(f"rows {unknown_rows} are not rows of this comparison ({', '.join(all_rows)})")
     probe = check_timm_classifier(model_fn())
     w = EncodeNetWrapper(probe, config)  # fit's bad-data checks, before any training
     train_loader, val_loader, plain_loader, _ = readable(  # image files named (or left out) before any row
@@ -616,28 +581,49 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
     out = Path(out_dir) if out_dir is not None else None
     compute_path = out / "compute.json" if out is not None else None
     if compute_path is not None and compute_path.is_file():
-        compute = json.loads(compute_path.read_text())
+        compute = read_json(compute_path)
     else:
-        compute = count_compute(probe, config, train_loader, kd_temperature=kd_temperature,
-                                kd_task_loss_weight=kd_task_loss_weight)
+        _logger.info("compare: counting each stage's FLOPs on one batch (nothing is trained)")
+        compute = count_compute(probe, config, train_loader, kd_temperature=controls_config.kd_temperature,
+                                kd_task_loss_weight=controls_config.kd_task_loss_weight)
         compute["variants"] = {name: count_compute(probe, cfg, train_loader)["extra_epochs"]
                                for name, cfg in variants.items()}
         if compute_path is not None:
             write_json(compute_path, compute)
+    compute.setdefault("variants", {})
     _logger.info("compare: EncodeNet's extra compute is %.2f supervised epochs; each control gets the same",
                  compute["extra_epochs"])
-    fingerprint = _fingerprint(probe, config, variants, {"train": train_loader, "val": val_loader,
-                                                         "test": test_loader},
-                               {"controls": controls, "kd": [kd_temperature, kd_task_loss_weight],
-                                "ema_decay": ema_decay, "X": compute["extra_epochs"]})
-    runner = _Rows(model_fn, train_loader, val_loader, config, plain_loader=plain_loader, test_loader=test_loader,
-                   out_dir=out, compute=compute, kd_temperature=kd_temperature,
-                   kd_task_loss_weight=kd_task_loss_weight, ema_decay=ema_decay, fingerprint=fingerprint)
-    rows = ["baseline", "encodenet", *variants, *controls]
-    for seed in seeds:
-        with _seed_lock(out, seed, todo=[r for r in rows if not runner.done(r, seed)]):
-            _run_seed(runner, seed, config, variants, controls, compute)
-    records = {r: runner.records[r] for r in rows}
-    return CompareResult(records=records, compute=compute, seeds=seeds, controls=controls,
-                         config=config.to_dict(), notes=notes, model_fn=model_fn, out_dir=out,
-                         _weights=runner.weights)
+    device = resolve_device(config.device)
+    common = {"model": type(probe).__name__, "params": int(sum(p.numel() for p in probe.parameters())),
+              "num_classes": int(probe.num_classes),
+              "data": {"train": len(train_loader.dataset), "val": len(val_loader.dataset)},
+              "precision": precision(device, config.amp), "channels_last": config.channels_last}
+    # with out_dir, SIGTERM/SIGINT finish the step, checkpoint the row and raise Interrupted (fit's own
+    # handlers take over inside an EncodeNet row)
+    stop = StopSignals() if out is not None else None
+    runner = _Rows(model_fn, train_loader, val_loader, config, controls_config, plain_loader=plain_loader,
+                   out_dir=out, compute=compute, common=common, recipes=recipes, checkpoint_every=checkpoint_every,
+                   stop=stop)
+    # every row needs its seed's baseline: it trains first whenever another row is asked for
+    training = all_rows if rows is None else [r for r in all_rows if r in rows or (r == "baseline" and rows)]
+    with stop if stop is not None else nullcontext():
+        for seed in seeds:
+            with _seed_lock(out, seed, todo=[r for r in training if not runner.done(r, seed)]):
+                _run_seed(runner, seed, training, allow_untrained_baseline)
+    finished = [r for r in all_rows if all(runner.done(r, s) for s in seeds)]
+    if len(finished) < len(all_rows):
+        notes.append(f"partial: {', '.join(r for r in all_rows if r not in finished)} not trained yet on every seed "
+                     f"{seeds}; no test until they are")
+    records = {r: {s: runner.records[r][s] for s in seeds} for r in finished}
+    chosen = _choose_on_val(records, list(recipes))
+    chosen_trials = {c: _choose_on_val(records, [trial_name(c, t) for t in range(trials)]) for c in ("encodenet", *controls)
+                     if c != "equal" and trials > 1}
+    chosen_trials = {c: r for c, r in chosen_trials.items() if r is not None}
+    tests = {}
+    if test_loader is not None and len(finished) == len(all_rows):
+        declared = declared_rows(finished, chosen, chosen_trials)
+        tests = _test_rows(runner, test_loader, declared, seeds, out,
+                           {"chosen": chosen, "chosen_trials": chosen_trials, "declared": declared})
+    return CompareResult(records=records, compute=compute, seeds=seeds, controls=controls, config=config.to_dict(),
+                         notes=notes, tests=tests, chosen=chosen, chosen_trials=chosen_trials, trials=trials,
+                         described=dict(described or {}), model_fn=model_fn, out_dir=out, _weights=runner.weights)

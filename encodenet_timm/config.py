@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import yaml
 
 __all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "DataConfig",
-           "EncodeNetConfig"]
+           "EncodeNetConfig", "ControlsConfig"]
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
@@ -134,8 +134,65 @@ def _stage(cls: type = StageConfig, **kw) -> Any:
     return field(default_factory=lambda: cls(**kw))
 
 
+class _Config(_Strict):
+    """A config that round-trips through plain dicts and YAML: dotted keys, unknown keys refused."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (lists for tuples), safe for YAML and JSON."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
+        """YAML text of the full config; also written to `path` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "_Config":
+        """Build from a (possibly partial) nested dict; unknown keys and wrong types raise ValueError."""
+        return _from_dict(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, text_or_path: Union[str, Path]) -> "_Config":
+        """Build from YAML text or a path to a YAML file (read with ``yaml.safe_load``).
+
+        Raises:
+            ValueError: a YAML syntax error (with its line and column), or a bad key or value; for a file,
+                the message starts with its path.
+        """
+        source = "config YAML"
+        if isinstance(text_or_path, Path) or (
+                isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
+            source = str(text_or_path)
+            text_or_path = Path(text_or_path).read_text()
+        data = _load_yaml(text_or_path, source)
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data or {})
+        except ValueError as e:
+            if source == "config YAML":
+                raise
+            raise ValueError(f"{source}: {e}") from None
+
+    def override(self, dotted: Dict[str, Any]) -> "_Config":
+        """A copy with dotted keys replaced, e.g. ``{"transfer.lr": 0.1}``."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            node, parts = data, key.split(".")
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ValueError(f"unknown config key {key!r}")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+            node[parts[-1]] = value
+        return type(self).from_dict(data)
+
+
 @dataclass
-class EncodeNetConfig(_Strict):
+class EncodeNetConfig(_Config):
     """Everything `EncodeNetWrapper` needs.
 
     The defaults are the recipe that won the validation ablation (benchmarks/results/ablation-short):
@@ -189,58 +246,46 @@ class EncodeNetConfig(_Strict):
     def baseline_epochs(self, value: int) -> None:
         self.baseline.epochs = value
 
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain nested dict (lists for tuples), safe for YAML and JSON."""
-        return _to_plain(dataclasses.asdict(self))
+@dataclass
+class ControlsConfig(_Config):
+    """How `compare` trains its same-size controls, apart from the recipe's stages.
 
-    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
-        """YAML text of the full config; also written to `path` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+    continued, ema and kd restart training from a converged baseline: a low restart lr with a linear
+    warm-up and gradient clipping (a fresh optimizer's first steps on a converged model are its
+    riskiest). equal trains from scratch with the baseline's own schedule (``config.baseline``).
+    The lr is the default of a grid: ``compare(trials=k)`` gives each control its best of k lrs
+    (``lr x`` `trial_factors`), chosen on validation, as EncodeNet gets its best of k.
+    """
+    lr: float = 0.003                # peak lr of continued, ema and kd (restart from the trained baseline)
+    opt: str = "sgd"                 # any timm optimizer name
+    momentum: float = 0.9            # used by optimizers that take it
+    weight_decay: float = 5e-4       # timm skips it on biases and norm weights
+    sched: str = "cosine"            # any timm scheduler name, or "none"
+    warmup_epochs: int = 1           # linear warm-up from ~0 to lr, part of the budget
+    clip_grad: Optional[float] = 2.0  # max gradient norm; None disables clipping
+    smoothing: float = 0.0           # label smoothing
+    ema_decay: float = 0.9998        # the ema control's ModelEmaV3 decay (with warm-up)
+    kd_temperature: float = 4.0      # timm LogitDistillationTask temperature (student in train mode,
+                                     # teacher = the baseline in eval mode, as timm's train.py runs it)
+    kd_task_loss_weight: float = 0.3  # weight of the cross-entropy; the KL term gets 1 - this
 
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "EncodeNetConfig":
-        """Build from a (possibly partial) nested dict; unknown keys and wrong types raise ValueError."""
-        return _from_dict(cls, data or {}, "")
+    def __post_init__(self):
+        for key in ("lr", "kd_temperature", "ema_decay"):
+            if not getattr(self, key) > 0:
+                _fail(f"controls.{key}", "> 0", getattr(self, key))
+        if not 0 <= self.kd_task_loss_weight <= 1:
+            _fail("controls.kd_task_loss_weight", "in [0, 1]", self.kd_task_loss_weight)
+        if not self.ema_decay < 1:
+            _fail("controls.ema_decay", "< 1", self.ema_decay)
+        if self.warmup_epochs < 0 or (self.clip_grad is not None and self.clip_grad <= 0):
+            _fail("controls.warmup_epochs / clip_grad", ">= 0 / > 0 or null", (self.warmup_epochs, self.clip_grad))
 
-    @classmethod
-    def from_yaml(cls, text_or_path: Union[str, Path]) -> "EncodeNetConfig":
-        """Build from YAML text or a path to a YAML file (read with ``yaml.safe_load``).
-
-        Raises:
-            ValueError: a YAML syntax error (with its line and column), or a bad key or value; for a file,
-                the message starts with its path.
-        """
-        source = "config YAML"
-        if isinstance(text_or_path, Path) or (
-                isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
-            source = str(text_or_path)
-            text_or_path = Path(text_or_path).read_text()
-        data = _load_yaml(text_or_path, source)
-        if data is not None and not isinstance(data, dict):
-            raise ValueError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data or {})
-        except ValueError as e:
-            if source == "config YAML":
-                raise
-            raise ValueError(f"{source}: {e}") from None
-
-    def override(self, dotted: Dict[str, Any]) -> "EncodeNetConfig":
-        """A copy with dotted keys replaced, e.g. ``{"transfer.lr": 0.1}``."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            node, parts = data, key.split(".")
-            for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise ValueError(f"unknown config key {key!r}")
-                node = node[p]
-            if parts[-1] not in node:
-                raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
-            node[parts[-1]] = value
-        return type(self).from_dict(data)
+    def stage(self, epochs: int, lr_factor: float = 1.0) -> StageConfig:
+        """The control's training as a `StageConfig` of `epochs` epochs, its lr scaled by `lr_factor`."""
+        return StageConfig(epochs=epochs, lr=self.lr * lr_factor, opt=self.opt, momentum=self.momentum,
+                           weight_decay=self.weight_decay, sched=self.sched,
+                           warmup_epochs=min(self.warmup_epochs, max(epochs - 1, 0)), clip_grad=self.clip_grad,
+                           smoothing=self.smoothing)
 
 
 def _to_plain(value: Any) -> Any:

@@ -27,6 +27,7 @@ from .checks import BatchCheck, eval_mode, first_sample
 from .clustering import cluster_per_class
 from .config import RepresentativesConfig
 from .feature_store import FeatureStore
+from .env import autocast
 from .loaders import batch_starts, make_loader, shard_batches
 
 __all__ = ["Representatives", "select_representatives", "extract_features", "pick_representatives",
@@ -82,13 +83,14 @@ class Representatives:
 def select_representatives(model: nn.Module, loader: DataLoader, cfg: RepresentativesConfig,
                            device: torch.device, *, num_classes: int, seed: int,
                            check: Optional[BatchCheck] = None, channels_last: bool = False,
-                           progress: bool = False) -> Tuple[Representatives, np.ndarray]:
+                           progress: bool = False, amp: str = "none") -> Tuple[Representatives, np.ndarray]:
     """Representatives of ``loader.dataset`` under `model` (eval mode, dataset order).
 
     Args:
         loader: its dataset, workers and collate_fn are used (not its order or batch size).
         cfg: k per class, k-means settings, the rule, the feature store.
         seed: the k-means seed.
+        amp: the feature pass's autocast (`training.autocast_dtype`); features are stored in float32.
 
     Returns:
         The `Representatives` (images read through `loader`'s collate_fn) and k per class (num_classes,).
@@ -102,7 +104,7 @@ def select_representatives(model: nn.Module, loader: DataLoader, cfg: Representa
     try:
         rows = extract_features(model, ordered, device,
                                 (lambda i, f: blocks.append((i, f))) if gather_rows else store.write,
-                                check=check, channels_last=channels_last, progress=progress)
+                                check=check, channels_last=channels_last, progress=progress, amp=amp)
         if gather_rows:
             for rank_blocks in distributed.gather_objects(blocks) or []:
                 for i, f in rank_blocks:
@@ -180,8 +182,10 @@ def _warn_if_random_transform(dataset: Dataset) -> None:
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
                      write: Callable[[int, np.ndarray], None], *, check: Optional[BatchCheck] = None,
-                     channels_last: bool = False, progress: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Eval-mode feature pass that streams pre-logits features out instead of holding them.
+                     channels_last: bool = False, progress: bool = False,
+                     amp: str = "none") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eval-mode feature pass that streams pre-logits features out instead of holding them, under `amp`'s
+    autocast (features and entropies are computed from float32 copies of the outputs).
 
     `loader` must iterate the dataset in order, unshuffled (`make_loader(..., shuffle=False)`). In a
     process group each rank runs its share of the batches (`loaders.shard_batches`); the features of
@@ -203,9 +207,11 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
                 check(x, y)
             if starts is not None:
                 start = starts[b]
-            z = model.forward_features(x.to(device, memory_format=memory_format))
-            write(start, model.forward_head(z, pre_logits=True).flatten(1).float().cpu().numpy())
-            entropy.append(softmax_entropy(model.forward_head(z)).cpu().numpy())
+            with autocast(device, amp):
+                z = model.forward_features(x.to(device, memory_format=memory_format))
+                feats, logits = model.forward_head(z, pre_logits=True), model.forward_head(z)
+            write(start, feats.flatten(1).float().cpu().numpy())
+            entropy.append(softmax_entropy(logits.float()).cpu().numpy())
             labels.append(y.long().cpu().numpy())
             indices.append(np.arange(start, start + len(y), dtype=np.int64))
             start += len(y)

@@ -9,7 +9,6 @@ import logging
 import random
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checks import BatchCheck, check_once, eval_mode
 from .config import StageConfig
+from .env import autocast, autocast_dtype
 from .errors import Interrupted, NonFiniteLossError
 from .loaders import epoch_batches, full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
 
@@ -67,17 +67,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "auto":  # bf16 where the GPU supports it, else none; CPU: none
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    if amp == "none" or device.type != "cuda":
-        return nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be 'none', 'auto', 'bf16' or 'fp16', got {amp!r}")
-    return torch.autocast(device_type="cuda", dtype=dtypes[amp])
-
-
 @dataclass
 class TrainState:
     """Where a stage stands after `epoch` complete epochs and `step` batches of the next: what
@@ -108,7 +97,8 @@ class LoopOptions:
 
     Attributes:
         device: where the task's module and the batches go.
-        amp: "none", "bf16" or "fp16" autocast (CUDA only; fp16 with a GradScaler).
+        amp: "none", "auto", "bf16" or "fp16" autocast (`autocast_dtype`: bf16 on CUDA and CPU, fp16 on CUDA
+            only, with a GradScaler); weights and optimizer state stay fp32.
         channels_last: batches in channels_last memory format.
         progress: a tqdm bar per epoch (rank 0 only).
         compile: ``task.compile()`` (torch.compile of the trainable module) before training.
@@ -224,7 +214,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                            warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
                                            updates_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(device, amp) == torch.float16 else None
     memory_format = torch.channels_last if options.channels_last else torch.preserve_format
     read_every = options.steps_between_reads()
     history: List[Dict[str, float]] = []
@@ -274,7 +264,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             try:
-                with _autocast(device, amp):
+                with autocast(device, amp):
                     out = task(x, y)
             except ValueError as e:  # a custom batch_sampler's batch of one: say what to change
                 if x.shape[0] == 1 and "Expected more than 1 value per channel" in str(e):
@@ -406,8 +396,9 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, check: Optional[BatchCheck] = None,
-             channels_last: bool = False, progress: bool = False) -> Dict[str, float]:
-    """Top-1 accuracy in [0, 1] and mean cross-entropy of `model` over `loader`.
+             channels_last: bool = False, progress: bool = False, amp: str = "none") -> Dict[str, float]:
+    """Top-1 accuracy in [0, 1] and mean cross-entropy of `model` over `loader`, under `amp`'s autocast
+    (`autocast_dtype`); the logits are read in float32.
 
     In a process group each rank evaluates its share of the batches (`loaders.shard_batches`) and
     the sums are reduced: every rank must call it, and every rank gets the whole set's metrics.
@@ -423,7 +414,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chec
             if check is not None:
                 check(x, y)
             x, y = x.to(device, memory_format=memory_format), y.to(device)
-            logits = model(x).float()
+            with autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()  # as float(): float32 -> float64
             correct += (logits.argmax(1) == y).sum()
             seen += y.numel()

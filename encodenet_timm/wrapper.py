@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, Run, load_model_file, model_fingerprint
 from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .env import machine, versions
+from .env import machine, precision, versions
 from .files import load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
@@ -67,6 +67,7 @@ class EncodeNetWrapper:
             raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
         config = self.config = _checked(config)  # a validated copy
         self.device = resolve_device(distributed.local_device(config.device))
+        precision(self.device, config.amp)  # amp="fp16" on a CPU is refused here, before any training
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         if self.device.type == "cuda" and distributed.is_distributed():
@@ -218,7 +219,8 @@ class EncodeNetWrapper:
         unreadable files left out of it), the seed, versions and machine."""
         data = {**data_fingerprint(dataset), **({"skipped": skipped} if skipped else {})}
         return {"model": model_fingerprint(self.model), "data": data, "seed": self.config.seed,
-                "versions": versions(), "machine": machine(self.device)}
+                "precision": precision(self.device, self.config.amp), "versions": versions(),
+                "machine": machine(self.device)}
 
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
         """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
@@ -292,7 +294,7 @@ class EncodeNetWrapper:
         self.representatives, k_per_class = select_representatives(
             self.model, train_loader, self.config.representatives, self.device, num_classes=self.num_classes,
             seed=self.config.seed, check=self._check(), channels_last=self.config.channels_last,
-            progress=self.config.progress)
+            progress=self.config.progress, amp=self.config.amp)
         self.history["representatives"] = {"seconds": time.perf_counter() - start,
                                            "num_clusters": self.representatives.num_clusters,
                                            "k_per_class": k_per_class.tolist()}
@@ -393,7 +395,7 @@ class EncodeNetWrapper:
         check_loader(loader, "loader")
         loader = named_reads(loader)  # an image file that cannot be read is named
         return evaluate(self.model, loader, self.device, check=self._check(),
-                        channels_last=self.config.channels_last)
+                        channels_last=self.config.channels_last, amp=self.config.amp)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

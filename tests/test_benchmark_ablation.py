@@ -38,31 +38,35 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)
     out = tmp_path / "out"
     argv = ["--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--regime", "smoke",
-            "--seeds", "0", "1", "--variants", "paper,ce_3", "--out-dir", str(out), "--threads", "1"]
+            "--seeds", "0", "1", "--variants", "paper,ce_3", "--out-dir", str(out), "--threads", "1",
+            "--allow-untrained-baseline"]
     res = ab.main(argv)
     result = res["result"]
     assert result.seeds == [0, 1]
     assert result.rows == ["baseline", "encodenet", "paper", "ce_3", "continued", "kd", "ema", "equal"]
     X = result.compute["extra_epochs"]
     assert result.records["equal"][0]["extra_epochs"] > 0.95 * X
-    tested = res["tested"]
-    assert tested["chosen"] in ("encodenet", "paper", "ce_3")
-    assert {"baseline", "continued", "kd", "ema", "equal", "paper", "encodenet"} <= set(tested["test_accuracy"])
+    tested = json.loads((out / "test.json").read_text())
+    assert result.chosen in ("encodenet", "paper", "ce_3") and tested["choice"]["chosen"] == result.chosen
+    declared = {"baseline", "continued", "kd", "ema", "equal", "paper", "encodenet", result.chosen}
+    assert set(tested["test"]) == declared == set(result.tests)  # variants not chosen carry no test accuracy
     saved = json.loads((out / "results.json").read_text())
     assert saved["versions"]["torch"] and saved["machine"]["cpu_count"] >= 1
     md = (out / "ablation.md").read_text()
     assert "Chosen on validation" in md and "| ce_3 |" in md and "encodenet - continued" in md
+    if result.chosen != "ce_3":
+        assert "ce_3" not in md.split("## Test")[1]  # a variant not chosen never shows a test accuracy
     assert (out / "accuracy_vs_compute.png").stat().st_size > 1000
     # finished runs are skipped on a rerun, and the numbers do not move
     before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
     assert ab.main(argv)["result"].records == result.records
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
-    # --phase report trains nothing: it reports the seeds every row finished, or one seed in part
+    # --phase report trains nothing: it reports the rows finished on the seeds asked for
+    assert ab.main(argv + ["--phase", "report"])["result"].tests == result.tests
     (out / "runs" / "kd-seed1.json").unlink()
+    part = ab.main(argv + ["--phase", "report", "--seeds", "0"])["result"]
+    assert part.seeds == [0] and "kd" in part.rows
     part = ab.main(argv + ["--phase", "report"])["result"]
-    assert part.seeds == [0] and part.notes == [] and "kd" in part.rows
-    (out / "runs" / "kd-seed0.json").unlink()
-    part = ab.main(argv + ["--phase", "report"])["result"]
-    assert part.seeds == [0] and "kd" not in part.rows and "partial" in part.notes[0]
+    assert part.seeds == [0, 1] and "kd" not in part.rows and "partial" in part.notes[0] and not part.tests
     assert "partial" in (out / "ablation.md").read_text()
-    assert not (out / "runs" / "kd-seed0.json").exists()
+    assert not (out / "runs" / "kd-seed1.json").exists()

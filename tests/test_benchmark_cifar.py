@@ -14,10 +14,10 @@ def test_benchmark_pipeline_end_to_end(tmp_path, one_thread):
     out = tmp_path / "out"
     argv = ["--dataset", "cifar10-jpeg", "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
             "--profile", "smoke", "--seeds", "0", "1", "--controls", "continued,kd", "--out-dir", str(out),
-            "--threads", "1"]
+            "--threads", "1", "--allow-untrained-baseline"]
     result = bench.main(argv)
     assert result.rows == ["baseline", "encodenet", "paper", "continued", "kd"] and result.seeds == [0, 1]
-    assert result.has_test  # every row evaluated on the test set once, at its end
+    assert set(result.tests) == set(result.rows)  # every row is declared: its test read once, after the choice
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["rows"]) == set(result.rows) and saved["verdict"] == result.verdict
     assert set(saved["versions"]) >= {"python", "torch", "timm", "faiss", "numpy"}

@@ -10,9 +10,10 @@ from scipy import stats
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from encodenet_timm import EncodeNetConfig, compare
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, compare
 from encodenet_timm.cli import main as cli_main
-from encodenet_timm.compare import CompareResult, count_compute, paired_difference
+from encodenet_timm.compare import CompareResult, count_compute
+from encodenet_timm.config import ControlsConfig
 
 compare_mod = importlib.import_module("encodenet_timm.compare")  # the package's `compare` is the function
 wrapper_mod = importlib.import_module("encodenet_timm.wrapper")
@@ -38,21 +39,15 @@ def loaders(digits):
             DataLoader(Subset(test, range(150)), batch_size=150))
 
 
-def test_paired_difference_is_scipys_paired_t_test():
-    a, b = [0.71, 0.69, 0.74, 0.70], [0.70, 0.70, 0.71, 0.66]
-    d = paired_difference(a, b)
-    ref = stats.ttest_rel(a, b)
-    assert d["mean"] == pytest.approx(np.mean(np.subtract(a, b)))
-    assert d["t"] == pytest.approx(ref.statistic) and d["p"] == pytest.approx(ref.pvalue)
-    assert paired_difference([0.5], [0.4])["p"] is None  # one seed: nothing to test
-    assert paired_difference([0.5, 0.6], [0.4, 0.5])["p"] is None  # identical differences: no variance
+# the toy baselines (120 digits, 2 epochs) sit near chance: the mechanics below do not depend on their accuracy
+TOY = dict(allow_untrained_baseline=True)
 
 
 def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread):
     torch.set_num_threads(1)
     train, val, test = loaders
     out = tmp_path / "cmp"
-    res = compare(_model, train, val, config=_config(), seeds=(0, 1), test_loader=test, out_dir=out)
+    res = compare(_model, train, val, config=_config(), seeds=(0, 1), test_loader=test, out_dir=out, **TOY)
     rows = ["baseline", "encodenet", "continued", "kd", "ema", "equal"]
     assert res.rows == rows and res.seeds == [0, 1]
     X = res.compute["extra_epochs"]
@@ -60,7 +55,8 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread
     for row in rows:
         for seed in (0, 1):
             rec = res.records[row][seed]
-            assert 0.0 <= rec["val_accuracy"] <= 1.0 and 0.0 <= rec["test_accuracy"] <= 1.0, row
+            assert 0.0 <= rec["val_accuracy"] <= 1.0 and 0.0 <= res.tests[row][seed] <= 1.0, row
+            assert "test_accuracy" not in rec and rec["precision"] == "fp32", row  # the test is sealed apart
             # each control trains X supervised epochs of FLOPs beyond the baseline, to the image
             expected = 0.0 if row == "baseline" else X
             assert rec["extra_epochs"] == pytest.approx(expected, rel=0.02, abs=0.01), row
@@ -73,6 +69,10 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread
         expect = np.subtract(res.accuracy("encodenet", "test"), res.accuracy(other, "test"))
         assert d["diffs"] == pytest.approx(expect.tolist())
     assert all(other in res.verdict for other in deltas) and res.verdict.startswith("EncodeNet ")
+    assert "2 seeds: means only" in res.verdict and "beats" not in res.verdict and "loses" not in res.verdict
+    # the sealed test: written apart from the runs, once, for the rows declared before the choice
+    sealed = json.loads((out / "test.json").read_text())
+    assert set(sealed["test"]) == set(rows) and sealed["choice"]["chosen"] == "encodenet"
     assert res.best == max(rows, key=lambda r: np.mean(res.accuracy(r)))
     assert "| encodenet |" in res.table() and "test accuracy" in res.table()
     # the best model is a plain timm model holding the row's weights: it scores what the record says
@@ -90,18 +90,22 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread
     assert "Verdict" in (out / "report" / "results.md").read_text()
     assert (out / "report" / "accuracy_vs_compute.png").stat().st_size > 1000
     assert len(list((out / "runs").glob("*.json"))) == 12 and len(list((out / "weights").glob("*"))) == 12
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # removed once finished
     # resumable per (row, seed): a second call trains nothing and returns the same numbers
     before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
     calls = []
-    for module in (compare_mod, wrapper_mod):
+    for module in (importlib.import_module("encodenet_timm.controls"), wrapper_mod):
         monkeypatch.setattr(module, "train_stage", lambda *a, **k: calls.append(1))
-    again = compare(_model, train, val, config=_config(), seeds=(0, 1), test_loader=test, out_dir=out)
-    assert not calls and again.records == res.records
+    again = compare(_model, train, val, config=_config(), seeds=(0, 1), test_loader=test, out_dir=out, **TOY)
+    assert not calls and again.records == res.records and again.tests == res.tests
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
-    # other settings in the same directory are refused, not mixed in
+    # other settings of a row in the same directory are refused, not mixed in
     with pytest.raises(ValueError, match="other settings"):
         compare(_model, train, val, config=_config(**{"transfer.lr": 0.5}), seeds=(0,), test_loader=test,
-                out_dir=out)
+                out_dir=out, **TOY)
+    with pytest.raises(ValueError, match="other settings"):  # the controls' own settings are part of their rows
+        compare(_model, train, val, config=_config(), seeds=(0,), test_loader=test, out_dir=out,
+                controls_config=ControlsConfig(lr=0.02), **TOY)
 
 
 def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monkeypatch, one_thread):
@@ -117,17 +121,17 @@ def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monke
             measured[name] = float(counter.get_total_flops())
         return run
 
-    for name in ("baseline", "encodenet", "continued", "kd_row", "equal"):
+    for name in ("baseline", "encodenet", "continued", "kd", "equal"):
         monkeypatch.setattr(compare_mod._Rows, name, counted(name, getattr(compare_mod._Rows, name)))
     monkeypatch.setattr(compare_mod, "evaluate", lambda *a, **k: {"accuracy": 0.5, "loss": 1.0})  # no FLOPs
-    res = compare(_model, train, val, config=_config(**{"autoencoder.epochs": 2}), seeds=(0,))
+    res = compare(_model, train, val, config=_config(**{"autoencoder.epochs": 2}), seeds=(0,), **TOY)
     c = res.compute
     per_epoch = c["train_step"] * N_TRAIN
     X = c["extra_epochs"]
     assert measured["baseline"] / per_epoch == pytest.approx(2.0, rel=0.01)
     assert measured["encodenet"] / per_epoch == pytest.approx(X, rel=0.05)  # the count matches the real fit
     assert measured["continued"] / per_epoch == pytest.approx(X, rel=0.05)
-    assert measured["kd_row"] / per_epoch == pytest.approx(X, rel=0.05)
+    assert measured["kd"] / per_epoch == pytest.approx(X, rel=0.05)
     assert (measured["equal"] - measured["baseline"]) / per_epoch == pytest.approx(X, rel=0.05)
 
 
@@ -148,10 +152,10 @@ def test_a_trained_baseline_drops_equal_and_says_so(loaders, one_thread):
     torch.manual_seed(0)
     trained = _model()
     res = compare(lambda: trained, train, val, config=_config(**{"baseline.epochs": 0}), seeds=(0,),
-                  controls=("continued", "equal"))
+                  controls=("continued", "equal"), **TOY)
     assert res.rows == ["baseline", "encodenet", "continued"]
     assert any("equal was left out" in n for n in res.notes)
-    assert "1 seed: no test" in res.verdict
+    assert "1 seed: means only" in res.verdict
     with torch.no_grad():  # the baseline row is the model as given
         state = res.model("baseline").state_dict()
         assert all(torch.equal(v, trained.state_dict()[k]) for k, v in state.items())
@@ -176,7 +180,7 @@ def test_bad_arguments_fail_before_any_training(loaders, monkeypatch):
 
 
 def test_result_round_trips_without_weights_kept():
-    rec = {"val_accuracy": 0.5, "test_accuracy": None, "extra_epochs": 0.0}
+    rec = {"val_accuracy": 0.5, "extra_epochs": 0.0}
     res = CompareResult(records={"baseline": {0: rec}, "encodenet": {0: {**rec, "val_accuracy": 0.6}}},
                         compute={"extra_epochs": 1.0, "note": ""}, seeds=[0], controls=[], config={}, notes=[])
     assert res.best == "encodenet" and not res.has_test
@@ -192,7 +196,7 @@ def test_cli_compare_and_resume(tmp_path, capsys, one_thread):
     argv = ["compare", "--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "15", "--batch-size", "50",
             "--out", str(out), "--seeds", "0", "--controls", "continued,ema", "--progress", "false",
             "--baseline.epochs", "1", "--autoencoder.epochs", "1", "--transfer.epochs", "1", "--finetune.epochs", "1",
-            "--representatives.clusters_per_class", "2"]
+            "--representatives.clusters_per_class", "2", "--allow-untrained-baseline"]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| continued |" in printed and "| ema |" in printed and "EncodeNet " in printed
@@ -204,20 +208,34 @@ def test_cli_compare_and_resume(tmp_path, capsys, one_thread):
     (out / "runs" / "ema-seed0.json").unlink()  # as if stopped before its last row
     assert cli_main(["compare", "--out", str(out), "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["rows"].keys() == saved["rows"].keys()
-    assert cli_main(argv[:-2] + ["--out", str(tmp_path / "c2"), "--baseline.epochs", "0"]) == 2  # random baseline
+    assert cli_main(argv[:-3] + ["--out", str(tmp_path / "c2"), "--baseline.epochs", "0"]) == 2  # random baseline
     assert "baseline.epochs" in capsys.readouterr().err
+    # a baseline near chance is refused by the library too, on the CLI path, before any other row trains
+    assert cli_main(argv[:-3] + ["--out", str(tmp_path / "c3")]) == 2
+    assert "looks untrained" in capsys.readouterr().err and not (tmp_path / "c3" / "runs" / "encodenet-seed0.json").exists()
 
 
 def test_a_record_made_before_a_config_key_existed_stays_valid():
     """A key added to EncodeNetConfig since a record was written counts at its default (records committed
-    by long benchmark runs survive a new option); a changed value still does not match."""
-    config = EncodeNetConfig().to_dict()
-    new = {"model": "m", "config": config, "variants": {"v": config}, "X": 2.0}
-    old_config = {k: v for k, v in config.items() if k != "compile"}  # as if written before `compile` existed
-    old = {**new, "config": old_config, "variants": {"v": old_config}}
-    assert compare_mod._settled(old) == compare_mod._settled(new)
-    changed = {**new, "config": {**config, "seed": 1}}
-    assert compare_mod._settled(changed) != compare_mod._settled(new) and compare_mod._settled(None) is None
+    by long benchmark runs survive a new option); a changed value still does not match. Records written
+    before per-row fingerprints (the whole comparison's settings) are read as the part their row needs:
+    a baseline or recipe row stays valid when only the controls changed; an old control row never does."""
+    config = EncodeNetConfig().override({"baseline.epochs": 3})
+    common = {"model": "m", "params": 5, "num_classes": 10, "data": {"train": 100, "val": 50},
+              "precision": "fp32", "channels_last": False}
+    old_config = {k: v for k, v in config.to_dict().items() if k != "compile"}  # written before `compile` existed
+    old = {"model": "m", "params": 5, "num_classes": 10, "data": {"train": 100, "val": 50, "test": 70},
+           "config": old_config, "variants": {"v": old_config}, "controls": ["kd"], "kd": [4.0, 0.3],
+           "ema_decay": 0.9998, "X": 2.0}
+    fp = lambda row, **kw: compare_mod._row_fingerprint(common, row, config=config, **kw)
+    assert compare_mod._projected(old, "baseline") == fp("baseline")
+    assert compare_mod._projected(old, "encodenet") == fp("encodenet", recipe=config)
+    assert compare_mod._projected(old, "v") == fp("v", recipe=config)
+    assert compare_mod._projected(old, "kd") != fp("kd", controls=ControlsConfig(), X=2.0)
+    changed = {**old, "config": {**old_config, "transfer": {**old_config["transfer"], "lr": 0.5}}}
+    assert compare_mod._projected(changed, "baseline") == fp("baseline")  # a recipe key: not the baseline's
+    assert compare_mod._projected(changed, "encodenet") != fp("encodenet", recipe=config)
+    assert compare_mod._projected(None, "baseline") is None
 
 
 def test_a_seed_another_process_is_training_is_refused_before_training(loaders, tmp_path, monkeypatch):
@@ -250,3 +268,148 @@ def test_a_seed_another_process_is_training_is_refused_before_training(loaders, 
         done.set()
         child.join(60)
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _timeless(history):
+    """A history without its wall-clock seconds (per stage for EncodeNet rows)."""
+    if isinstance(history, dict):
+        return {k: _timeless(v) for k, v in history.items()}
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@pytest.mark.parametrize("stop_row", ["baseline", "continued", "kd", "encodenet"])
+def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(loaders, tmp_path, monkeypatch,
+                                                                                  one_thread, stop_row):
+    """A process killed inside a row (here: an exception at its 3rd in-epoch checkpoint) loses at most
+    `checkpoint_every` steps: the next compare continues the row from its checkpoint, to the weights and
+    history of a run that was never stopped."""
+    torch.set_num_threads(1)
+    train, val, _ = loaders
+    kw = dict(config=_config(**{"baseline.epochs": 3}), controls=("continued", "ema", "kd"), seeds=(0,),
+              checkpoint_every=1, **TOY)
+    clean = compare(_model, train, val, out_dir=tmp_path / "clean", **kw)
+    controls_mod = importlib.import_module("encodenet_timm.controls")
+    checkpoint_mod = importlib.import_module("encodenet_timm.checkpoint")
+    saves = []
+    real = controls_mod.RowCheckpoints.save if stop_row != "encodenet" else checkpoint_mod.Run.save
+
+    def stopping(self, *a, **k):
+        row = self.row if stop_row != "encodenet" else "encodenet"
+        if row == stop_row:
+            saves.append(1)
+            if len(saves) == 3:
+                raise _Stop
+        return real(self, *a, **k)
+    target = controls_mod.RowCheckpoints if stop_row != "encodenet" else checkpoint_mod.Run
+    monkeypatch.setattr(target, "save", stopping)
+    with pytest.raises(_Stop):
+        compare(_model, train, val, out_dir=tmp_path / "stopped", **kw)
+    monkeypatch.setattr(target, "save", real)
+    assert any((tmp_path / "stopped" / "checkpoints").iterdir())  # the row's checkpoint is there
+    again = compare(_model, train, val, out_dir=tmp_path / "stopped", **kw)
+    for row in clean.rows:
+        a, b = clean.model(row).state_dict(), again.model(row).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), row
+        assert _timeless(clean.records[row][0]["history"]) == _timeless(again.records[row][0]["history"]), row
+        assert clean.records[row][0]["val_accuracy"] == again.records[row][0]["val_accuracy"], row
+
+
+def test_the_baseline_row_is_the_wrappers_baseline(loaders, one_thread):
+    """compare trains its baseline as EncodeNetWrapper.fit_baseline does: same task, seed and weights."""
+    torch.set_num_threads(1)
+    train, val, _ = loaders
+    res = compare(_model, train, val, config=_config(), controls=(), seeds=(1,), rows=["baseline"], **TOY)
+    torch.manual_seed(1)
+    w = EncodeNetWrapper(_model(), _config(**{"seed": 1}), copy=False)
+    w.fit_baseline(train)
+    mine = res.model("baseline", 1).state_dict()
+    assert all(torch.equal(mine[k], v.cpu()) for k, v in w.model.state_dict().items())
+    assert res.rows == ["baseline"] and any("partial" in n for n in res.notes)
+    assert "has not finished" in res.verdict
+
+
+def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(loaders, tmp_path, one_thread):
+    torch.set_num_threads(1)
+    train, val, test = loaders
+    res = compare(_model, train, val, config=_config(), controls=("continued", "ema"), seeds=(0,), trials=2,
+                  variants={"ce_3": _config(**{"autoencoder.ce_weight": 3.0}),
+                            "ft_0": _config(**{"finetune.epochs": 0})},
+                  test_loader=test, out_dir=tmp_path / "cmp", **TOY)
+    assert res.rows == ["baseline", "encodenet", "encodenet@t1", "ce_3", "ft_0", "continued", "continued@t1", "ema",
+                        "ema@t1"]
+    assert set(res.chosen_trials) == {"encodenet", "continued", "ema"}
+    for side, row in res.chosen_trials.items():  # each side's best of 2 on validation
+        assert row == max([side, f"{side}@t1"], key=lambda r: res.accuracy(r)[0])
+    assert res.chosen == max(["encodenet", "encodenet@t1", "ce_3", "ft_0"], key=lambda r: res.accuracy(r)[0])
+    cfg = json.loads((tmp_path / "cmp" / "runs" / "continued@t1-seed0.json").read_text())["fingerprint"]
+    assert cfg["lr_factor"] == pytest.approx(1 / 3)
+    # the sealed test: declared rows only; a variant or trial not chosen carries no test accuracy
+    declared = {"baseline", "encodenet", "continued", "ema", res.chosen, *res.chosen_trials.values()}
+    assert set(res.tests) == declared
+    for row in set(res.rows) - declared:
+        with pytest.raises(ValueError, match="only the rows declared before the choice"):
+            res.accuracy(row, "test")
+    assert "not tested" in res.table() and "best of 2 on validation" in res.verdict
+
+
+def test_a_diverging_row_is_marked_and_left_out_of_the_verdict(loaders, one_thread):
+    torch.set_num_threads(1)
+    train, val, _ = loaders
+    res = compare(_model, train, val, config=_config(), controls=("continued", "ema"), seeds=(0,),
+                  controls_config=ControlsConfig(lr=10.0, warmup_epochs=0, clip_grad=None), **TOY)
+    assert res.diverged("continued") and res.diverged("ema")
+    assert set(res.comparisons()) == {"baseline"}
+    assert "continued diverged (seed 0: " in res.verdict and "is left out" in res.verdict
+    assert "(diverged)" in res.table() and res.best not in ("continued", "ema")
+
+
+def test_an_untrained_baseline_is_refused_before_any_other_row(loaders, monkeypatch):
+    train, val, _ = loaders
+    monkeypatch.setattr(compare_mod._Rows, "encodenet", lambda *a: pytest.fail("trained from a random baseline"))
+    with pytest.raises(ValueError, match=r"looks untrained.*--baseline.epochs N.*allow_untrained_baseline=True"):
+        compare(_model, train, val, config=_config(**{"baseline.epochs": 0}), controls=("continued",), seeds=(0,))
+
+
+def test_sigterm_inside_a_row_checkpoints_it_and_interrupts(loaders, tmp_path, monkeypatch, one_thread):
+    """With an out_dir, SIGTERM inside a supervised row finishes the step, writes the row's checkpoint and
+    raises Interrupted; the next compare continues the row from there."""
+    import os
+    import signal
+
+    from encodenet_timm.errors import Interrupted
+    torch.set_num_threads(1)
+    train, val, _ = loaders
+    controls_mod = importlib.import_module("encodenet_timm.controls")
+    real, sent = controls_mod.RowCheckpoints.save, []
+
+    def save_then_signal(self, *a, **k):
+        real(self, *a, **k)
+        if self.row == "continued" and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(controls_mod.RowCheckpoints, "save", save_then_signal)
+    kw = dict(config=_config(), controls=("continued",), seeds=(0,), checkpoint_every=1, **TOY)
+    with pytest.raises(Interrupted):
+        compare(_model, train, val, out_dir=tmp_path / "cmp", **kw)
+    assert signal.getsignal(signal.SIGTERM) is not None and sent  # the handlers before compare are back
+    assert list((tmp_path / "cmp" / "checkpoints" / "continued-seed0" / "checkpoints" / "continued").iterdir())
+    res = compare(_model, train, val, out_dir=tmp_path / "cmp", **kw)
+    assert res.rows == ["baseline", "encodenet", "continued"]
+
+
+def test_cli_compare_ctrl_c_prints_how_to_resume(tmp_path, capsys, monkeypatch):
+    cli_mod = importlib.import_module("encodenet_timm.cli")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli_mod, "compare", interrupted)
+    out = tmp_path / "cmp"
+    code = cli_main(["compare", "--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "5", "--out",
+                     str(out), "--seeds", "0", "--baseline.epochs", "1", "--trials", "2"])
+    assert code == 130
+    assert f"interrupted; continue with: encodenet compare --out {out} --resume" in capsys.readouterr().err
+    assert json.loads((out / "compare.json").read_text())["run"]["trials"] == 2

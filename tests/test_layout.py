@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "encodenet_timm"
 # lowest first: each module is imported only by modules after it
 ORDER = [
     "models",                                    # the CIFAR zoo, registered into timm
-    "errors", "config", "env", "distributed",    # plain data, error types, machine facts, process-group glue
+    "errors", "config", "env", "stats", "distributed",  # plain data, error types, machine facts, statistics, process-group glue
     "files",                                     # atomic files, safe reads, one writer per directory
     "stopping",                                  # SIGTERM/SIGINT handlers for the length of a run
     "device_data",                               # datasets held on the training device, batched there
@@ -19,7 +19,8 @@ ORDER = [
     "split", "decoder",                          # encoder/head split; the mirrored decoder
     "feature_store", "clustering", "representatives",  # the representatives step, in its order
     "tasks", "training",                         # stage modules and tasks; the one loop
-    "checkpoint", "wrapper", "compare",          # run directories and checkpoints; the stages in order; the controls
+    "checkpoint", "wrapper",                     # run directories and checkpoints; the stages in order
+    "controls", "result", "compare",             # the controls' training; a comparison's report; the comparison
     "compat", "plots", "data", "cli",            # check_model; pictures; the CLI's datasets; the command
 ]
 

@@ -1,0 +1,419 @@
+"""`CompareResult`: every row of a `compare` per seed, the choice on validation, the sealed test, and the
+verdict, table, files and picture that report them.
+
+Validation chooses; the test set only reports. A result holds test accuracy only for the rows declared
+before the choice (`declared_rows`: the baseline, the default recipe, the EncodeNet row chosen on
+validation, ``paper`` when it is a row, and each control with its chosen trial), measured after the
+choice; every other row (variants, unchosen trials) carries none. The verdict speaks on test when there
+is one, else on validation, and only with the statistics the seeds carry (`encodenet_timm.stats`).
+"""
+import dataclasses
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from .controls import divergence
+from .env import machine, versions
+from .files import read_json, write_atomic, write_json
+from .stats import MIN_SEEDS, describe, holm, paired_difference
+from .training import seed_everything
+
+__all__ = ["CompareResult", "CONTROLS", "trial_name", "base_row", "row_what", "declared_rows", "weights_path",
+           "record_path"]
+
+CONTROLS = ("continued", "kd", "ema", "equal")
+TRIAL_FACTORS = (1.0, 1 / 3, 3.0, 1 / 9, 9.0)  # trial t scales the side's lrs by TRIAL_FACTORS[t]
+_WHAT = {
+    "baseline": "the baseline (starting point of every row but equal)",
+    "encodenet": "EncodeNet with the given config",
+    "continued": "baseline trained X more epochs (controls' restart schedule)",
+    "ema": "weight average (ModelEmaV3) of the continued run",
+    "kd": "timm LogitDistillationTask, teacher = baseline, X epochs of FLOPs",
+    "equal": "from scratch, one schedule of baseline + X epochs",
+}
+
+
+def trial_name(row: str, trial: int) -> str:
+    """``row`` for trial 0 (the default settings), ``row@t<k>`` for trial k of the lr grid."""
+    return row if trial == 0 else f"{row}@t{trial}"
+
+
+def base_row(name: str) -> Tuple[str, int]:
+    """``"kd@t2"`` -> ("kd", 2); ``"kd"`` -> ("kd", 0)."""
+    row, _, trial = name.partition("@t")
+    return row, int(trial) if trial else 0
+
+
+def row_what(name: str, described: Optional[Dict[str, str]] = None) -> str:
+    row, trial = base_row(name)
+    what = (described or {}).get(row) or _WHAT.get(row, "EncodeNet variant")
+    if trial:
+        lrs = "every stage's lr" if row == "encodenet" else "lr"
+        what += f" ({lrs} x {TRIAL_FACTORS[trial]:.3g})"
+    return what
+
+
+def declared_rows(rows: Sequence[str], chosen: Optional[str], chosen_trials: Dict[str, str]) -> List[str]:
+    """The rows whose test accuracy is read, fixed by rule before any row trains: baseline, the default
+    recipe, the chosen EncodeNet row, paper, every control, and each side's chosen trial; in table order."""
+    wanted = {"baseline", "encodenet", "paper", *CONTROLS, *chosen_trials.values()}
+    if chosen is not None:
+        wanted.add(chosen)
+    return [r for r in rows if r in wanted]
+
+
+def weights_path(out_dir: Path, row: str, seed: int) -> Path:
+    return out_dir / "weights" / f"{row}-seed{seed}.safetensors"
+
+
+def record_path(out_dir: Path, row: str, seed: int) -> Path:
+    return out_dir / "runs" / f"{row}-seed{seed}.json"
+
+
+@dataclasses.dataclass
+class CompareResult:
+    """Every row's validation accuracy per seed, the sealed test of the declared rows, and the verdict.
+
+    Attributes:
+        records: row -> seed -> record (val_accuracy, extra_epochs, seconds, history, diverged, ...).
+        compute: `count_compute`'s figures for the recipe (and ``variants``: the same per variant row).
+        seeds: the seeds every row finished.
+        controls: the control rows asked for (trial 0 names).
+        tests: row -> seed -> test accuracy, for the declared rows only (empty without a test set).
+        chosen: the EncodeNet row (default, trial or variant) with the highest mean validation accuracy.
+        chosen_trials: with ``trials > 1``, per side ("encodenet" and each restarted control) its trial with
+            the highest mean validation accuracy: the best-of-k verdict compares these.
+        trials: validation trials each side got (1: the defaults only).
+        notes: what was left out and why (e.g. ``equal`` when the baseline came trained).
+        described: row -> what it is, for rows compare does not name itself (variants).
+    """
+    records: Dict[str, Dict[int, Dict[str, Any]]]
+    compute: Dict[str, Any]
+    seeds: List[int]
+    controls: List[str]
+    config: Dict[str, Any]
+    notes: List[str]
+    tests: Dict[str, Dict[int, float]] = dataclasses.field(default_factory=dict)
+    chosen: Optional[str] = None
+    chosen_trials: Dict[str, str] = dataclasses.field(default_factory=dict)
+    trials: int = 1
+    described: Dict[str, str] = dataclasses.field(default_factory=dict)
+    model_fn: Optional[Callable[[], nn.Module]] = dataclasses.field(default=None, repr=False)
+    out_dir: Optional[Path] = None
+    _weights: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
+
+    # ---- reading a comparison back
+    @classmethod
+    def load(cls, directory: Union[str, Path], seeds: Optional[Sequence[int]] = None,
+             model_fn: Optional[Callable[[], nn.Module]] = None,
+             described: Optional[Dict[str, str]] = None) -> "CompareResult":
+        """A comparison's result read back from its `out_dir` (runs/*.json, compute.json, test.json), training
+        and evaluating nothing: the rows finished on every one of `seeds` (default: every seed with a
+        baseline). Test accuracy is read only for the rows declared before the choice, once every row has
+        finished, from test.json, or, for records written before the test was sealed, from the value each
+        measured blind at its end. Control rows written before `ControlsConfig` existed are marked as such
+        in `notes`, and a row whose history shows a divergence (`controls.divergence`) is marked diverged.
+        """
+        directory = Path(directory)
+        records: Dict[str, Dict[int, Dict[str, Any]]] = {}
+        for path in sorted((directory / "runs").glob("*.json")):
+            record = read_json(path)
+            row = _LEGACY_NAMES.get(record["row"], record["row"])
+            records.setdefault(row, {})[int(record["seed"])] = record
+        if "baseline" not in records:
+            raise ValueError(f"{directory / 'runs'} holds no baseline record: nothing to report")
+        seeds = sorted(records["baseline"]) if seeds is None else [int(s) for s in seeds]
+        order = ["baseline", *[r for r in records if base_row(r)[0] not in ("baseline", *CONTROLS)],
+                 *[r for c in CONTROLS for r in records if base_row(r)[0] == c]]
+        finished = [r for r in order if all(s in records[r] for s in seeds)]
+        notes = []
+        if len(finished) < len(order):
+            notes.append(f"partial: {', '.join(r for r in order if r not in finished)} not finished on every seed "
+                         f"{seeds}; no test until they are")
+        records = {r: {s: dict(records[r][s]) for s in seeds} for r in finished}
+        legacy = [r for r in records if base_row(r)[0] in CONTROLS and r != "equal"
+                  and not isinstance((records[r][seeds[0]].get("fingerprint") or {}).get("controls"), dict)]
+        for r in records:
+            for s in seeds:
+                rec = records[r][s]
+                rec.setdefault("diverged", None)
+                hist = rec.get("history")
+                if rec["diverged"] is None and isinstance(hist, list) and hist and r != "baseline":
+                    start = _last_accuracy(records["baseline"][s]) if base_row(r)[0] != "equal" else None
+                    rec["diverged"] = divergence(hist, start)  # the loss from the row's first epoch
+        if legacy:
+            notes.append(f"{', '.join(legacy)}: trained before the controls had their own settings (restarted at "
+                         f"the fine-tune lr with no warm-up and no clipping); kept as they ran")
+        controls = [c for c in CONTROLS if c in records]
+        trials = 1 + max([base_row(r)[1] for r in records] or [0])
+        recipes = [r for r in records if base_row(r)[0] not in ("baseline", *CONTROLS)]
+        chosen = _choose_on_val(records, recipes)
+        chosen_trials = {}
+        if trials > 1:
+            for side in ("encodenet", *[c for c in controls if c != "equal"]):
+                best = _choose_on_val(records, [trial_name(side, t) for t in range(trials)])
+                if best is not None:
+                    chosen_trials[side] = best
+        tests: Dict[str, Dict[int, float]] = {}
+        if len(finished) == len(order):
+            sealed = read_json(directory / "test.json") if (directory / "test.json").is_file() else {}
+            for r in declared_rows(list(records), chosen, chosen_trials):
+                values = [_sealed_test(sealed, records, r, s) for s in seeds]
+                if all(v is not None for v in values):
+                    tests[r] = dict(zip(seeds, values))
+        compute = read_json(directory / "compute.json") if (directory / "compute.json").is_file() else {
+            "extra_epochs": float("nan"), "note": "compute.json missing"}
+        config = (records.get("encodenet", {}).get(seeds[0], {}).get("fingerprint") or {}).get("config", {})
+        return cls(records=records, compute=compute, seeds=seeds, controls=controls, config=config, notes=notes,
+                   tests=tests, chosen=chosen, chosen_trials=chosen_trials, trials=trials,
+                   described=dict(described or {}), model_fn=model_fn, out_dir=directory)
+
+    # ---- rows and numbers
+    @property
+    def rows(self) -> List[str]:
+        return list(self.records)
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.tests)
+
+    def diverged(self, row: str) -> Optional[str]:
+        """Why `row` diverged on some seed ("seed 1: ..."), or None."""
+        notes = [f"seed {s}: {self.records[row][s]['diverged']}" for s in self.seeds
+                 if self.records[row][s].get("diverged")]
+        return "; ".join(notes) or None
+
+    def accuracy(self, row: str, split: str = "val") -> List[float]:
+        """The row's accuracy per seed on ``"val"`` or ``"test"`` (test: declared rows only)."""
+        if split == "test":
+            if row not in self.tests:
+                raise ValueError(f"{row!r} has no test accuracy: only the rows declared before the choice are "
+                                 f"tested ({', '.join(self.tests) or 'none: no test set'})")
+            return [self.tests[row][s] for s in self.seeds]
+        if split != "val":
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        return [self.records[row][s]["val_accuracy"] for s in self.seeds]
+
+    def extra_epochs(self, row: str) -> float:
+        return float(np.mean([self.records[row][s]["extra_epochs"] for s in self.seeds]))
+
+    @property
+    def best(self) -> str:
+        """The row with the highest mean validation accuracy among rows that did not diverge; a tie goes to
+        the row listed first (the baseline first, then the table's order)."""
+        return max((r for r in self.rows if not self.diverged(r)), key=lambda r: np.mean(self.accuracy(r)))
+
+    def _split(self, split: Optional[str]) -> str:
+        if split is None:
+            return "test" if self.has_test else "val"
+        if split not in ("val", "test") or (split == "test" and not self.has_test):
+            raise ValueError(f"split must be 'val' or 'test' (test only when compare got a test_loader), got {split!r}")
+        return split
+
+    def comparisons(self, split: Optional[str] = None, best_of: bool = False) -> Dict[str, Dict[str, Any]]:
+        """The EncodeNet row (the default; with `best_of`, the chosen one) minus the baseline and each control
+        (its default; with `best_of`, its chosen trial), paired over seeds on `split`, with Holm-corrected
+        p-values across these comparisons (``p_holm``). Diverged rows are left out."""
+        split = self._split(split)
+        mine = self.chosen_trials.get("encodenet", "encodenet") if best_of else "encodenet"
+        others = ["baseline"] + [self.chosen_trials.get(c, c) if best_of else c for c in self.controls]
+        others = [o for o in others if o in self.records and o != mine and not self.diverged(o)]
+        if mine not in self.records or self.diverged(mine):
+            return {}
+        out = {o: paired_difference(self.accuracy(mine, split), self.accuracy(o, split)) for o in others}
+        for o, p in zip(out, holm([d["p"] if d["n"] >= MIN_SEEDS else None for d in out.values()])):
+            out[o]["p_holm"] = p
+            out[o]["row"] = mine
+        return out
+
+    deltas = comparisons
+
+    @property
+    def verdict(self) -> str:
+        """Plain sentences: the default recipe (and, with trials, the best of k against the best of k) against
+        the baseline and each control, on test when there is one, else on validation."""
+        return self.verdict_on(None)
+
+    def verdict_on(self, split: Optional[str]) -> str:
+        """`verdict` on ``"val"`` or ``"test"`` accuracy."""
+        split = self._split(split)
+        n = len(self.seeds)
+        sentences = [self._sentence(split, best_of=False)]
+        if self.trials > 1 and self.chosen_trials:
+            sentences.append(self._sentence(split, best_of=True))
+        left_out = [f"{r} diverged ({self.diverged(r)}) and is left out" for r in self.rows if self.diverged(r)]
+        how = (f"{n} seeds, paired t-test, Holm-corrected" if n >= MIN_SEEDS else
+               f"{n} seed{'s' * (n != 1)}: means only; a test needs at least {MIN_SEEDS} seeds")
+        tail = f" [{split} accuracy, points, {how}]"
+        best = self.best
+        same_size = (f". The most accurate same-size model here, chosen on validation accuracy (a tie goes to the "
+                     f"baseline, then to the first row in the table), is {best!r}")
+        return " ".join(sentences) + tail + "".join(f". {x}" for x in left_out) + same_size
+
+    def _sentence(self, split: str, best_of: bool) -> str:
+        deltas = self.comparisons(split, best_of)
+        mine = self.chosen_trials.get("encodenet", "encodenet") if best_of else "encodenet"
+        who = (f"EncodeNet, best of {self.trials} on validation ({mine!r}) against each control's best of "
+               f"{self.trials}," if best_of else "EncodeNet (the default recipe)")
+        if not deltas:
+            why = ("has not finished on every seed yet" if mine not in self.records else
+                   f"diverged: {self.diverged(mine)}" if self.diverged(mine) else "has no other row to compare with")
+            return f"{who} {why}."
+        return f"{who} " + "; ".join(describe(d, d["p_holm"], o) for o, d in deltas.items()) + "."
+
+    # ---- reports
+    def table(self) -> str:
+        """Markdown: per row, what it is, extra compute (supervised epochs), validation mean ± std and, for the
+        declared rows, test mean ± std; diverged rows say so."""
+        test = self.has_test
+        head = "| row | what | extra epochs | val accuracy (%) |" + (" test accuracy (%) |" if test else "")
+        lines = [head, "|---|---|---:|---|" + ("---|" if test else "")]
+        for r in self.rows:
+            val = _pct(self.accuracy(r))
+            if self.diverged(r):
+                val += " (diverged)"
+            cells = [r + (" (chosen)" if r == self.chosen and r != "encodenet" else ""),
+                     row_what(r, self.described), f"{self.extra_epochs(r):.2f}", val]
+            if test:
+                cells.append(_pct(self.accuracy(r, "test")) if r in self.tests else "not tested (not declared)")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        split = self._split(None)
+        lines = ["# EncodeNet against same-size controls at equal extra compute", "",
+                 f"Seeds {self.seeds}. X = {self.compute['extra_epochs']:.2f} supervised epochs of FLOPs (the "
+                 f"recipe's extra compute; {self.compute['note']}). Validation chooses; test is read once, after "
+                 f"the choice, for the declared rows only.", "", self.table(), "",
+                 f"**Verdict:** {self.verdict}", ""]
+        for best_of in ((False, True) if self.trials > 1 and self.chosen_trials else (False,)):
+            deltas = self.comparisons(split, best_of)
+            lines += [f"Paired differences ({split} accuracy, points{', best of k' if best_of else ''}):", "",
+                      "| comparison | mean | 95% CI | per seed | p (Holm) | detectable |", "|---|---:|---|---|---:|---:|"]
+            for other, d in deltas.items():
+                ci = "" if d["ci"] is None or d["n"] < MIN_SEEDS else f"{100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
+                p = "" if d["p_holm"] is None else f"{d['p_holm']:.3f}"
+                det = "" if d["detectable"] is None else f"{100 * d['detectable']:.2f}"
+                lines.append(f"| {d['row']} - {other} | {100 * d['mean']:+.2f} | {ci} | "
+                             f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {p} | {det} |")
+            lines.append("")
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> Dict[str, Any]:
+        split = self._split(None)
+        return {"rows": {r: {"what": row_what(r, self.described), "diverged": self.diverged(r),
+                             "val": {**_mean_std(self.accuracy(r)), "per_seed": self.accuracy(r)},
+                             "test": ({**_mean_std(self.accuracy(r, "test")), "per_seed": self.accuracy(r, "test")}
+                                      if r in self.tests else None),
+                             "extra_epochs": self.extra_epochs(r)} for r in self.rows},
+                "deltas": {"split": split, **self.comparisons(split)},
+                "deltas_best_of": ({"split": split, **self.comparisons(split, True)}
+                                   if self.trials > 1 and self.chosen_trials else None),
+                "verdict": self.verdict, "best": self.best, "chosen": self.chosen,
+                "chosen_trials": self.chosen_trials, "trials": self.trials, "seeds": self.seeds,
+                "controls": self.controls, "compute": self.compute, "config": self.config, "notes": self.notes,
+                "versions": versions(), "machine": machine(),
+                "records": {r: {str(s): v for s, v in by_seed.items()} for r, by_seed in self.records.items()}}
+
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Write results.json (every number, config, versions, machine), results.md and accuracy_vs_compute.png."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / "results.json", self.to_dict())
+        write_atomic(directory / "results.md", lambda p: p.write_text(self.markdown()))
+        self.plot(directory / "accuracy_vs_compute.png")
+        return directory
+
+    def plot(self, path: Union[str, Path]) -> None:
+        """One line per row: each seed's accuracy (dots) and the mean ± std (bar), on the split the verdict
+        uses (rows without a test accuracy are shown on validation, marked); the extra compute in each label."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        split = self._split(None)
+        rows = list(reversed(self.rows))  # the table's first row on top
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+        for y, r in enumerate(rows):
+            on = split if (split == "val" or r in self.tests) else "val"
+            acc = 100 * np.asarray(self.accuracy(r, on))
+            control = r == "baseline" or base_row(r)[0] in CONTROLS
+            color = "tab:red" if self.diverged(r) else "tab:gray" if control else "tab:blue"
+            ax.scatter(acc, [y] * len(acc), s=14, color=color, alpha=0.6, zorder=3)
+            std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+            ax.errorbar(acc.mean(), y, xerr=std, fmt="D" if on == split else "o", mfc="white" if on != split else color,
+                        color=color, capsize=3, zorder=4)
+        labels = [f"{r}  (+{self.extra_epochs(r):.1f} ep){'' if split == 'val' or r in self.tests else '  [val]'}"
+                  f"{'  [diverged]' if self.diverged(r) else ''}" for r in rows]
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.set_xlabel(f"{'test' if split == 'test' else 'validation'} accuracy (%): dots = seeds, diamond = mean ± std")
+        ax.set_title(f"EncodeNet vs same-size controls at equal extra compute ({len(self.seeds)} seed"
+                     f"{'s' * (len(self.seeds) != 1)}, {split})", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def model(self, row: Optional[str] = None, seed: Optional[int] = None) -> nn.Module:
+        """That row's trained model (default: `best`, first seed) as a plain timm model, on CPU, eval mode."""
+        row = row or self.best
+        seed = self.seeds[0] if seed is None else seed
+        if row not in self.records or seed not in self.records[row]:
+            raise ValueError(f"no trained model for row {row!r} seed {seed}; rows: {self.rows}, seeds: {self.seeds}")
+        if self.model_fn is None:
+            raise ValueError("this result holds no model_fn to build the model with; pass model_fn to compare "
+                             "(or set result.model_fn)")
+        state = self._weights.get((row, seed))
+        if state is None:
+            path = None if self.out_dir is None else weights_path(self.out_dir, row, seed)
+            if path is None or not path.is_file():
+                raise ValueError(f"the weights of {row!r} seed {seed} were not kept ({path or 'no out_dir'})")
+            state = load_file(str(path))
+        seed_everything(seed)
+        model = deepcopy(self.model_fn())
+        model.load_state_dict(state)
+        return model.cpu().eval()
+
+
+# rows of comparisons written before compare named its controls as it does now
+_LEGACY_NAMES = {"baseline_continued": "continued", "baseline_equal": "equal"}
+
+
+def _last_accuracy(record: Dict[str, Any]) -> Optional[float]:
+    hist = record.get("history")
+    return hist[-1].get("accuracy") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
+
+
+def _choose_on_val(records: Dict[str, Dict[int, Dict[str, Any]]], candidates: Sequence[str]) -> Optional[str]:
+    """The candidate with the highest mean validation accuracy (diverged rows never; a tie goes to the first)."""
+    ok = [r for r in candidates if r in records and not any(v.get("diverged") for v in records[r].values())]
+    return max(ok, key=lambda r: np.mean([v["val_accuracy"] for v in records[r].values()])) if ok else None
+
+
+def _sealed_test(sealed: Dict[str, Any], records: Dict[str, Dict[int, Dict[str, Any]]], row: str,
+                 seed: int) -> Optional[float]:
+    """A declared row's test accuracy from test.json (its current or its older layout), else from a record
+    that measured it blind at its end; None when neither has it."""
+    tested = sealed.get("test") or sealed.get("test_accuracy") or {}
+    names = [row] + [old for old, new in _LEGACY_NAMES.items() if new == row]
+    for name in names:
+        value = (tested.get(name) or {}).get(str(seed))
+        if value is not None:
+            return float(value)
+    value = records[row][seed].get("test_accuracy")
+    return None if value is None else float(value)
+
+
+def _mean_std(values: Sequence[float]) -> Dict[str, float]:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def _pct(values: Sequence[float]) -> str:
+    v = 100 * np.asarray(values, dtype=float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
