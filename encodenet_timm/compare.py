@@ -22,386 +22,35 @@ declared before it (`result.declared_rows`); it is written to ``test.json`` apar
 A row whose training diverges (`controls.divergence`) is marked and left out of the verdict. A baseline
 that looks untrained (validation accuracy near chance) is refused unless ``allow_untrained_baseline``.
 """
-import dataclasses
-import json
 import logging
-import math
-import time
 from contextlib import contextmanager, nullcontext
-from copy import deepcopy
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
-import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
-from timm.task import ClassificationTask, LogitDistillationTask
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.data import DataLoader
 
 from . import distributed
-from .checks import check_batch, check_data, check_loader
+from .checks import check_data, check_loader
+from .compute import count_compute
 from .config import ControlsConfig, EncodeNetConfig
-from .controls import RowCheckpoints, budget_loader, divergence, non_finite, train_row
 from .env import precision
-from .errors import NonFiniteLossError, RunDirInUseError
-from .files import DirLock, read_json, write_atomic, write_json
+from .errors import RunDirInUseError
+from .files import DirLock, read_json, write_json
 from .loaders import readable
-from .result import (CONTROLS, TRIAL_FACTORS, CompareResult, _choose_on_val, base_row, declared_rows, record_path,
-                     trial_name, weights_path)
+from .result import CONTROLS, TRIAL_FACTORS, CompareResult, _choose_on_val, base_row, declared_rows, trial_name
+from .rows import Rows
 from .split import check_timm_classifier
 from .stats import paired_difference
 from .stopping import StopSignals
-from .training import LoopOptions, evaluate, resolve_device, seed_everything
+from .training import evaluate, resolve_device
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["compare", "count_compute", "paired_difference", "CompareResult", "CONTROLS", "UNTRAINED_MARGIN"]
 
 _logger = logging.getLogger(__name__)
 
-# offsets from the row's seed for the controls' random streams (EncodeNet's stages use 0..4)
-_SEED_OFFSET = {"continued": 10, "kd": 11, "equal": 12}
 UNTRAINED_MARGIN = 0.05  # a baseline within this much of chance accuracy (1 / num_classes) is refused
-_RUNTIME_KEYS = ("seed", "device", "progress")  # config keys that do not change what a row computes
-
-
-# ---- compute ---------------------------------------------------------------------------------------------
-def _flops(fn: Callable[[], Any]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def _counting_loader(loader: DataLoader, num_classes: int) -> DataLoader:
-    """One batch of real images from `loader.dataset` (the first ``max(num_classes, 2)``, cycled when the
-    set is smaller), labelled ``i % num_classes`` so that every class has one image: FLOPs per image do
-    not depend on the labels, and one cluster per class keeps the count cheap."""
-    dataset = loader.dataset
-    n = max(num_classes, 2)
-    first = next(iter(DataLoader(dataset, batch_size=min(n, len(dataset)), collate_fn=loader.collate_fn)))[0]
-    x = first.repeat(math.ceil(n / len(first)), 1, 1, 1)[:n]  # (n, C, H, W)
-    y = torch.arange(n) % num_classes
-    return DataLoader(TensorDataset(x, y), batch_size=n)
-
-
-def count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: DataLoader, *,
-                  kd_temperature: float = 4.0, kd_task_loss_weight: float = 0.3) -> Dict[str, Any]:
-    """Per-image FLOPs (forward + backward, `FlopCounterMode`) of a supervised step, a kd step and one epoch
-    of each EncodeNet stage under `config`, measured by running the real stage code on one batch of real
-    images; and the recipe's extra compute in supervised epochs.
-
-    Returns:
-        ``{"train_step", "kd_step", "per_image_per_epoch": {features, autoencoder, transfer, finetune},
-        "extra_epochs", "note"}``; FLOPs are per image. k-means and evaluation passes are not counted.
-    """
-    with _quiet():  # a count, not a training run: the stages' own logging stays out of the way
-        return _count_compute(model, config, train_loader, kd_temperature=kd_temperature,
-                              kd_task_loss_weight=kd_task_loss_weight)
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """The package's INFO logging held back (warnings still show) while FLOPs are counted, also from its
-    loggers that were given their own level."""
-    names = ["encodenet_timm"] + [n for n in logging.root.manager.loggerDict if n.startswith("encodenet_timm.")]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg, level in zip(loggers, levels):
-        if lg is loggers[0] or level:  # NOTSET children follow the package logger
-            lg.setLevel(max(logging.WARNING, level))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: DataLoader, *,
-                   kd_temperature: float, kd_task_loss_weight: float) -> Dict[str, Any]:
-    loader = _counting_loader(train_loader, model.num_classes)
-    x, y = next(iter(loader))
-    n = len(x)
-    probe = deepcopy(model).cpu()
-    train_step = _flops(lambda: ClassificationTask(probe, verbose=False)(x, y)["loss"].backward()) / n
-    kd = LogitDistillationTask(probe, teacher_model=deepcopy(probe).requires_grad_(False), verbose=False,
-                               temperature=kd_temperature, task_loss_weight=kd_task_loss_weight)
-    kd_step = _flops(lambda: kd(x, y)["loss"].backward()) / n
-    stages = ("autoencoder", "transfer", "finetune")
-    one = config.override({"device": "cpu", "progress": False, "channels_last": False, "compile": False,
-                           "amp": "none", "representatives.clusters_per_class": 1,
-                           "representatives.feature_store": None,
-                           **{f"{s}.epochs": min(1, getattr(config, s).epochs) for s in stages},
-                           **{f"{s}.warmup_epochs": 0 for s in stages}})  # FLOPs do not depend on the schedule
-    w = EncodeNetWrapper(probe, one)
-    w.decoder  # built (and its own FLOPs probed) outside the counters below
-    per_epoch = {"features": _flops(lambda: w.select_representatives(loader)) / n}
-    for s in stages:
-        fit = getattr(w, f"fit_{s}")
-        per_epoch[s] = _flops(lambda: fit(loader)) / n if getattr(one, s).epochs else 0.0
-    extra = per_epoch["features"] + sum(per_epoch[s] * getattr(config, s).epochs for s in stages)
-    return {"train_step": train_step, "kd_step": kd_step, "per_image_per_epoch": per_epoch,
-            "extra_epochs": extra / train_step,
-            "note": "FLOPs per image (matmul/conv/attention, forward + backward) from FlopCounterMode over one "
-                    "epoch of each stage's real code on one batch of real images; k-means and evaluation are "
-                    "not counted"}
-
-
-# ---- what each row depends on --------------------------------------------------------------------------
-def _recipe(config_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """An EncodeNet row's settings: its config without the runtime keys and the baseline's section."""
-    return {k: v for k, v in config_dict.items() if k not in (*_RUNTIME_KEYS, "baseline")}
-
-
-def _settled(config_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """`config_dict` read back through `EncodeNetConfig`: a key added since a record was written counts at its
-    default, so committed records stay valid; a key since removed is kept as it is (it then differs)."""
-    try:
-        return EncodeNetConfig.from_dict(config_dict).to_dict()
-    except (ValueError, TypeError):
-        return config_dict
-
-
-def _row_fingerprint(common: Dict[str, Any], row: str, *, config: EncodeNetConfig,
-                     recipe: Optional[EncodeNetConfig] = None, controls: Optional[ControlsConfig] = None,
-                     X: Optional[float] = None) -> Dict[str, Any]:
-    """What the row's result depends on besides its seed: the model, the data's sizes, the precision and
-    memory format, the baseline's schedule, and the row's own settings (recipe / controls, lr factor, X)."""
-    fp = {**common, "baseline": _settled(config.to_dict())["baseline"], "row": base_row(row)[0]}
-    kind, trial = base_row(row)
-    if kind == "baseline":
-        return fp
-    if recipe is not None:
-        return {**fp, "row": "encodenet", "recipe": _recipe(_settled(recipe.to_dict()))}
-    if kind == "equal":
-        return {**fp, "X": X}
-    return {**fp, "row": "continued" if kind == "ema" else kind, "controls": controls.to_dict(),
-            "lr_factor": TRIAL_FACTORS[trial], "X": X}
-
-
-def _projected(fingerprint: Any, row: str) -> Any:
-    """A record's fingerprint as `_row_fingerprint` writes it. Records written before per-row fingerprints
-    held the whole comparison's settings; their part that the row depends on is read out of them
-    (their controls had no `ControlsConfig`, so old control rows never match and train again)."""
-    if not isinstance(fingerprint, dict) or "config" not in fingerprint:
-        return fingerprint
-    config = _settled(fingerprint["config"])
-    data = fingerprint.get("data") or {}
-    fp = {"model": fingerprint.get("model"), "params": fingerprint.get("params"),
-          "num_classes": fingerprint.get("num_classes"), "data": {"train": data.get("train"), "val": data.get("val")},
-          "precision": "fp32",  # compare autocast on CUDA only then; these rows ran on CPU
-          "channels_last": config.get("channels_last"), "baseline": config.get("baseline"), "row": base_row(row)[0]}
-    kind = base_row(row)[0]
-    if kind == "baseline":
-        return fp
-    if kind == "encodenet" or kind in (fingerprint.get("variants") or {}):
-        source = config if kind == "encodenet" else _settled(fingerprint["variants"][kind])
-        return {**fp, "row": "encodenet", "recipe": _recipe(source)}
-    if kind == "equal":  # from scratch on the baseline's schedule: it never read the controls' settings
-        return {**fp, "X": fingerprint.get("X")}
-    return {**fp, "legacy_controls": [fingerprint.get("kd"), fingerprint.get("ema_decay")]}
-
-
-# ---- rows ------------------------------------------------------------------------------------------------
-class _Rows:
-    """Trains one (row, seed) at a time; each finished one is written to `out_dir` (or kept in memory).
-    With `out_dir` a row in progress keeps checkpoints in ``out_dir/checkpoints/<row>-seed<k>``."""
-
-    def __init__(self, model_fn, train_loader, val_loader, config: EncodeNetConfig, controls: ControlsConfig, *,
-                 plain_loader, out_dir: Optional[Path], compute: Dict[str, Any], common: Dict[str, Any],
-                 recipes: Dict[str, EncodeNetConfig], checkpoint_every: int, stop: Optional[StopSignals] = None):
-        self.model_fn, self.train, self.val, self.plain = model_fn, train_loader, val_loader, plain_loader
-        self.config, self.controls, self.out_dir, self.compute = config, controls, out_dir, compute
-        self.common, self.recipes, self.checkpoint_every, self.stop = common, recipes, checkpoint_every, stop
-        self.device = resolve_device(config.device)
-        self.n = len(train_loader.dataset)
-        self.weights: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
-        self.records: Dict[str, Dict[int, Dict[str, Any]]] = {}
-
-    def fingerprint(self, row: str) -> Dict[str, Any]:
-        return _row_fingerprint(self.common, row, config=self.config, recipe=self.recipes.get(row),
-                                controls=self.controls, X=self.compute["extra_epochs"])
-
-    # -- storage
-    def done(self, row: str, seed: int) -> bool:
-        if row in self.records and seed in self.records[row]:
-            return True
-        if self.out_dir is None:
-            return False
-        path = record_path(self.out_dir, row, seed)
-        if not path.is_file():  # its weights may be absent (not committed): rows that start from it say so
-            return False
-        record = read_json(path)
-        if _projected(record.get("fingerprint"), row) != self.fingerprint(row):
-            raise ValueError(f"{path} was made with other settings (model, data, precision, the baseline's schedule "
-                             f"or the row's own); use another out_dir, or delete that record (and "
-                             f"{self.out_dir / 'checkpoints'}) to train the row again")
-        self.records.setdefault(row, {})[seed] = record
-        return True
-
-    def checkpoints(self, row: str, seed: int) -> RowCheckpoints:
-        directory = None if self.out_dir is None else self.out_dir / "checkpoints" / f"{row}-seed{seed}"
-        return RowCheckpoints(directory, row, self.fingerprint(row))
-
-    def _finish(self, row: str, seed: int, model: nn.Module, record: Dict[str, Any]) -> None:
-        """Evaluate on validation (never test: see `test_rows`), write the record and the weights."""
-        metrics = evaluate(model, self.val, self.device, channels_last=self.config.channels_last, amp=self.config.amp)
-        record = {"row": row, "seed": seed, "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
-                  "precision": precision(self.device, self.config.amp), "diverged": None, **record}
-        state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
-        if self.out_dir is not None:
-            record["fingerprint"] = self.fingerprint(row)
-            write_atomic(weights_path(self.out_dir, row, seed), lambda p: save_file(state, str(p)))
-            write_json(record_path(self.out_dir, row, seed), record)
-            self.checkpoints(row, seed).remove()
-        else:
-            self.weights[(row, seed)] = state
-        self.records.setdefault(row, {})[seed] = record
-        _logger.info("compare: %s seed %d: val %.4f (extra %.2f epochs, %.0f s)%s", row, seed, record["val_accuracy"],
-                     record["extra_epochs"], record["seconds"],
-                     f"; DIVERGED: {record['diverged']}" if record["diverged"] else "")
-
-    def load(self, row: str, seed: int) -> nn.Module:
-        """A fresh model holding `row`'s finished weights for `seed`, on the device."""
-        state = self.weights.get((row, seed))
-        if state is None:
-            path = weights_path(self.out_dir, row, seed)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing but {record_path(self.out_dir, row, seed)} says the row "
-                                        f"finished; delete that record to train the row again")
-            state = load_file(str(path))
-        model = self.fresh(seed)
-        model.load_state_dict(state)
-        return model.to(self.device)
-
-    def fresh(self, seed: int) -> nn.Module:
-        """``model_fn()`` after seeding with `seed`; a copy, so that a model_fn returning one trained
-        model is never changed in place."""
-        seed_everything(seed)
-        return deepcopy(check_timm_classifier(self.model_fn()))
-
-    def _prepare(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
-
-    def _check(self, model: nn.Module):
-        in_chans = getattr(model, "in_chans", None) or self.train.dataset[0][0].shape[0]
-        return lambda x, y: check_batch(x, y, num_classes=model.num_classes, in_chans=in_chans)
-
-    def _train(self, task, model: nn.Module, cfg, images: float, row: str, seed: int, modules=None):
-        """`images` images of training (exact, see `budget_loader`) under `cfg`, on the row's own random stream
-        (`_SEED_OFFSET`): (history, images trained, why it diverged or None)."""
-        kind = base_row(row)[0]
-        stream = seed + _SEED_OFFSET["continued" if kind == "ema" else kind]
-        loader, epochs = budget_loader(self.train, images, stream)
-        c = self.config
-        seed_everything(stream)
-        options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
-                              compile=c.compile)
-        try:
-            hist = train_row(task, loader, dataclasses.replace(cfg, epochs=epochs), row=row, seed=stream,
-                             options=options, check=self._check(model), checkpoints=self.checkpoints(row, seed),
-                             checkpoint_every=self.checkpoint_every, modules=modules, stop=self.stop)
-            bad = None
-        except NonFiniteLossError as e:  # recorded as diverged, with the weights of its last finite step
-            hist, bad = [], non_finite(e)
-        return hist, epochs * len(loader.sampler), bad
-
-    def _start(self, seed: int, same_loss: bool) -> Dict[str, Optional[float]]:
-        """Where a row that continues the baseline starts: its last epoch's training accuracy and, when the
-        row trains the same loss (`same_loss`), its training loss (`controls.divergence`)."""
-        hist = self.records["baseline"][seed].get("history") or []
-        last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
-        return {"start_accuracy": last.get("accuracy"), "start_loss": last.get("loss") if same_loss else None}
-
-    # -- the rows
-    def baseline(self, seed: int) -> None:
-        start = time.perf_counter()
-        model = self._prepare(self.fresh(seed))
-        hist, bad = [], None
-        if self.config.baseline.epochs > 0:  # as EncodeNetWrapper.fit_baseline trains it: task, seed, weights
-            seed_everything(seed)
-            model.requires_grad_(True)
-            task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.config.baseline.smoothing),
-                                      device=self.device, verbose=False)
-            options = LoopOptions(self.device, amp=self.config.amp, channels_last=self.config.channels_last,
-                                  progress=self.config.progress, compile=self.config.compile)
-            try:
-                hist = train_row(task, self.train, self.config.baseline, row="baseline", seed=seed, options=options,
-                                 check=self._check(model), checkpoints=self.checkpoints("baseline", seed),
-                                 checkpoint_every=self.checkpoint_every, stop=self.stop)
-            except NonFiniteLossError as e:
-                bad = non_finite(e)
-            bad = bad or divergence(hist, images=len(self.train.dataset))
-        self._finish("baseline", seed, model, {"extra_epochs": 0.0, "history": hist, "diverged": bad,
-                                               "seconds": time.perf_counter() - start})
-
-    def encodenet(self, row: str, seed: int) -> None:
-        start = time.perf_counter()
-        cfg = self.recipes[row].override({"seed": seed, "baseline.epochs": 0})
-        wrapper = EncodeNetWrapper(self.load("baseline", seed), cfg, copy=False)
-        run_dir = None if self.out_dir is None else self.checkpoints(row, seed).dir.path
-        bad = None
-        try:
-            hist = wrapper.fit(self.train, plain_loader=self.plain, run_dir=run_dir,
-                               resume=run_dir is not None and (run_dir / "run.json").is_file(),
-                               checkpoint_every=self.checkpoint_every if run_dir is not None else 0)
-        except NonFiniteLossError as e:
-            hist, bad = {}, non_finite(e)
-        hist = {k: v for k, v in hist.items() if isinstance(v, list)}
-        bad = bad or next(filter(None, (divergence(hist.get(s, []), images=self.n) for s in ("transfer", "finetune"))),
-                          None)
-        extra = self.compute["variants"].get(row, self.compute["extra_epochs"])
-        self._finish(row, seed, wrapper.model, {"extra_epochs": extra, "history": hist, "diverged": bad,
-                                                "seconds": time.perf_counter() - start})
-
-    def continued(self, seed: int, trial: int, rows: Sequence[str]) -> None:
-        """The baseline trained on for X epochs; `rows` says which of continued and ema (trial names) to record."""
-        start = time.perf_counter()
-        model = self._prepare(self.load("baseline", seed))
-        task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.controls.smoothing),
-                                  device=self.device, verbose=False)
-        task.setup_ema(decay=self.controls.ema_decay, use_warmup=True, warmup_power=0.75, device=self.device)
-        ema = task.get_trainable_module(ema=True)
-        name = trial_name("continued", trial)
-        hist, images, bad = self._train(task, model, self.controls.stage(1, TRIAL_FACTORS[trial]),
-                                        self.compute["extra_epochs"] * self.n, name, seed,
-                                        modules={"model": model, "ema": ema})
-        same_loss = self.controls.smoothing == self.config.baseline.smoothing
-        bad = bad or divergence(hist, images=images // max(len(hist), 1), **self._start(seed, same_loss))
-        record = {"extra_epochs": images / self.n, "history": hist, "diverged": bad,
-                  "seconds": time.perf_counter() - start}
-        if name in rows:
-            self._finish(name, seed, model, dict(record))
-        if trial_name("ema", trial) in rows:
-            self._finish(trial_name("ema", trial), seed, ema.module, dict(record))
-
-    def kd(self, seed: int, trial: int) -> None:
-        start = time.perf_counter()
-        teacher = self._prepare(self.load("baseline", seed)).eval().requires_grad_(False)
-        student = self._prepare(self.load("baseline", seed))
-        c = self.controls
-        task = LogitDistillationTask(student, teacher_model=teacher, device=self.device, verbose=False,
-                                     temperature=c.kd_temperature, task_loss_weight=c.kd_task_loss_weight)
-        ratio = self.compute["kd_step"] / self.compute["train_step"]  # one kd image costs this many supervised ones
-        name = trial_name("kd", trial)
-        hist, images, bad = self._train(task, student, c.stage(1, TRIAL_FACTORS[trial]),
-                                        self.compute["extra_epochs"] * self.n / ratio, name, seed)
-        bad = bad or divergence(hist, images=images // max(len(hist), 1), **self._start(seed, same_loss=False))
-        self._finish(name, seed, student, {"extra_epochs": images * ratio / self.n, "history": hist, "diverged": bad,
-                                           "seconds": time.perf_counter() - start})
-
-    def equal(self, seed: int) -> None:
-        start = time.perf_counter()
-        model = self._prepare(self.fresh(seed))
-        task = ClassificationTask(model, criterion_kwargs=dict(smoothing=self.config.baseline.smoothing),
-                                  device=self.device, verbose=False)
-        E = self.config.baseline.epochs
-        hist, images, bad = self._train(task, model, self.config.baseline, (E + self.compute["extra_epochs"]) * self.n,
-                                        "equal", seed)
-        bad = bad or divergence(hist, images=images // max(len(hist), 1))
-        self._finish("equal", seed, model, {"extra_epochs": images / self.n - E, "history": hist, "diverged": bad,
-                                            "seconds": time.perf_counter() - start})
 
 
 @contextmanager
@@ -423,7 +72,7 @@ def _seed_lock(out: Optional[Path], seed: int, todo: Sequence[str]) -> Iterator[
         lock.release()
 
 
-def _check_trained(runner: _Rows, seed: int, allow: bool) -> None:
+def _check_trained(runner: Rows, seed: int, allow: bool) -> None:
     """Refuse a baseline whose validation accuracy is within `UNTRAINED_MARGIN` of chance."""
     acc = runner.records["baseline"][seed]["val_accuracy"]
     chance = 1.0 / runner.common["num_classes"]
@@ -435,7 +84,7 @@ def _check_trained(runner: _Rows, seed: int, allow: bool) -> None:
                          f"allow_untrained_baseline=True if this is intended")
 
 
-def _run_seed(runner: _Rows, seed: int, rows: Sequence[str], allow_untrained: bool) -> None:
+def _run_seed(runner: Rows, seed: int, rows: Sequence[str], allow_untrained: bool) -> None:
     """Every row of `rows` for `seed` not finished yet (a record another process wrote counts as finished)."""
     finished = [r for r in rows if runner.done(r, seed)]
     todo = [r for r in rows if r not in finished]
@@ -461,7 +110,7 @@ def _run_seed(runner: _Rows, seed: int, rows: Sequence[str], allow_untrained: bo
             runner.equal(seed)
 
 
-def _test_rows(runner: _Rows, test_loader: DataLoader, rows: Sequence[str], seeds: Sequence[int],
+def _test_rows(runner: Rows, test_loader: DataLoader, rows: Sequence[str], seeds: Sequence[int],
                out: Optional[Path], choice: Dict[str, Any]) -> Dict[str, Dict[int, float]]:
     """Test accuracy of the declared `rows`, once, after the choice: read from ``test.json`` when it holds
     them for the same choice, from a record that measured it blind at its end (records written before the
@@ -601,7 +250,7 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
     # with out_dir, SIGTERM/SIGINT finish the step, checkpoint the row and raise Interrupted (fit's own
     # handlers take over inside an EncodeNet row)
     stop = StopSignals() if out is not None else None
-    runner = _Rows(model_fn, train_loader, val_loader, config, controls_config, plain_loader=plain_loader,
+    runner = Rows(model_fn, train_loader, val_loader, config, controls_config, plain_loader=plain_loader,
                    out_dir=out, compute=compute, common=common, recipes=recipes, checkpoint_every=checkpoint_every,
                    stop=stop)
     # every row needs its seed's baseline: it trains first whenever another row is asked for

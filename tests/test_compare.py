@@ -16,6 +16,7 @@ from encodenet_timm.compare import CompareResult, count_compute
 from encodenet_timm.config import ControlsConfig
 
 compare_mod = importlib.import_module("encodenet_timm.compare")  # the package's `compare` is the function
+rows_mod = importlib.import_module("encodenet_timm.rows")
 wrapper_mod = importlib.import_module("encodenet_timm.wrapper")
 N_TRAIN = 120
 
@@ -122,8 +123,8 @@ def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monke
         return run
 
     for name in ("baseline", "encodenet", "continued", "kd", "equal"):
-        monkeypatch.setattr(compare_mod._Rows, name, counted(name, getattr(compare_mod._Rows, name)))
-    monkeypatch.setattr(compare_mod, "evaluate", lambda *a, **k: {"accuracy": 0.5, "loss": 1.0})  # no FLOPs
+        monkeypatch.setattr(rows_mod.Rows, name, counted(name, getattr(rows_mod.Rows, name)))
+    monkeypatch.setattr(rows_mod, "evaluate", lambda *a, **k: {"accuracy": 0.5, "loss": 1.0})  # no FLOPs
     res = compare(_model, train, val, config=_config(**{"autoencoder.epochs": 2}), seeds=(0,), **TOY)
     c = res.compute
     per_epoch = c["train_step"] * N_TRAIN
@@ -227,15 +228,15 @@ def test_a_record_made_before_a_config_key_existed_stays_valid():
     old = {"model": "m", "params": 5, "num_classes": 10, "data": {"train": 100, "val": 50, "test": 70},
            "config": old_config, "variants": {"v": old_config}, "controls": ["kd"], "kd": [4.0, 0.3],
            "ema_decay": 0.9998, "X": 2.0}
-    fp = lambda row, **kw: compare_mod._row_fingerprint(common, row, config=config, **kw)
-    assert compare_mod._projected(old, "baseline") == fp("baseline")
-    assert compare_mod._projected(old, "encodenet") == fp("encodenet", recipe=config)
-    assert compare_mod._projected(old, "v") == fp("v", recipe=config)
-    assert compare_mod._projected(old, "kd") != fp("kd", controls=ControlsConfig(), X=2.0)
+    fp = lambda row, **kw: rows_mod.row_fingerprint(common, row, config=config, **kw)
+    assert rows_mod.projected(old, "baseline") == fp("baseline")
+    assert rows_mod.projected(old, "encodenet") == fp("encodenet", recipe=config)
+    assert rows_mod.projected(old, "v") == fp("v", recipe=config)
+    assert rows_mod.projected(old, "kd") != fp("kd", controls=ControlsConfig(), X=2.0)
     changed = {**old, "config": {**old_config, "transfer": {**old_config["transfer"], "lr": 0.5}}}
-    assert compare_mod._projected(changed, "baseline") == fp("baseline")  # a recipe key: not the baseline's
-    assert compare_mod._projected(changed, "encodenet") != fp("encodenet", recipe=config)
-    assert compare_mod._projected(None, "baseline") is None
+    assert rows_mod.projected(changed, "baseline") == fp("baseline")  # a recipe key: not the baseline's
+    assert rows_mod.projected(changed, "encodenet") != fp("encodenet", recipe=config)
+    assert rows_mod.projected(None, "baseline") is None
 
 
 def test_a_seed_another_process_is_training_is_refused_before_training(loaders, tmp_path, monkeypatch):
@@ -259,7 +260,7 @@ def test_a_seed_another_process_is_training_is_refused_before_training(loaders, 
     child.start()
     try:
         assert held.wait(60)
-        monkeypatch.setattr(compare_mod._Rows, "baseline", lambda *a: pytest.fail("trained a locked seed"))
+        monkeypatch.setattr(rows_mod.Rows, "baseline", lambda *a: pytest.fail("trained a locked seed"))
         with pytest.raises(RunDirInUseError, match=rf"seed 0 of .*cmp is being trained by another process.*"
                                                    rf"process {child.pid}"):
             compare(_model, train, val, config=_config(), controls=("continued",), seeds=(0,),
@@ -369,7 +370,7 @@ def test_a_diverging_row_is_marked_and_left_out_of_the_verdict(loaders, one_thre
 
 def test_an_untrained_baseline_is_refused_before_any_other_row(loaders, monkeypatch):
     train, val, _ = loaders
-    monkeypatch.setattr(compare_mod._Rows, "encodenet", lambda *a: pytest.fail("trained from a random baseline"))
+    monkeypatch.setattr(rows_mod.Rows, "encodenet", lambda *a: pytest.fail("trained from a random baseline"))
     with pytest.raises(ValueError, match=r"looks untrained.*--baseline.epochs N.*allow_untrained_baseline=True"):
         compare(_model, train, val, config=_config(**{"baseline.epochs": 0}), controls=("continued",), seeds=(0,))
 

@@ -20,7 +20,8 @@ ORDER = [
     "feature_store", "clustering", "representatives",  # the representatives step, in its order
     "tasks", "training",                         # stage modules and tasks; the one loop
     "checkpoint", "wrapper",                     # run directories and checkpoints; the stages in order
-    "controls", "result", "compare",             # the controls' training; a comparison's report; the comparison
+    "controls", "result",                        # a resumable supervised row, its guard; a comparison's result
+    "compute", "rows", "compare",                # the recipe's cost; each row's training; the comparison
     "compat", "plots", "data", "cli",            # check_model; pictures; the CLI's datasets; the command
 ]
 
