@@ -282,9 +282,10 @@ def evidence(ctx) -> Dict:
 
 
 def validate(ctx):
+    rows = ctx["args"].rows.split(",") if ctx["args"].rows else None
     for seed in ctx["args"].seeds:  # one seed at a time: every row of a seed finishes before the next seed
-        run_compare(ctx, [seed])
-    return run_compare(ctx, ctx["args"].seeds)
+        run_compare(ctx, [seed], rows=rows)
+    return run_compare(ctx, ctx["args"].seeds, rows=rows)
 
 
 def load_result(ctx) -> CompareResult:
@@ -395,6 +396,7 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--variants", default=None, help="comma-separated variant rows (default: the regime's)")
     p.add_argument("--epochs", type=int, nargs="+", default=None,
                    help="converge phase: train these lengths (default: the regime's convergence_epochs)")
+    p.add_argument("--rows", default=None, help="validate: train only these rows (comma-separated; default all)")
     p.add_argument("--trials", type=int, default=1, help="validation trials per side (compare's trials)")
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="optimizer steps between checkpoints inside a row (a stopped process loses at most these)")

@@ -268,6 +268,9 @@ class ControlsConfig(_Config):
     kd_temperature: float = 4.0      # timm LogitDistillationTask temperature (student in train mode,
                                      # teacher = the baseline in eval mode, as timm's train.py runs it)
     kd_task_loss_weight: float = 0.3  # weight of the cross-entropy; the KL term gets 1 - this
+    kd_student_bn: str = "eval"      # the student's BatchNorm: "eval" (the baseline's running statistics, frozen,
+                                     # as the teacher's: chosen on validation, see docs/compare.md) or "train"
+                                     # (batch statistics, as timm's train.py)
 
     def __post_init__(self):
         for key in ("lr", "kd_temperature", "ema_decay"):
@@ -275,6 +278,8 @@ class ControlsConfig(_Config):
                 _fail(f"controls.{key}", "> 0", getattr(self, key))
         if not 0 <= self.kd_task_loss_weight <= 1:
             _fail("controls.kd_task_loss_weight", "in [0, 1]", self.kd_task_loss_weight)
+        if self.kd_student_bn not in ("train", "eval"):
+            _fail("controls.kd_student_bn", "'train' or 'eval'", self.kd_student_bn)
         if not self.ema_decay < 1:
             _fail("controls.ema_decay", "< 1", self.ema_decay)
         if self.warmup_epochs < 0 or (self.clip_grad is not None and self.clip_grad <= 0):

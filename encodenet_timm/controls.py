@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.task import LogitDistillationTask
 from torch.utils.data import DataLoader, RandomSampler
 
 from .checkpoint import RunDir
@@ -31,12 +32,35 @@ from .files import load_state_into, read_json
 from .stopping import StopSignals
 from .training import LoopOptions, TrainState, train_stage
 
-__all__ = ["budget_loader", "RowCheckpoints", "train_row", "divergence"]
+__all__ = ["budget_loader", "RowCheckpoints", "train_row", "divergence", "DistillationTask"]
 
 _logger = logging.getLogger(__name__)
 
 LOSS_RISE = 1.5      # a row whose epoch loss exceeds LOSS_RISE x its first epoch's (+ 0.05) diverged
 ACCURACY_DROP = 0.02  # ... or whose training accuracy falls this far below where it started
+
+
+class DistillationTask(LogitDistillationTask):
+    """timm's `LogitDistillationTask` (teacher in eval mode, KL at `temperature` plus the task loss), with the
+    student's BatchNorm in train mode (``student_bn="train"``, timm's own behaviour) or kept in eval mode
+    (``"eval"``: the running statistics the student started with are used and not updated, as in the
+    teacher; its affine weights still train). From a converged teacher that is also the student's start,
+    "eval" makes the KL term exactly 0 at the first step; "train" does not (batch statistics differ from
+    running ones), so its KD gradient does not vanish at convergence."""
+
+    def __init__(self, *args: Any, student_bn: str = "train", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if student_bn not in ("train", "eval"):
+            raise ValueError(f"student_bn must be 'train' or 'eval', got {student_bn!r}")
+        self.student_bn = student_bn
+
+    def train(self, mode: bool = True) -> "DistillationTask":
+        super().train(mode)
+        if mode and self.student_bn == "eval":
+            for m in self.trainable_module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
 
 def budget_loader(like: DataLoader, images: float, seed: int) -> Tuple[DataLoader, int]:

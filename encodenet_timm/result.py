@@ -58,10 +58,11 @@ def row_what(name: str, described: Optional[Dict[str, str]] = None) -> str:
     return what
 
 
-def declared_rows(rows: Sequence[str], chosen: Optional[str], chosen_trials: Dict[str, str]) -> List[str]:
+def declared_rows(rows: Sequence[str], chosen: Optional[str], chosen_trials: Dict[str, str],
+                  default: str = "encodenet") -> List[str]:
     """The rows whose test accuracy is read, fixed by rule before any row trains: baseline, the default
     recipe, the chosen EncodeNet row, paper, every control, and each side's chosen trial; in table order."""
-    wanted = {"baseline", "encodenet", "paper", *CONTROLS, *chosen_trials.values()}
+    wanted = {"baseline", default, "paper", *CONTROLS, *chosen_trials.values()}
     if chosen is not None:
         wanted.add(chosen)
     return [r for r in rows if r in wanted]
@@ -91,6 +92,7 @@ class CompareResult:
         trials: validation trials each side got (1: the defaults only).
         notes: what was left out and why (e.g. ``equal`` when the baseline came trained).
         described: row -> what it is, for rows compare does not name itself (variants).
+        default: the EncodeNet row the verdict speaks for ("encodenet": the config given to compare).
     """
     records: Dict[str, Dict[int, Dict[str, Any]]]
     compute: Dict[str, Any]
@@ -103,6 +105,7 @@ class CompareResult:
     chosen_trials: Dict[str, str] = dataclasses.field(default_factory=dict)
     trials: int = 1
     described: Dict[str, str] = dataclasses.field(default_factory=dict)
+    default: str = "encodenet"
     model_fn: Optional[Callable[[], nn.Module]] = dataclasses.field(default=None, repr=False)
     out_dir: Optional[Path] = None
     _weights: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
@@ -110,8 +113,8 @@ class CompareResult:
     # ---- reading a comparison back
     @classmethod
     def load(cls, directory: Union[str, Path], seeds: Optional[Sequence[int]] = None,
-             model_fn: Optional[Callable[[], nn.Module]] = None,
-             described: Optional[Dict[str, str]] = None) -> "CompareResult":
+             model_fn: Optional[Callable[[], nn.Module]] = None, described: Optional[Dict[str, str]] = None,
+             default: str = "encodenet") -> "CompareResult":
         """A comparison's result read back from its `out_dir` (runs/*.json, compute.json, test.json), training
         and evaluating nothing: the rows finished on every one of `seeds` (default: every seed with a
         baseline). Test accuracy is read only for the rows declared before the choice, once every row has
@@ -162,16 +165,19 @@ class CompareResult:
         tests: Dict[str, Dict[int, float]] = {}
         if len(finished) == len(order):
             sealed = read_json(directory / "test.json") if (directory / "test.json").is_file() else {}
-            for r in declared_rows(list(records), chosen, chosen_trials):
+            for r in declared_rows(list(records), chosen, chosen_trials, default):
                 values = [_sealed_test(sealed, records, r, s) for s in seeds]
                 if all(v is not None for v in values):
                     tests[r] = dict(zip(seeds, values))
-        compute = read_json(directory / "compute.json") if (directory / "compute.json").is_file() else {
-            "extra_epochs": float("nan"), "note": "compute.json missing"}
-        config = (records.get("encodenet", {}).get(seeds[0], {}).get("fingerprint") or {}).get("config", {})
+        compute = read_json(directory / "compute.json") if (directory / "compute.json").is_file() else {}
+        legacy_x = ((compute.get("variants") or {}).get(default) or {})
+        compute.setdefault("extra_epochs", legacy_x.get("extra_epochs", float("nan")) if isinstance(legacy_x, dict)
+                           else float("nan"))  # older folders counted each recipe row's compute separately
+        compute.setdefault("note", "FLOPs counted with FlopCounterMode on the real stage code (compute.json)")
+        config = (records.get(default, {}).get(seeds[0], {}).get("fingerprint") or {}).get("config", {})
         return cls(records=records, compute=compute, seeds=seeds, controls=controls, config=config, notes=notes,
                    tests=tests, chosen=chosen, chosen_trials=chosen_trials, trials=trials,
-                   described=dict(described or {}), model_fn=model_fn, out_dir=directory)
+                   described=dict(described or {}), default=default, model_fn=model_fn, out_dir=directory)
 
     # ---- rows and numbers
     @property
@@ -220,7 +226,7 @@ class CompareResult:
         (its default; with `best_of`, its chosen trial), paired over seeds on `split`, with Holm-corrected
         p-values across these comparisons (``p_holm``). Diverged rows are left out."""
         split = self._split(split)
-        mine = self.chosen_trials.get("encodenet", "encodenet") if best_of else "encodenet"
+        mine = self.chosen_trials.get("encodenet", self.default) if best_of else self.default
         others = ["baseline"] + [self.chosen_trials.get(c, c) if best_of else c for c in self.controls]
         others = [o for o in others if o in self.records and o != mine and not self.diverged(o)]
         if mine not in self.records or self.diverged(mine):
@@ -257,9 +263,10 @@ class CompareResult:
 
     def _sentence(self, split: str, best_of: bool) -> str:
         deltas = self.comparisons(split, best_of)
-        mine = self.chosen_trials.get("encodenet", "encodenet") if best_of else "encodenet"
+        mine = self.chosen_trials.get("encodenet", self.default) if best_of else self.default
         who = (f"EncodeNet, best of {self.trials} on validation ({mine!r}) against each control's best of "
-               f"{self.trials}," if best_of else "EncodeNet (the default recipe)")
+               f"{self.trials}," if best_of else "EncodeNet (the default recipe)" if mine == "encodenet"
+               else f"EncodeNet ({mine})")
         if not deltas:
             why = ("has not finished on every seed yet" if mine not in self.records else
                    f"diverged: {self.diverged(mine)}" if self.diverged(mine) else "has no other row to compare with")
@@ -277,7 +284,7 @@ class CompareResult:
             val = _pct(self.accuracy(r))
             if self.diverged(r):
                 val += " (diverged)"
-            cells = [r + (" (chosen)" if r == self.chosen and r != "encodenet" else ""),
+            cells = [r + (" (chosen)" if r == self.chosen and r != self.default else ""),
                      row_what(r, self.described), f"{self.extra_epochs(r):.2f}", val]
             if test:
                 cells.append(_pct(self.accuracy(r, "test")) if r in self.tests else "not tested (not declared)")

@@ -16,11 +16,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from timm.task import ClassificationTask, LogitDistillationTask
+from timm.task import ClassificationTask
 
 from .checks import check_batch
 from .config import ControlsConfig, EncodeNetConfig
-from .controls import RowCheckpoints, budget_loader, divergence, non_finite, train_row
+from .controls import DistillationTask, RowCheckpoints, budget_loader, divergence, non_finite, train_row
 from .env import precision
 from .errors import NonFiniteLossError
 from .files import read_json, write_atomic, write_json
@@ -74,6 +74,11 @@ def projected(fingerprint: Any, row: str) -> Any:
     """A record's fingerprint as `row_fingerprint` writes it. Records written before per-row fingerprints
     held the whole comparison's settings; their part that the row depends on is read out of them
     (their controls had no `ControlsConfig`, so old control rows never match and train again)."""
+    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("controls"), dict):
+        try:  # a ControlsConfig key added since counts at its default
+            return {**fingerprint, "controls": ControlsConfig.from_dict(fingerprint["controls"]).to_dict()}
+        except (ValueError, TypeError):
+            return fingerprint
     if not isinstance(fingerprint, dict) or "config" not in fingerprint:
         return fingerprint
     config = _settled(fingerprint["config"])
@@ -271,8 +276,9 @@ class Rows:
         teacher = self._prepare(self.load("baseline", seed)).eval().requires_grad_(False)
         student = self._prepare(self.load("baseline", seed))
         c = self.controls
-        task = LogitDistillationTask(student, teacher_model=teacher, device=self.device, verbose=False,
-                                     temperature=c.kd_temperature, task_loss_weight=c.kd_task_loss_weight)
+        task = DistillationTask(student, teacher_model=teacher, device=self.device, verbose=False,
+                                temperature=c.kd_temperature, task_loss_weight=c.kd_task_loss_weight,
+                                student_bn=c.kd_student_bn)
         ratio = self.compute["kd_step"] / self.compute["train_step"]  # one kd image costs this many supervised ones
         name = trial_name("kd", trial)
         hist, images, bad = self._train(task, student, c.stage(1, TRIAL_FACTORS[trial]),

@@ -82,7 +82,7 @@ def seeds_needed(std: float, effect: float, alpha: float = ALPHA, power: float =
 
 
 def describe(d: Dict[str, Any], p_adjusted: Optional[float], other: str, points: float = 100.0) -> str:
-    """One comparison in words, in points: "beats X (+0.52, 95% CI +0.10..+0.94, p=0.012 Holm)",
+    """One comparison in words, in points: "beats X (+0.52, p=0.012 Holm, 95% CI +0.10..+0.94 uncorrected)",
     "no significant difference from X (...; could detect 0.61)", or, under `MIN_SEEDS` seeds,
     "above X by +0.30 (2 seeds: no test; N seeds needed for one)"."""
     mean = points * d["mean"]
@@ -92,7 +92,7 @@ def describe(d: Dict[str, Any], p_adjusted: Optional[float], other: str, points:
                else "identical differences on every seed: no spread to test")
         return f"{word} {other} by {mean:+.2f} ({why})"
     lo, hi = (points * v for v in d["ci"])
-    ci = f"95% CI {lo:+.2f}..{hi:+.2f}, p={p_adjusted:.3f} Holm"
+    ci = f"p={p_adjusted:.3f} Holm, 95% CI {lo:+.2f}..{hi:+.2f} uncorrected"
     if p_adjusted < ALPHA:
         return f"{'beats' if mean > 0 else 'loses to'} {other} ({mean:+.2f}, {ci})"
     return (f"no significant difference from {other} ({mean:+.2f}, {ci}; these seeds could detect "

@@ -237,6 +237,9 @@ def test_a_record_made_before_a_config_key_existed_stays_valid():
     assert rows_mod.projected(changed, "baseline") == fp("baseline")  # a recipe key: not the baseline's
     assert rows_mod.projected(changed, "encodenet") != fp("encodenet", recipe=config)
     assert rows_mod.projected(None, "baseline") is None
+    kd = fp("kd", controls=ControlsConfig(), X=2.0)
+    before_option = {**kd, "controls": {k: v for k, v in kd["controls"].items() if k != "kd_student_bn"}}
+    assert rows_mod.projected(before_option, "kd") == kd  # a ControlsConfig key added since: at its default
 
 
 def test_a_seed_another_process_is_training_is_refused_before_training(loaders, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def test_three_seeds_with_a_clear_effect_beat_with_an_interval_and_a_corrected_p
     p = holm([d["p"], 0.5, 0.3])[0]
     assert p == pytest.approx(3 * d["p"]) and p < 0.05
     text = describe(d, p, "continued")
-    assert text.startswith("beats continued (+2.33, 95% CI +") and f"p={p:.3f} Holm" in text
+    assert text.startswith(f"beats continued (+2.33, p={p:.3f} Holm, 95% CI +") and "uncorrected" in text
     lost = paired_difference([0.70, 0.705, 0.69], [0.72, 0.73, 0.715])
     assert describe(lost, p, "continued").startswith("loses to continued (-2.33")
 
