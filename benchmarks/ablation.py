@@ -233,7 +233,7 @@ def baseline_epochs(ctx) -> int:
 
 
 # ---- rows -------------------------------------------------------------------------------------------------
-def run_compare(ctx, seeds: List[int], rows: Optional[List[str]] = None):
+def run_compare(ctx, seeds: List[int], rows: Optional[List[str]] = None, test: bool = True):
     """compare() over `seeds` into the results folder: runs/*.json (committed), weights/ (only the baselines
     are committed: a later run trains the missing rows from them), checkpoints/ of rows in progress."""
     args, regime, data = ctx["args"], ctx["regime"], ctx["data"]
@@ -241,7 +241,7 @@ def run_compare(ctx, seeds: List[int], rows: Optional[List[str]] = None):
     config = regime_config(regime, baseline_epochs=E)
     variants = {v: regime_config(regime, baseline_epochs=E, variant=v) for v in ctx["variants"]}
     return compare(_model_fn(args, ctx["num_classes"]), data.train, data.val, config=config, controls=regime.controls,
-                   seeds=seeds, plain_loader=data.plain, test_loader=data.test, out_dir=ctx["out"],
+                   seeds=seeds, plain_loader=data.plain, test_loader=data.test if test else None, out_dir=ctx["out"],
                    variants=variants, controls_config=ctx["controls_config"], trials=args.trials,
                    checkpoint_every=args.checkpoint_every, rows=rows,
                    described={v: VARIANTS[v][0] for v in variants},
@@ -251,7 +251,7 @@ def run_compare(ctx, seeds: List[int], rows: Optional[List[str]] = None):
 def baselines(ctx):
     """Only the baseline row of each seed (the long part of a regime; the other rows start from them)."""
     for seed in ctx["args"].seeds:
-        run_compare(ctx, [seed], rows=["baseline"])
+        run_compare(ctx, [seed], rows=["baseline"], test=False)
 
 
 def evidence(ctx) -> Dict:
@@ -284,8 +284,8 @@ def evidence(ctx) -> Dict:
 def validate(ctx):
     rows = ctx["args"].rows.split(",") if ctx["args"].rows else None
     for seed in ctx["args"].seeds:  # one seed at a time: every row of a seed finishes before the next seed
-        run_compare(ctx, [seed], rows=rows)
-    return run_compare(ctx, ctx["args"].seeds, rows=rows)
+        run_compare(ctx, [seed], rows=rows, test=False)
+    return run_compare(ctx, ctx["args"].seeds, rows=rows)  # the test: once, after the choice over every seed
 
 
 def load_result(ctx) -> CompareResult:
