@@ -28,10 +28,11 @@ from .compare import CONTROLS, compare
 from .config import ControlsConfig, EncodeNetConfig, parse_value
 from .data import DATASETS, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
+from .env import resolve_device
 from .errors import EncodeNetError, Interrupted
 from .files import LOCK_FILE, DirLock, read_json, save_tensors, write_json
 from .plots import save_run_plots
-from .training import resolve_device, seed_everything
+from .seeding import seed_everything
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["main", "build_parser"]

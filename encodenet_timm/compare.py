@@ -34,16 +34,17 @@ from . import distributed
 from .checks import check_data, check_loader
 from .compute import count_compute
 from .config import ControlsConfig, EncodeNetConfig
-from .env import precision
+from .env import precision, resolve_device
 from .errors import RunDirInUseError
 from .files import DirLock, read_json, write_json
 from .loaders import readable
-from .result import CONTROLS, TRIAL_FACTORS, CompareResult, _choose_on_val, base_row, declared_rows, trial_name
+from .result import CompareResult, _choose_on_val
+from .row_names import CONTROLS, TRIAL_FACTORS, base_row, declared_rows, trial_name
 from .rows import Rows
 from .split import check_timm_classifier
 from .stats import paired_difference
 from .stopping import StopSignals
-from .training import evaluate, resolve_device
+from .training import evaluate
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["compare", "count_compute", "paired_difference", "CompareResult", "CONTROLS", "UNTRAINED_MARGIN"]

@@ -18,14 +18,15 @@ from .checkpoint import Checkpoint, Run, load_model_file, model_fingerprint
 from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .env import machine, precision, versions
+from .env import machine, precision, resolve_device, versions
 from .files import load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
+from .seeding import seed_everything
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
                     PartlyFrozenClassifier, modules_state)
-from .training import LoopOptions, TrainState, evaluate, resolve_device, seed_everything, train_stage
+from .training import LoopOptions, TrainState, evaluate, train_stage
 
 __all__ = ["EncodeNetWrapper"]
 
