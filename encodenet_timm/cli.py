@@ -26,7 +26,7 @@ from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FIL
 from .checks import check_writable
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig, parse_value
-from .data import DATASETS, DataSplits, build_datasets, make_loaders
+from .data import DATA_CONFIG_KEYS, DATASETS, RESIZE, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .errors import EncodeNetError, Interrupted
 from .files import LOCK_FILE, DirLock, read_json, save_tensors, write_json
@@ -267,6 +267,21 @@ def _data(spec: Dict[str, Any], seed: int, download: bool = True) -> DataSplits:
                           download=download, mean=spec.get("mean"), std=spec.get("std"))
 
 
+def _record_data(spec: Dict[str, Any], data: DataSplits) -> None:
+    """Put into `spec` (cli.json, compare.json) the classes and what every image went through, in timm's
+    data-config keys (`DataSplits.data_config`: input size, interpolation, crop, mean/std), for the exports."""
+    spec.update(num_classes=data.num_classes, classes=data.classes)
+    spec.update({k: list(v) if isinstance(v, tuple) else v for k, v in data.data_config.items()})
+
+
+def _data_config(spec: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """timm's data config of a run (`_record_data`); a digits run recorded before its mean/std were (#25)
+    reads them off the data."""
+    if spec.get("mean") is None or spec.get("std") is None:
+        return _data(spec, seed, download=False).data_config
+    return {**RESIZE, **{k: spec[k] for k in DATA_CONFIG_KEYS if spec.get(k) is not None}}
+
+
 def _load_run(run_dir: Path) -> Tuple[Dict[str, Any], EncodeNetConfig]:
     """(the fit arguments from cli.json, the config from config.yaml) of a run directory."""
     if not run_dir.is_dir():
@@ -360,8 +375,7 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     if distributed.is_main():
         distributed.barrier()
     if not args.resume:
-        spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
-                    std=data.std and list(data.std), input_size=list(data.input_size))
+        _record_data(spec, data)
         if config.input_size is None:
             config = config.override({"input_size": spec["input_size"]})
         if config.baseline.epochs == 0 and not spec["pretrained"]:
@@ -446,8 +460,7 @@ def _compare(args: argparse.Namespace, out: Path, spec: Dict[str, Any], run: Dic
     if data.val is None:
         raise ValueError("compare needs a validation split: set --val-fraction above 0 (or give the image folder "
                          "a val/ directory)")
-    spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
-                std=data.std and list(data.std), input_size=list(data.input_size))
+    _record_data(spec, data)
     if config.input_size is None:
         config = config.override({"input_size": spec["input_size"]})
     if not args.resume:
@@ -551,24 +564,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     spec, config = _load_run(run_dir)
     sidecar = _export_targets(to) if args.format == "safetensors" else None
     wrapper = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir)
+    data_config = _data_config(spec, config.seed)
     exported = wrapper.export()
     zoo = type(exported).__module__.startswith(__package__)
     if args.format == "timm":
-        wrapper.export_timm(to, label_names=spec["classes"], mean=spec["mean"], std=spec["std"])
+        wrapper.export_timm(to, label_names=spec["classes"], data_config=data_config)
         print(f"wrote {to / 'config.json'} and {to / 'model.safetensors'}. To load it:")
         print(f"import timm{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
         print(f"model = timm.create_model('local-dir:{to.resolve()}', pretrained=True)")
+        print("transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))  # the run's")
         return 0
     save_tensors(to, exported.state_dict())  # atomic, like every file of a run
     kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
     write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
-                         "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
-                         "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
-    args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
+                         **data_config, "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
+    args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()]
+                          + [f"pretrained_cfg_overlay={data_config!r}"])  # timm's transforms read the run's
     print(f"wrote {to} and {sidecar}. To load it:")
     print(f"import timm, safetensors.torch{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
     print(f"model = timm.create_model({args_text})")
     print(f"model.load_state_dict(safetensors.torch.load_file({str(to)!r}))")
+    print("transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))  # the run's")
     return 0
 
 
