@@ -637,9 +637,10 @@ class Run:
 
 def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
     """Atomically write `history` (stage -> per-epoch records; non-list entries are left out) as a CSV:
-    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent."""
-    rows = [{"stage": stage, **record} for stage, records in history.items() if isinstance(records, list)
-            for record in records]
+    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent.
+    Epochs count from 1, as the log and curves.png do (a record's ``epoch`` is the loop's index, from 0)."""
+    rows = [{"stage": stage, **record, "epoch": record.get("epoch", i) + 1} for stage, records in history.items()
+            if isinstance(records, list) for i, record in enumerate(records)]
     if not rows:
         return
     columns = ["stage", "epoch", *dict.fromkeys(k for r in rows for k in r if k not in ("stage", "epoch"))]

@@ -292,7 +292,8 @@ def test_the_run_dir_has_a_summary_csv_of_every_epoch(digits_run):
         rows = list(csv.DictReader(f))
     expected = [(stage, r) for stage, records in history.items() if isinstance(records, list) for r in records]
     assert len(rows) == len(expected) and len(rows) >= 3
-    assert [(r["stage"], int(r["epoch"])) for r in rows] == [(s, r["epoch"]) for s, r in expected]
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [(s, r["epoch"] + 1) for s, r in expected]
+    assert [int(r["epoch"]) for r in rows if r["stage"] == "baseline"] == [1, 2, 3]  # as the log counts (#25.3)
     assert all(float(r["loss"]) == pytest.approx(e["loss"]) for r, (_, e) in zip(rows, expected))
 
 
