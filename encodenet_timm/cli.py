@@ -25,7 +25,7 @@ from . import distributed
 from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, check_new_dir
 from .checks import check_writable
 from .compare import CONTROLS, compare
-from .config import EncodeNetConfig, parse_value
+from .config import EncodeNetConfig, describe_keys, parse_value
 from .data import DATA_CONFIG_KEYS, DATASETS, RESIZE, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .errors import EncodeNetError, Interrupted
@@ -48,7 +48,7 @@ _FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset":
 
 _FIT_EPILOG = """examples:
   # no download: scikit-learn's digits, a timm ResNet trained from scratch (a few minutes on a CPU)
-  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels_last true \\
+  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels-last true \\
       --baseline.epochs 6 --autoencoder.epochs 3 --transfer.epochs 3
   # CIFAR-10 through torchvision (downloaded into data/ unless --no-download), a YAML config and overrides
   encodenet fit --model resnet20_cifar --dataset cifar10 --data-dir data --config run.yaml \\
@@ -72,7 +72,7 @@ _COMPARE_EPILOG = """examples:
 
 
 _EXAMPLES = """example (no download; a few minutes on a CPU):
-  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels_last true \\
+  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels-last true \\
       --baseline.epochs 6 --autoencoder.epochs 3 --transfer.epochs 3
   encodenet evaluate runs/digits
   encodenet export runs/digits --to digits.safetensors
@@ -83,24 +83,35 @@ Run 'encodenet <command> --help' for a command's options.
 
 
 # ---- parser -------------------------------------------------------------------------------------------
-def _config_defaults(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Dotted config key -> default value, for every leaf of the config."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_config_defaults(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
+def _dashed(argv: Sequence[str]) -> List[str]:
+    """`argv` with every option name spelled with dashes: ``--batch_size 8`` -> ``--batch-size 8``,
+    ``--transfer.warmup_epochs=2`` -> ``--transfer.warmup-epochs=2`` (values, and anything after ``--``, as given)."""
+    out, options = [], True
+    for arg in argv:
+        if arg == "--":
+            options = False
+        elif options and arg.startswith("--"):
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
     return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` that reads ``_`` and ``-`` in option names alike (`_dashed`); help shows dashes."""
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
+        return super().parse_known_args(_dashed(sys.argv[1:] if args is None else args), namespace)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="config file (partial is fine); flags override it")
     parser.add_argument("--set", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. transfer.lr=0.1 (repeatable; values are YAML)")
-    group = parser.add_argument_group("config keys (each also works as --set KEY=VALUE; values are YAML)")
-    for key, default in _config_defaults(EncodeNetConfig().to_dict()).items():
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="V", help=f"default: {default}")
+    group = parser.add_argument_group("config keys", "--KEY V sets the config key KEY (as in config.yaml; - and _ "
+                                      "alike), as --set KEY=V does.\nV is YAML: 0.1, true, null, \"[3, 64, 64]\".")
+    for key, text in describe_keys().items():
+        group.add_argument(f"--{key.replace('_', '-')}", dest=f"cfg:{key}", metavar="V", help=text)
 
 
 def _add_data_options(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -142,15 +153,22 @@ def _count(low: int):
 
 def _subparser(sub, name: str, usage: str, text: str, epilog: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, usage=usage, help=text, description=text, epilog=epilog, allow_abbrev=False,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=_HelpFormatter)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples as written; each option's help starts on its own line, under the option."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=6)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``encodenet`` argument parser with its four subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="encodenet", description="EncodeNet for timm classifiers: fit, evaluate and export runs.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = _Parser(
+        prog="encodenet", description="EncodeNet for timm classifiers: fit, compare, evaluate and export runs. "
+                                      "Options take dashes or underscores alike (--batch-size, --batch_size).",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="{fit,compare,evaluate,export,config}", required=True)
 
     fit = _subparser(sub, "fit", "encodenet fit --model NAME --dataset NAME [--data-dir D] --out RUN_DIR "
@@ -194,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
     ev.set_defaults(func=_cmd_evaluate)
 
-    ex = _subparser(sub, "export", "encodenet export RUN_DIR --to FILE.safetensors",
+    ex = _subparser(sub, "export", "encodenet export RUN_DIR --to FILE.safetensors [--format safetensors]\n"
+                    "       encodenet export RUN_DIR --to DIR --format timm",
                     "write a run's model as a plain timm state dict (+ a .json sidecar); an existing file is "
                     "never overwritten unless it is an earlier export",
-                    "example:\n  encodenet export runs/digits --to digits.safetensors\n")
+                    "examples:\n  encodenet export runs/digits --to digits.safetensors\n"
+                    "  encodenet export runs/digits --to digits-timm --format timm\n")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
     ex.add_argument("--to", required=True, metavar="FILE.safetensors", help="the file (or, --format timm, the "
                                                                              "directory) to write")
@@ -232,7 +252,8 @@ def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """Dotted config keys set by --KEY flags and --set (which wins)."""
     flags = {name[4:]: parse_value(value) for name, value in vars(args).items()
              if name.startswith("cfg:") and value is not None}
-    return {**flags, **_key_values(args.set, "--set")}
+    given = {key.replace("-", "_"): value for key, value in _key_values(args.set, "--set").items()}  # - and _ alike
+    return {**flags, **given}
 
 
 def _config(args: argparse.Namespace, base: Optional[EncodeNetConfig] = None) -> EncodeNetConfig:

@@ -3,10 +3,14 @@
 Every documented default is the dataclass default. Keys are dotted paths (``transfer.lr``), the
 same in Python, in YAML and on the command line.
 """
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import math
 import re
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import yaml
 
 __all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "DataConfig",
-           "EncodeNetConfig"]
+           "EncodeNetConfig", "describe_keys"]
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
@@ -147,7 +151,7 @@ class EncodeNetConfig(_Strict):
     amp: str = "none"                # autocast dtype on CUDA: "none", "auto" (bf16 if supported), "bf16", "fp16"
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     compile: bool = False            # torch.compile the trainable module of every training stage
-    input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
+    input_size: Optional[Tuple[int, int, int]] = None  # the model's input (C, H, W); None: the model's, then the data's
     progress: bool = True            # tqdm bar per epoch
     split: str = "last_stage"        # "features" (paper: forward_features | forward_head); "last_stage" (before
                                      # the last feature_info stage); or a stage module named in the model's
@@ -241,6 +245,48 @@ class EncodeNetConfig(_Strict):
                 raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
             node[parts[-1]] = value
         return type(self).from_dict(data)
+
+
+def describe_keys(config: Optional[Any] = None, prefix: str = "") -> Dict[str, str]:
+    """Dotted key -> one line on it: the comment beside its field in this file (its meaning and allowed
+    values), the type it takes and its default in `config` (default: ``EncodeNetConfig()``); e.g.
+    ``"transfer.lr"`` -> "peak learning rate (a number; default 0.01)". The CLI's ``--help`` lists these,
+    so a key's words live in one place."""
+    config = EncodeNetConfig() if config is None else config
+    hints, comments = typing.get_type_hints(type(config)), _field_comments(type(config))
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(describe_keys(value, f"{prefix}{f.name}."))
+            continue
+        default = yaml.safe_dump(_to_plain(value), default_flow_style=True).strip()
+        default = default[:-3].strip() if default.endswith("...") else default  # yaml's end-of-document mark
+        meaning = comments.get(f.name, "")
+        out[prefix + f.name] = f"{meaning}{' (' if meaning else '('}{_describe(hints[f.name])}; default {default})"
+    return out
+
+
+def _field_comments(cls: type) -> Dict[str, str]:
+    """Field name -> its comment in `cls`'s source (and its base classes'): the ``# ...`` at the end of the
+    field's line and the comment-only lines right below it, joined."""
+    out: Dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        lines, _ = inspect.getsourcelines(klass)
+        source = "".join(lines)
+        comments = {t.start[0]: t.string.lstrip("#").strip() for t in
+                    tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+        code_lines = {i + 1 for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("#")}
+        body = ast.parse(inspect.cleandoc(source) if source[0].isspace() else source).body[0].body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                words, line = [], node.end_lineno
+                while line in comments and (line == node.end_lineno or line not in code_lines):
+                    words.append(comments[line])
+                    line += 1
+                if words:
+                    out[node.target.id] = " ".join(words)
+    return out
 
 
 def _to_plain(value: Any) -> Any:

@@ -60,6 +60,43 @@ def test_help(capsys):
         assert option in out, option
 
 
+def test_help_says_what_every_config_key_does(capsys):
+    """Issue #25.3: each config key's help is its meaning and allowed values (the comment beside its field in
+    config.py), its type and its default, not "default: X" alone."""
+    from encodenet_timm.config import describe_keys
+    for command in ("fit", "compare", "config"):
+        code, out, _ = run(capsys, command, "--help")
+        flat = "".join(out.split())  # argparse wraps lines (and breaks words at hyphens)
+        for key, words in describe_keys().items():
+            assert not words.startswith("("), f"{key} has no comment in config.py"
+            assert "".join(f"--{key.replace('_', '-')} V {words}".split()) in flat, (command, key)
+    assert describe_keys()["transfer.lr"] == "peak learning rate (a number; default 0.01)"
+
+
+def test_options_take_dashes_and_underscores_and_help_shows_dashes(capsys):
+    """Issue #25.3: ``--batch-size`` sat beside ``--channels_last``; now every option takes both spellings,
+    config keys included (``--transfer.warmup-epochs``, ``--set transfer.warmup-epochs=2``)."""
+    from encodenet_timm.cli import build_parser
+    parser = build_parser()
+    dashes = parser.parse_args(["fit", "--out", "r", "--batch-size", "8", "--channels-last", "true",
+                                "--transfer.warmup-epochs", "2", "--model-arg", "in_chans=1", "--val-fraction=0.2"])
+    underscores = parser.parse_args(["fit", "--out", "r", "--batch_size", "8", "--channels_last", "true",
+                                     "--transfer.warmup_epochs", "2", "--model_arg", "in_chans=1",
+                                     "--val_fraction=0.2"])
+    assert vars(dashes) == vars(underscores)
+    assert (dashes.batch_size, dashes.val_fraction, dashes.model_arg) == (8, 0.2, ["in_chans=1"])  # values as given
+    for spelling in (["--transfer.warmup_epochs", "2"], ["--transfer.warmup-epochs", "2"],
+                     ["--set", "transfer.warmup_epochs=2"], ["--set", "transfer.warmup-epochs=2"]):
+        code, out, _ = run(capsys, "config", "--dump", *spelling)
+        assert code == 0 and EncodeNetConfig.from_yaml(out).transfer.warmup_epochs == 2, spelling
+    for command in ("fit", "compare", "evaluate", "export", "config"):
+        _, out, _ = run(capsys, command, "--help")
+        flags = set(re.findall(r"(?<![\w-])--[a-z][\w.-]*", out))
+        assert flags and not [f for f in flags if "_" in f], command  # one spelling shown: dashes
+    _, out, _ = run(capsys, "export", "--help")
+    assert "--format timm" in out.split("\n\n")[0]  # the usage line names --format (#25.3)
+
+
 def test_console_script_help():
     script = Path(sys.executable).parent / "encodenet"
     if not script.exists():
