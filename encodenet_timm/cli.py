@@ -22,7 +22,7 @@ import timm
 import torch
 
 from . import distributed
-from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, check_new_dir
+from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, RUNTIME_CONFIG_KEYS, check_new_dir
 from .checks import check_writable
 from .compare import CONTROLS, compare
 from .config import EncodeNetConfig, describe_keys, parse_value
@@ -376,8 +376,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"--resume takes the model and data from {out}/{CLI_FILE}; drop "
                              + ", ".join(f"--{k.replace('_', '-')}" for k in given))
-        check_writable(out)
         config = _config(args, base=saved)  # EncodeNetWrapper.fit refuses a change that alters results
+        if _complete(out):
+            return _already_complete(out, saved, config)
+        check_writable(out)
     else:
         if (out / CONFIG_FILE).is_file() and (out / RECORD_FILE).is_file():  # written when training begins
             raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
@@ -386,6 +388,32 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         config = _config(args)
     resolve_device(config.device)  # an unknown device or a missing GPU, before any data is read
     return _locked(out, lambda lock: _fit(args, out, spec, config, lock))
+
+
+def _complete(run_dir: Path) -> bool:
+    """The run in `run_dir` has finished: run.json says so and its model file is there."""
+    return (run_dir / MODEL_FILE).is_file() and read_json(run_dir / RECORD_FILE).get("status") == "complete"
+
+
+def _already_complete(out: Path, saved: EncodeNetConfig, config: EncodeNetConfig) -> int:
+    """``fit --resume`` on a finished run: nothing is read, trained or written; a changed setting is an error."""
+    before, after = _flat(saved.to_dict()), _flat(config.to_dict())
+    changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in before
+               if before[k] != after[k] and k.split(".")[0] not in RUNTIME_CONFIG_KEYS]
+    if changed:
+        raise ValueError(f"{out} holds a complete run; its settings cannot change ({'; '.join(changed)}): start a "
+                         f"new run with another --out")
+    print(f"{out} is already complete: nothing to do (weights: {out / MODEL_FILE}; "
+          f"measure them again with: encodenet evaluate {out})")
+    return 0
+
+
+def _flat(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested dict as {dotted key: value}."""
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
 
 
 def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: EncodeNetConfig, lock: DirLock) -> int:
