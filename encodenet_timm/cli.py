@@ -85,7 +85,7 @@ Run 'encodenet <command> --help' for a command's options.
 # ---- parser -------------------------------------------------------------------------------------------
 def _dashed(argv: Sequence[str]) -> List[str]:
     """`argv` with every option name spelled with dashes: ``--batch_size 8`` -> ``--batch-size 8``,
-    ``--transfer.warmup_epochs=2`` -> ``--transfer.warmup-epochs=2`` (values, and anything after ``--``, as given)."""
+    ``--transfer.warmup_epochs=2`` -> ``--transfer.warmup-epochs=2``; values, and all after ``--``, as given."""
     out, options = [], True
     for arg in argv:
         if arg == "--":

@@ -6,10 +6,12 @@ same in Python, in YAML and on the command line.
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import io
 import math
 import re
+import textwrap
 import tokenize
 import typing
 from dataclasses import dataclass, field
@@ -267,17 +269,21 @@ def describe_keys(config: Optional[Any] = None, prefix: str = "") -> Dict[str, s
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _field_comments(cls: type) -> Dict[str, str]:
     """Field name -> its comment in `cls`'s source (and its base classes'): the ``# ...`` at the end of the
     field's line and the comment-only lines right below it, joined."""
     out: Dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        lines, _ = inspect.getsourcelines(klass)
-        source = "".join(lines)
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):  # no source shipped: the type and default alone
+            continue
+        source = textwrap.dedent("".join(lines))  # the same lines, so line numbers agree
         comments = {t.start[0]: t.string.lstrip("#").strip() for t in
                     tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
         code_lines = {i + 1 for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("#")}
-        body = ast.parse(inspect.cleandoc(source) if source[0].isspace() else source).body[0].body
+        body = ast.parse(source).body[0].body
         for node in body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 words, line = [], node.end_lineno
