@@ -56,7 +56,8 @@ from .stopping import StopSignals
 from .training import TrainState
 
 __all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "PICTURES", "RUN_FILES",
-           "check_new_dir", "load_model_file", "model_fingerprint", "resume_command", "Checkpoint", "RunDir", "Run"]
+           "RUNTIME_CONFIG_KEYS", "check_new_dir", "load_model_file", "model_fingerprint", "resume_command",
+           "Checkpoint", "RunDir", "Run"]
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, "eval-*.
 _FORMAT = "encodenet_timm.checkpoint/1"
 _CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?$")
 POSITION_FILE = "position.pt"     # a checkpoint inside an epoch: where each rank's epoch stood
-_RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
+RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
 _SECTION_STAGE = {"decoder": "autoencoder"}  # config sections that a stage of another name reads; a section
 # named after a stage belongs to it, and every other key (seed, split, amp, ...) to the whole run
 
@@ -637,9 +638,10 @@ class Run:
 
 def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
     """Atomically write `history` (stage -> per-epoch records; non-list entries are left out) as a CSV:
-    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent."""
-    rows = [{"stage": stage, **record} for stage, records in history.items() if isinstance(records, list)
-            for record in records]
+    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent.
+    Epochs count from 1, as the log and curves.png do (a record's ``epoch`` is the loop's index, from 0)."""
+    rows = [{"stage": stage, **record, "epoch": record.get("epoch", i) + 1} for stage, records in history.items()
+            if isinstance(records, list) for i, record in enumerate(records)]
     if not rows:
         return
     columns = ["stage", "epoch", *dict.fromkeys(k for r in rows for k in r if k not in ("stage", "epoch"))]
@@ -653,8 +655,8 @@ def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
 
 
 def _settings(config: Dict[str, Any]) -> Dict[str, Any]:
-    """`config` without the keys a resume may change freely (`_RUNTIME_CONFIG_KEYS`)."""
-    return {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS}
+    """`config` without the keys a resume may change freely (`RUNTIME_CONFIG_KEYS`)."""
+    return {k: v for k, v in config.items() if k not in RUNTIME_CONFIG_KEYS}
 
 
 def _now() -> str:

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -28,6 +28,7 @@ from .clustering import cluster_per_class
 from .config import RepresentativesConfig
 from .feature_store import FeatureStore
 from .env import autocast
+from .files import save_tensors
 from .loaders import batch_starts, make_loader, shard_batches
 
 __all__ = ["Representatives", "select_representatives", "extract_features", "pick_representatives",
@@ -65,10 +66,10 @@ class Representatives:
         return self.rep_indices[self.cluster_ids]
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write to a safetensors file."""
-        tensors = {k: getattr(self, k).contiguous().cpu() for k in self.__dataclass_fields__}
-        save_file(tensors, str(path), metadata={"format": "encodenet_timm.Representatives",
-                                                "num_clusters": json.dumps(self.num_clusters)})
+        """Write to a safetensors file (atomically, its mode following the umask)."""
+        tensors = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        save_tensors(path, tensors, metadata={"format": "encodenet_timm.Representatives",
+                                              "num_clusters": json.dumps(self.num_clusters)})
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Representatives":

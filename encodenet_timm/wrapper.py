@@ -19,7 +19,7 @@ from .checks import check_batch, check_config, check_data, check_loader, data_fi
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, precision, versions
-from .files import load_state_into
+from .files import follow_umask, load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
@@ -423,12 +423,24 @@ class EncodeNetWrapper:
         return exported.to(memory_format=torch.contiguous_format)
 
     def export_timm(self, directory: Union[str, Path], *, label_names: Optional[Sequence[str]] = None,
-                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Path:
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    data_config: Optional[Dict[str, Any]] = None) -> Path:
         """Write the exported model as timm's own folder (`timm.models.save_for_hf`): ``config.json``
-        (architecture, num_classes, label names, mean/std, input size) and ``model.safetensors``.
+        (architecture, num_classes, label names, and how its images are prepared: input size,
+        interpolation, crop, mean/std) and ``model.safetensors``.
 
         ``timm.create_model("local-dir:DIR", pretrained=True)`` loads it (after ``import encodenet_timm``
-        for the CIFAR zoo), and ``timm.models.push_to_hf_hub`` can publish it.
+        for the CIFAR zoo); ``timm.data.resolve_model_data_config(model)`` then reads back the data config,
+        and ``timm.models.push_to_hf_hub`` can publish it.
+
+        Args:
+            label_names: class names in label order.
+            mean, std: the normalisation the model was trained with (pixel values in [0, 1]); they win over
+                `data_config`'s.
+            data_config: how the training images were prepared, in timm's data-config keys (``mean``,
+                ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); ``input_size`` is the wrapper's.
+                Without a mean/std, config.json keeps the model's own pretrained_cfg normalisation
+                (ImageNet's for most timm models), with a warning.
 
         Raises:
             ValueError: `directory` holds other files (nothing of yours is overwritten), or `label_names`
@@ -443,10 +455,14 @@ class EncodeNetWrapper:
         if label_names is not None and len(label_names) != self.num_classes:
             raise ValueError(f"label_names has {len(label_names)} names but the model has {self.num_classes} "
                              f"classes")
-        data_config: Dict[str, Any] = {"input_size": tuple(self.input_size)}
-        if mean is not None and std is not None:
-            data_config.update(mean=tuple(mean), std=tuple(std))
+        data_config = {k: v for k, v in (data_config or {}).items() if v is not None}
+        data_config.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+        data_config["input_size"] = tuple(self.input_size)
+        if "mean" not in data_config or "std" not in data_config:
+            _logger.warning("export_timm without the mean/std the model was trained with: %s/config.json keeps the "
+                            "model's pretrained_cfg normalisation; pass mean=, std=", directory)
         save_for_hf(self.export(), str(directory), safe_serialization=True, data_config=data_config,
                     model_config={"label_names": list(label_names)} if label_names is not None else None)
+        for name in ("config.json", "model.safetensors"):
+            follow_umask(directory / name)
         return directory
-
