@@ -95,6 +95,14 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans:
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"images are {x.dtype} but the model takes float images; convert them to float in the "
+                         f"dataset's transform (torchvision: ToTensor(), or ConvertImageDtype(torch.float32), then "
+                         f"Normalize)")
+    if x.shape[1] != in_chans and x.shape[3] == in_chans:  # (B, H, W, C): an image library's layout
+        raise ValueError(f"images are laid out (B, H, W, C) = {tuple(x.shape)} but the model takes (B, C, H, W); "
+                         f"permute them in the dataset: image.permute(2, 0, 1) per image, or x.permute(0, 3, 1, 2) "
+                         f"per batch")
     if x.shape[1] != in_chans:
         raise ValueError(f"images have {x.shape[1]} channels but the model takes {in_chans} "
                          f"(timm.create_model(..., in_chans={x.shape[1]}) or convert the images)")
@@ -103,9 +111,11 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans:
                          f"resize the images or set config.input_size before the autoencoder stage")
     if not torch.isfinite(x).all():
         raise ValueError("images contain NaN or inf values; check the dataset and its transforms")
-    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point:
-        raise ValueError(f"labels must be a (B,) integer tensor of class indices, got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"labels must be a (B,) integer tensor of class indices, got {got}; give the class "
+                         f"index of each image as an int (e.g. target_transform=int, or labels.long(); one-hot "
+                         f"labels: labels.argmax(1))")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), found "
                          f"{int(y.min())}..{int(y.max())}")

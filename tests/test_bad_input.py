@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -674,3 +675,44 @@ def test_a_dataset_of_dicts_or_triples_is_told_what_fit_needs(dataset, named, tm
     with pytest.raises(TypeError, match=rf"{named}; fit needs \(image, label\) pairs.*__getitem__"):
         wrapper.fit(DataLoader(dataset, batch_size=4), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ---- #24 the last mistakes: an option that fails late, config changes not used, errors that point the wrong way ---
+def _built(**keys) -> EncodeNetWrapper:
+    return EncodeNetWrapper(make_model("resnet10t", num_classes=10), _cfg(**keys))
+
+
+_TWENTY = DataLoader(TensorDataset(torch.randn(20, 3, 32, 32), torch.arange(20) % 10), batch_size=10)
+
+
+def test_float_labels_are_told_their_dtype(monkeypatch):
+    """#24.6"""
+    wrapper = _built()
+    _forbid_stages(wrapper, monkeypatch)
+    loader = DataLoader(TensorDataset(torch.randn(20, 3, 32, 32), (torch.arange(20) % 10).float()), batch_size=10)
+    with pytest.raises(ValueError, match=r"labels must be .*integer.*got torch.float32 .*\.long\(\)"):
+        wrapper.fit(loader)
+
+
+def test_uint8_images_get_one_message_on_every_path(monkeypatch):
+    """#24.7, #24.16: fit's check, a stage run alone, evaluation, the feature pass, reconstruct."""
+    images = torch.randint(0, 255, (20, 3, 32, 32), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(20) % 10), batch_size=10)
+    said = r"images are torch.uint8.*convert them to float"
+    wrapper = _built()
+    calls = [lambda: wrapper.fit(loader), lambda: wrapper.fit_baseline(loader), lambda: wrapper.evaluate(loader),
+             lambda: wrapper.select_representatives(loader), lambda: wrapper.reconstruct(images[:2])]
+    for call in calls:
+        with pytest.raises(ValueError, match=said):
+            call()
+    assert wrapper.history == {}
+
+
+def test_images_laid_out_channels_last_are_told_to_permute(monkeypatch):
+    """#24.17: (B, H, W, C) images are not told to build the model with in_chans=32."""
+    wrapper = _built()
+    _forbid_stages(wrapper, monkeypatch)
+    loader = DataLoader(TensorDataset(torch.randn(20, 32, 32, 3), torch.arange(20) % 10), batch_size=10)
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\).*permute\(0, 3, 1, 2\)") as info:
+        wrapper.fit(loader)
+    assert "in_chans=32" not in str(info.value)
