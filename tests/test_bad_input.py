@@ -716,3 +716,35 @@ def test_images_laid_out_channels_last_are_told_to_permute(monkeypatch):
     with pytest.raises(ValueError, match=r"\(B, H, W, C\).*permute\(0, 3, 1, 2\)") as info:
         wrapper.fit(loader)
     assert "in_chans=32" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_model_in_another_dtype_is_told_its_dtype(dtype):
+    """#24.8: not "Set config.input_size"."""
+    with pytest.raises(ValueError, match=rf"parameters are {dtype}.*model.float\(\)") as info:
+        EncodeNetWrapper(make_model("resnet10t").to(dtype), _cfg())
+    assert "input_size" not in str(info.value)
+
+
+def test_a_compiled_model_is_told_to_pass_the_uncompiled_one():
+    """#24.9"""
+    with pytest.raises(TypeError, match=r"torch.compile.*uncompiled model.*config.compile"):
+        EncodeNetWrapper(torch.compile(make_model("resnet10t")), _cfg())
+
+
+def test_a_model_on_the_meta_device_is_told_to_materialise_it():
+    """#24.10"""
+    import timm
+    with torch.device("meta"):
+        model = timm.create_model("resnet10t", num_classes=10)
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        EncodeNetWrapper(model, _cfg())
+
+
+def test_a_vit_built_for_another_size_is_told_the_model_arg(capsys, tmp_path):
+    """#24.11: --img-size 32 without --model-arg img_size=32: exit 2, the flag that fixes it."""
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "fit", "--model", "vit_tiny_patch16_224", "--dataset", "digits", "--device", "cpu",
+                       "--out", out, "--per-class", "2", "--val-fraction", "0", "--img-size", "32")
+    assert code == 2 and _one_line(err) and "--model-arg img_size=32" in err and "224x224" in err
+    assert not (out / "run.json").exists()
