@@ -321,6 +321,8 @@ def _fail(key: str, rule: str, value: Any) -> None:
 def check_ranges(cfg: "EncodeNetConfig") -> None:
     """Raise ValueError naming the dotted key of the first value out of its range (no torch, no timm:
     optimizer and scheduler names are checked against timm's registries by `checks.check_config`)."""
+    if not 0 <= cfg.seed <= 2 ** 30:  # NumPy needs >= 0; FAISS takes seed + class index as a C int
+        _fail("seed", "an int in [0, 2**30]", cfg.seed)
     if cfg.amp not in AMP_VALUES:
         _fail("amp", f"one of {AMP_VALUES}", cfg.amp)
     if cfg.input_size is not None and any(v < 1 for v in cfg.input_size):

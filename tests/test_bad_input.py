@@ -748,3 +748,23 @@ def test_a_vit_built_for_another_size_is_told_the_model_arg(capsys, tmp_path):
                        "--out", out, "--per-class", "2", "--val-fraction", "0", "--img-size", "32")
     assert code == 2 and _one_line(err) and "--model-arg img_size=32" in err and "224x224" in err
     assert not (out / "run.json").exists()
+
+
+def test_a_negative_seed_is_refused_naming_the_key(capsys, tmp_path, no_data):
+    """#24.4"""
+    with pytest.raises(ValueError, match="config key 'seed' must be an int in"):
+        EncodeNetConfig(seed=-1)
+    wrapper = _built()
+    wrapper.config.seed = -1
+    with pytest.raises(ValueError, match="config key 'seed'"):
+        wrapper.fit(_TWENTY)
+    assert wrapper.history == {}
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--seed", "-1")
+    assert code == 2 and _one_line(err) and "'seed'" in err and "-1" in err
+
+
+def test_num_classes_as_a_model_arg_is_told_it_comes_from_the_data(capsys, tmp_path, no_data):
+    """#24.12"""
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--model-arg", "num_classes=5")
+    assert code == 2 and _one_line(err) and "number of classes comes from the data" in err
+    assert "does not take it" not in err and not (tmp_path / "r").exists()
