@@ -24,7 +24,8 @@ from .config import SCAN_MODES
 from .device_data import is_device_dataset
 from .errors import DataError
 
-__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_once",
+__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_plain_loader", "check_batch",
+           "check_input_size", "check_once",
            "check_class_counts", "check_data", "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
 
@@ -87,6 +88,24 @@ def check_loader(loader: DataLoader, what: str = "loader", map_style: bool = Fal
     if empty:
         raise ValueError(f"{what} is empty: its dataset has no samples")
     return loader
+
+
+def check_plain_loader(plain: Optional[DataLoader], train: DataLoader) -> None:
+    """Raise unless `plain` (fit's plain_loader) is None or a map-style loader as long as `train`'s dataset."""
+    if plain is None:
+        return
+    check_loader(plain, "plain_loader", map_style=True)
+    if len(plain.dataset) != len(train.dataset):
+        raise ValueError(f"plain_loader's dataset has {len(plain.dataset)} images but train_loader's has "
+                         f"{len(train.dataset)}; plain_loader must be the training set without augmentation, in "
+                         f"the same order (or None: train_loader is used)")
+
+
+def check_input_size(x: torch.Tensor, input_size: Optional[Tuple[int, int, int]]) -> None:
+    """Raise ValueError when images `x` (B, C, H, W) are not the (C, H, W) that ``config.input_size`` sets."""
+    if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
+        raise ValueError(f"config.input_size is {tuple(input_size)} but the images are {tuple(x.shape[1:])}; set "
+                         f"input_size=None (the data's size) or {tuple(x.shape[1:])}, or resize the images")
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans: int,
@@ -159,12 +178,13 @@ def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class:
 
 
 def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in_chans: int,
-               clusters_per_class: Union[int, str]) -> None:
+               clusters_per_class: Union[int, str], input_size: Optional[Tuple[int, int, int]] = None) -> None:
     """Raise ValueError, before any training, for data `model` cannot be trained on with EncodeNet.
 
     Checks the dataset's class names (``.classes``) against ``model.num_classes``; its labels, when
     `dataset_targets` can read them, with `check_class_counts`; and the first sample (through the
-    loader's collate_fn) with `check_batch` and one eval-mode forward of the model.
+    loader's collate_fn) with `check_batch`, against `input_size` (``config.input_size``, when set) and
+    with one eval-mode forward of the model.
     """
     dataset, num_classes = loader.dataset, model.num_classes
     root = dataset
@@ -179,6 +199,7 @@ def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in
         check_class_counts(targets, num_classes, clusters_per_class, classes)
     x, y = first_sample(loader)
     check_batch(x, y, num_classes=num_classes, in_chans=in_chans)
+    check_input_size(x, input_size)
     try:
         with eval_mode(model), torch.no_grad():
             model(x.to(device))

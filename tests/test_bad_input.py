@@ -768,3 +768,68 @@ def test_num_classes_as_a_model_arg_is_told_it_comes_from_the_data(capsys, tmp_p
     code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--model-arg", "num_classes=5")
     assert code == 2 and _one_line(err) and "number of classes comes from the data" in err
     assert "does not take it" not in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("split", "layer99", "split: 'last_stage' -> 'layer99'"),  # #24.2: not a stage of the model
+    ("split", "features", "split: 'last_stage' -> 'features'"),  # #24.3: valid, but the wrapper was built for another
+    ("input_size", (3, 16, 16), "input_size: None -> (3, 16, 16)"),
+    ("channels_last", True, "channels_last: False -> True"),
+    ("device", "meta", "device: 'cpu' -> 'meta'"),
+    ("decoder.width", 0.5, "decoder.width: 1.0 -> 0.5"),
+])
+def test_a_key_the_wrapper_was_built_with_changed_by_hand_is_refused_before_anything_runs(key, value, said, tmp_path,
+                                                                                          monkeypatch):
+    """#24.2, #24.3: a change to a key __init__ consumed would be recorded but not used: refused, nothing written."""
+    wrapper = _built()
+    _ = wrapper.decoder  # built already (as flops() or reconstruct build it): its settings are fixed too
+    section, _, name = key.rpartition(".")
+    setattr(getattr(wrapper.config, section) if section else wrapper.config, name, value)
+    calls = {"fit": lambda: wrapper.fit(_TWENTY, run_dir=tmp_path / "run"),
+             "a stage alone": lambda: wrapper.fit_baseline(_TWENTY)}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(said) + ".*EncodeNetWrapper\\(model, config\\)"):
+            call()
+    assert wrapper.history == {} and not (tmp_path / "run").exists()
+
+
+def test_a_run_records_the_split_it_ran_with(tmp_path):
+    """#24.3: what config.yaml and run.json say is what ran."""
+    wrapper = EncodeNetWrapper(make_model("resnet10t", num_classes=10), _cfg(split="features"))
+    assert wrapper.after_split == []
+    wrapper.fit(_TWENTY, run_dir=tmp_path / "run")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["split"] == "features"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["split"] == "features"
+
+
+def test_an_input_size_the_data_contradicts_is_refused_before_training(monkeypatch):
+    """#24.5: config.input_size=(3, 32, 32), the data 64x64."""
+    wrapper = _built(input_size=(3, 32, 32))
+    _forbid_stages(wrapper, monkeypatch)
+    loader = DataLoader(TensorDataset(torch.randn(20, 3, 64, 64), torch.arange(20) % 10), batch_size=10)
+    with pytest.raises(ValueError, match=re.escape("config.input_size is (3, 32, 32) but the images are "
+                                                   "(3, 64, 64)") + ".*input_size=None"):
+        wrapper.fit(loader)
+
+
+def test_a_plain_loader_of_another_length_is_refused_before_training(monkeypatch):
+    """#24.18"""
+    wrapper = _built()
+    _forbid_stages(wrapper, monkeypatch)
+    plain = DataLoader(TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10) % 10), batch_size=10)
+    with pytest.raises(ValueError, match=r"plain_loader's dataset has 10 images but train_loader's has 20"):
+        wrapper.fit(_TWENTY, plain_loader=plain)
+
+
+def test_fit_transfer_on_a_fresh_wrapper_warns(caplog):
+    """#24.14"""
+    wrapper = _built(**{"transfer.epochs": 1})
+    with caplog.at_level(logging.WARNING, logger="encodenet_timm.wrapper"):
+        wrapper.fit_transfer(_TWENTY)
+    assert "no autoencoder" in caplog.text and "fit()" in caplog.text
+
+
+def test_reconstruct_before_the_autoencoder_is_trained_is_refused():
+    """#24.19"""
+    with pytest.raises(ValueError, match=r"reconstruct needs the trained autoencoder.*fit_autoencoder"):
+        _built().reconstruct(torch.randn(2, 3, 32, 32))
