@@ -400,7 +400,7 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     if not distributed.is_main():
         return 0
     denormalize = data.denormalize if data.mean is not None else None
-    pictures = save_run_plots(wrapper, out, data.plain, denormalize, classes=data.classes)
+    pictures = save_run_plots(wrapper, out, wrapper.plain_dataset, denormalize, classes=data.classes)
     print(f"run dir: {out}")
     print(f"  weights: {out / MODEL_FILE}")
     print(f"  pictures: {', '.join(p.name for p in pictures)}")

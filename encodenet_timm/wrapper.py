@@ -102,6 +102,8 @@ class EncodeNetWrapper:
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
         self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
+        # the training set without augmentation that the representatives index (fit: less unreadable files)
+        self.plain_dataset: Optional[Dataset] = None
         self._checkpoint_every = 0  # fit(checkpoint_every=...): optimizer steps between checkpoints in an epoch
 
     # ---- parts -------------------------------------------------------------------------------------
@@ -222,6 +224,7 @@ class EncodeNetWrapper:
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
                    clusters_per_class=self.config.representatives.clusters_per_class,
                    input_size=self.config.input_size)
+        self.plain_dataset = (plain_loader or train_loader).dataset  # the plots' images
         c = self.config
         plan = (("baseline", c.baseline.epochs > 0, lambda: self.fit_baseline(train_loader, val_loader)),
                 ("representatives", True, lambda: self.select_representatives(plain_loader or train_loader)),
@@ -327,6 +330,7 @@ class EncodeNetWrapper:
             self.model, train_loader, self.config.representatives, self.device, num_classes=self.num_classes,
             seed=self.config.seed, check=self._check(), channels_last=self.config.channels_last,
             progress=self.config.progress)
+        self.plain_dataset = train_loader.dataset
         self.history["representatives"] = {"seconds": time.perf_counter() - start,
                                            "num_clusters": self.representatives.num_clusters,
                                            "k_per_class": k_per_class.tolist()}

@@ -833,3 +833,26 @@ def test_reconstruct_before_the_autoencoder_is_trained_is_refused():
     """#24.19"""
     with pytest.raises(ValueError, match=r"reconstruct needs the trained autoencoder.*fit_autoencoder"):
         _built().reconstruct(torch.randn(2, 3, 32, 32))
+
+
+_IMAGES = ["--img-size", "16", "--batch-size", "4", "--val-fraction", "0", "--device", "cpu", "--progress", "false",
+           "--baseline.epochs", "1", "--representatives.clusters_per_class", "1", "--autoencoder.epochs", "1",
+           "--transfer.epochs", "1", "--finetune.epochs", "0"]
+
+
+def test_the_files_skip_unreadable_leaves_out_are_left_out_of_every_later_step(capsys, tmp_path):
+    """#24.1: the pictures, the evaluation and a resume see the training set fit trained on."""
+    make_image_folder(tmp_path / "data", {"train": 4, "test": 1}, size=16)
+    bad = tmp_path / "data" / "train" / "digit1" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # one truncated PNG among good ones
+    out = tmp_path / "run"
+    new = ["fit", "--model", "resnet10t", "--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--out", out,
+           "--data.skip_unreadable", "true", *_IMAGES]
+    for argv in (new, ["fit", "--out", out, "--resume"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert all((out / name).is_file() for name in ("representatives.png", "reconstructions.png", "curves.png"))
+        assert json.loads((out / "eval.json").read_text())["test"]["images"] == 3
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == "complete" and record["data"]["skipped"] == {"train": 1, "val": 0}
+        assert record["data"]["size"] == 11
