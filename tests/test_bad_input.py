@@ -856,3 +856,25 @@ def test_the_files_skip_unreadable_leaves_out_are_left_out_of_every_later_step(c
         record = json.loads((out / "run.json").read_text())
         assert record["status"] == "complete" and record["data"]["skipped"] == {"train": 1, "val": 0}
         assert record["data"]["size"] == 11
+
+
+def test_a_truncated_checkpoint_says_which_folder_to_delete_and_the_run_goes_on(digits, tmp_path):
+    """#24.13: the newest checkpoint is damaged: the message names the file and the folder to delete, and after
+    deleting it the resume continues from the checkpoint before it."""
+    train, _ = digits
+    loader = DataLoader(Subset(train, range(30)), batch_size=10)
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="transfer stage: loss became"):  # fails in transfer: 4 stages checkpointed
+        EncodeNetWrapper(make_model("resnet10t"), _cfg(**{"transfer.lr": 1e30})).fit(loader, run_dir=out)
+    newest = next((out / "checkpoints" / "autoencoder").glob("epoch-*"))
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = next((out / "checkpoints" / "representatives").glob("epoch-*"))
+    with pytest.raises(ValueError) as info:
+        EncodeNetWrapper(make_model("resnet10t"), _cfg()).fit(loader, run_dir=out, resume=True)
+    message = str(info.value)
+    assert str(weights) in message and "corrupted or truncated" in message and "\n" not in message
+    assert f"delete {newest} and resume again" in message and f"continues from {before}" in message
+    shutil.rmtree(newest)
+    EncodeNetWrapper(make_model("resnet10t"), _cfg()).fit(loader, run_dir=out, resume=True)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
