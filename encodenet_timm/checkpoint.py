@@ -177,6 +177,7 @@ class Checkpoint:
         self.step: int = manifest.get("step", 0)
         self.epochs: int = manifest["epochs"]
         self.state: Dict[str, Any] = manifest["state"]
+        self._verified: set = set()  # files whose size and SHA-256 matched the manifest
 
     @classmethod
     def read(cls, directory: PathLike) -> "Checkpoint":
@@ -200,9 +201,16 @@ class Checkpoint:
         path = self.directory / name
         if entry is None or not path.is_file():
             raise ValueError(f"checkpoint {self.directory} has no {name}")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path} is corrupted or truncated: its size or SHA-256 differs from {MANIFEST}")
+        if name not in self._verified:
+            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+                raise ValueError(f"{path} is corrupted or truncated: its size or SHA-256 differs from {MANIFEST}")
+            self._verified.add(name)
         return path
+
+    def verify(self) -> None:
+        """Check every file against the manifest (`path`); ValueError naming the first that differs."""
+        for name in self.manifest["files"]:
+            self.path(name)
 
     def tensors(self, stem: str) -> Dict[str, torch.Tensor]:
         """The named tensors of ``<stem>.safetensors``, verified."""
@@ -293,13 +301,21 @@ class RunDir:
                 return Checkpoint.read(directory)
         return None
 
-    def latest(self) -> Optional[Checkpoint]:
-        """The latest complete checkpoint of the last stage that has one."""
+    def latest(self, but: Optional[Path] = None) -> Optional[Checkpoint]:
+        """The latest complete checkpoint of the last stage that has one (other than the one in `but`)."""
         for stage in reversed(self.stages):
-            found = self.checkpoint(stage)
-            if found is not None:
-                return found
+            for directory in _checkpoint_dirs(self.stage_dir(stage)):
+                if directory != but and (directory / MANIFEST).is_file():
+                    return Checkpoint.read(directory)
         return None
+
+    def damaged(self, ckpt: Checkpoint, error: ValueError) -> ValueError:
+        """The error for checkpoint `ckpt` whose file failed its check (`error`): what to delete to go on."""
+        before = self.latest(but=ckpt.directory)
+        then = (f"the run then continues from {before.directory} ({before.stage}, {before.epoch} of "
+                f"{before.epochs} epochs)" if before is not None else "no earlier checkpoint is left, so start the "
+                "run again in a new directory")
+        return ValueError(f"{error}; delete {ckpt.directory} and resume again: {then}")
 
     def begin(self, config: Dict[str, Any], info: Dict[str, Any], resume: bool) -> None:
         """Lock the directory (`DirLock`, until `close`), then start (or, with `resume`, reopen) the run.
@@ -551,12 +567,17 @@ class Run:
         """The checkpoint to resume from: the latest complete one of the last stage that has one.
 
         Raises:
-            ValueError: the run has no complete checkpoint.
+            ValueError: the run has no complete checkpoint, or a file of the latest differs from its manifest
+                (the message names the file and the folder to delete to continue from the one before).
         """
         ckpt = self.dir.latest()
         if ckpt is None:
             raise ValueError(f"{self.dir.path} holds no complete checkpoint to resume from; run without resume "
                              f"to start it again")
+        try:
+            ckpt.verify()  # every file, before any is loaded
+        except ValueError as e:
+            raise self.dir.damaged(ckpt, e) from e
         return ckpt
 
     def continue_from(self, ckpt: Checkpoint) -> None:

@@ -354,7 +354,10 @@ def _new_spec(given: Dict[str, Any], command: str, what: str) -> Dict[str, Any]:
     spec = {**_FIT_DEFAULTS, **given}
     spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
     _check_model_name(spec["model"])
-    _key_values(spec["model_arg"], "--model-arg")  # KEY=VALUE each; the model itself checks them when built
+    model_args = _key_values(spec["model_arg"], "--model-arg")  # KEY=VALUE each; the model checks them when built
+    if "num_classes" in model_args:
+        raise ValueError(f"--model-arg num_classes={model_args['num_classes']}: the number of classes comes from the "
+                         f"data (its class folders or labels); drop it")
     if spec["pretrained"]:  # pretrained weights expect their own normalisation
         cfg = timm.models.get_pretrained_cfg(spec["model"])
         if cfg is not None:
@@ -473,7 +476,7 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     if not distributed.is_main():
         return 0
     denormalize = data.denormalize if data.mean is not None else None
-    pictures = save_run_plots(wrapper, out, data.plain, denormalize, classes=data.classes)
+    pictures = save_run_plots(wrapper, out, wrapper.plain_dataset, denormalize, classes=data.classes)
     print(f"run dir: {out}")
     print(f"  weights: {out / MODEL_FILE}")
     print(f"  pictures: {', '.join(p.name for p in pictures)}")

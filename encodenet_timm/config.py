@@ -205,7 +205,7 @@ class EncodeNetConfig(_Config):
     split before the last stage, MSE + cross-entropy autoencoder, then a short fine-tune of every
     weight. `paper()` is the method exactly as published.
     """
-    seed: int = 0                    # one seed for torch, data order and FAISS
+    seed: int = 0                    # one seed for torch, data order and FAISS, in [0, 2**30]
     device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     amp: str = "none"                # autocast dtype: "none" (fp32), "auto" (bf16 on a GPU that supports it and on a
                                      # CPU with native bf16, AMX or AVX512-BF16; else fp32), "bf16" (GPU or CPU),
@@ -425,6 +425,8 @@ def _fail(key: str, rule: str, value: Any) -> None:
 def check_ranges(cfg: "EncodeNetConfig") -> None:
     """Raise ValueError naming the dotted key of the first value out of its range (no torch, no timm:
     optimizer and scheduler names are checked against timm's registries by `checks.check_config`)."""
+    if not 0 <= cfg.seed <= 2 ** 30:  # NumPy needs >= 0; FAISS takes seed + class index as a C int
+        _fail("seed", "an int in [0, 2**30]", cfg.seed)
     if cfg.amp not in AMP_VALUES:
         _fail("amp", f"one of {AMP_VALUES}", cfg.amp)
     if cfg.input_size is not None and any(v < 1 for v in cfg.input_size):

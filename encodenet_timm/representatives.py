@@ -99,7 +99,7 @@ def select_representatives(model: nn.Module, loader: DataLoader, cfg: Representa
     dataset = loader.dataset
     _warn_if_random_transform(dataset)
     ordered = make_loader(dataset, loader, shuffle=False, seed=seed, batch_size=cfg.batch_size)
-    store = _open_store(cfg, len(dataset), _pre_logits_dim(model, loader, device))
+    store = _open_store(cfg, len(dataset), _pre_logits_dim(model, loader, device, check))
     gather_rows = store is None or (store.path is None and distributed.is_distributed())  # RAM store: rank 0 only
     blocks: List[Tuple[int, np.ndarray]] = []
     try:
@@ -132,9 +132,12 @@ def select_representatives(model: nn.Module, loader: DataLoader, cfg: Representa
     return reps, k_per_class
 
 
-def _pre_logits_dim(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
-    """D of ``forward_head(..., pre_logits=True)``, from one image of `loader`'s dataset."""
-    x, _ = first_sample(loader)
+def _pre_logits_dim(model: nn.Module, loader: DataLoader, device: torch.device,
+                    check: Optional[BatchCheck] = None) -> int:
+    """D of ``forward_head(..., pre_logits=True)``, from one image of `loader`'s dataset (checked first)."""
+    x, y = first_sample(loader)
+    if check is not None:
+        check(x, y)
     with eval_mode(model), torch.no_grad():
         z = model.forward_features(x.to(device))
         return int(model.forward_head(z, pre_logits=True).flatten(1).shape[1])
