@@ -56,7 +56,8 @@ from .stopping import StopSignals
 from .training import TrainState
 
 __all__ = ["CONFIG_FILE", "RECORD_FILE", "MODEL_FILE", "CLI_FILE", "EVAL_FILE", "MANIFEST", "PICTURES", "RUN_FILES",
-           "check_new_dir", "load_model_file", "model_fingerprint", "resume_command", "Checkpoint", "RunDir", "Run"]
+           "RUNTIME_CONFIG_KEYS", "check_new_dir", "load_model_file", "model_fingerprint", "resume_command",
+           "Checkpoint", "RunDir", "Run"]
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ RUN_FILES = (CONFIG_FILE, RECORD_FILE, MODEL_FILE, CLI_FILE, EVAL_FILE, "eval-*.
 _FORMAT = "encodenet_timm.checkpoint/1"
 _CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?$")
 POSITION_FILE = "position.pt"     # a checkpoint inside an epoch: where each rank's epoch stood
-_RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
+RUNTIME_CONFIG_KEYS = ("device", "progress")  # a resume may change these: where it runs, what it shows
 _SECTION_STAGE = {"decoder": "autoencoder"}  # config sections that a stage of another name reads; a section
 # named after a stage belongs to it, and every other key (seed, split, amp, ...) to the whole run
 
@@ -176,6 +177,7 @@ class Checkpoint:
         self.step: int = manifest.get("step", 0)
         self.epochs: int = manifest["epochs"]
         self.state: Dict[str, Any] = manifest["state"]
+        self._verified: set = set()  # files whose size and SHA-256 matched the manifest
 
     @classmethod
     def read(cls, directory: PathLike) -> "Checkpoint":
@@ -199,9 +201,16 @@ class Checkpoint:
         path = self.directory / name
         if entry is None or not path.is_file():
             raise ValueError(f"checkpoint {self.directory} has no {name}")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path} is corrupted or truncated: its size or SHA-256 differs from {MANIFEST}")
+        if name not in self._verified:
+            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+                raise ValueError(f"{path} is corrupted or truncated: its size or SHA-256 differs from {MANIFEST}")
+            self._verified.add(name)
         return path
+
+    def verify(self) -> None:
+        """Check every file against the manifest (`path`); ValueError naming the first that differs."""
+        for name in self.manifest["files"]:
+            self.path(name)
 
     def tensors(self, stem: str) -> Dict[str, torch.Tensor]:
         """The named tensors of ``<stem>.safetensors``, verified."""
@@ -292,13 +301,21 @@ class RunDir:
                 return Checkpoint.read(directory)
         return None
 
-    def latest(self) -> Optional[Checkpoint]:
-        """The latest complete checkpoint of the last stage that has one."""
+    def latest(self, but: Optional[Path] = None) -> Optional[Checkpoint]:
+        """The latest complete checkpoint of the last stage that has one (other than the one in `but`)."""
         for stage in reversed(self.stages):
-            found = self.checkpoint(stage)
-            if found is not None:
-                return found
+            for directory in _checkpoint_dirs(self.stage_dir(stage)):
+                if directory != but and (directory / MANIFEST).is_file():
+                    return Checkpoint.read(directory)
         return None
+
+    def damaged(self, ckpt: Checkpoint, error: ValueError) -> ValueError:
+        """The error for checkpoint `ckpt` whose file failed its check (`error`): what to delete to go on."""
+        before = self.latest(but=ckpt.directory)
+        then = (f"the run then continues from {before.directory} ({before.stage}, {before.epoch} of "
+                f"{before.epochs} epochs)" if before is not None else "no earlier checkpoint is left, so start the "
+                "run again in a new directory")
+        return ValueError(f"{error}; delete {ckpt.directory} and resume again: {then}")
 
     def begin(self, config: Dict[str, Any], info: Dict[str, Any], resume: bool) -> None:
         """Lock the directory (`DirLock`, until `close`), then start (or, with `resume`, reopen) the run.
@@ -550,12 +567,17 @@ class Run:
         """The checkpoint to resume from: the latest complete one of the last stage that has one.
 
         Raises:
-            ValueError: the run has no complete checkpoint.
+            ValueError: the run has no complete checkpoint, or a file of the latest differs from its manifest
+                (the message names the file and the folder to delete to continue from the one before).
         """
         ckpt = self.dir.latest()
         if ckpt is None:
             raise ValueError(f"{self.dir.path} holds no complete checkpoint to resume from; run without resume "
                              f"to start it again")
+        try:
+            ckpt.verify()  # every file, before any is loaded
+        except ValueError as e:
+            raise self.dir.damaged(ckpt, e) from e
         return ckpt
 
     def continue_from(self, ckpt: Checkpoint) -> None:
@@ -637,9 +659,10 @@ class Run:
 
 def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
     """Atomically write `history` (stage -> per-epoch records; non-list entries are left out) as a CSV:
-    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent."""
-    rows = [{"stage": stage, **record} for stage, records in history.items() if isinstance(records, list)
-            for record in records]
+    stage, epoch, then every metric any record has (loss, accuracy, lr, seconds, val_*), blank where absent.
+    Epochs count from 1, as the log and curves.png do (a record's ``epoch`` is the loop's index, from 0)."""
+    rows = [{"stage": stage, **record, "epoch": record.get("epoch", i) + 1} for stage, records in history.items()
+            if isinstance(records, list) for i, record in enumerate(records)]
     if not rows:
         return
     columns = ["stage", "epoch", *dict.fromkeys(k for r in rows for k in r if k not in ("stage", "epoch"))]
@@ -653,8 +676,8 @@ def write_summary(path: PathLike, history: Dict[str, Any]) -> None:
 
 
 def _settings(config: Dict[str, Any]) -> Dict[str, Any]:
-    """`config` without the keys a resume may change freely (`_RUNTIME_CONFIG_KEYS`)."""
-    return {k: v for k, v in config.items() if k not in _RUNTIME_CONFIG_KEYS}
+    """`config` without the keys a resume may change freely (`RUNTIME_CONFIG_KEYS`)."""
+    return {k: v for k, v in config.items() if k not in RUNTIME_CONFIG_KEYS}
 
 
 def _now() -> str:

@@ -24,7 +24,8 @@ from .config import SCAN_MODES
 from .device_data import is_device_dataset
 from .errors import DataError
 
-__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_once",
+__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_plain_loader", "check_batch",
+           "check_input_size", "check_once",
            "check_class_counts", "check_data", "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
 
@@ -89,12 +90,38 @@ def check_loader(loader: DataLoader, what: str = "loader", map_style: bool = Fal
     return loader
 
 
+def check_plain_loader(plain: Optional[DataLoader], train: DataLoader) -> None:
+    """Raise unless `plain` (fit's plain_loader) is None or a map-style loader as long as `train`'s dataset."""
+    if plain is None:
+        return
+    check_loader(plain, "plain_loader", map_style=True)
+    if len(plain.dataset) != len(train.dataset):
+        raise ValueError(f"plain_loader's dataset has {len(plain.dataset)} images but train_loader's has "
+                         f"{len(train.dataset)}; plain_loader must be the training set without augmentation, in "
+                         f"the same order (or None: train_loader is used)")
+
+
+def check_input_size(x: torch.Tensor, input_size: Optional[Tuple[int, int, int]]) -> None:
+    """Raise ValueError when images `x` (B, C, H, W) are not the (C, H, W) that ``config.input_size`` sets."""
+    if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
+        raise ValueError(f"config.input_size is {tuple(input_size)} but the images are {tuple(x.shape[1:])}; set "
+                         f"input_size=None (the data's size) or {tuple(x.shape[1:])}, or resize the images")
+
+
 def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans: int,
                 image_size: Optional[Tuple[int, int]] = None) -> None:
     """Raise ValueError for a batch the model cannot train on: wrong shape, labels out of range, NaN/inf."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"images are {x.dtype} but the model takes float images; convert them to float in the "
+                         f"dataset's transform (torchvision: ToTensor(), or ConvertImageDtype(torch.float32), then "
+                         f"Normalize)")
+    if x.shape[1] != in_chans and x.shape[3] == in_chans:  # (B, H, W, C): an image library's layout
+        raise ValueError(f"images are laid out (B, H, W, C) = {tuple(x.shape)} but the model takes (B, C, H, W); "
+                         f"permute them in the dataset: image.permute(2, 0, 1) per image, or x.permute(0, 3, 1, 2) "
+                         f"per batch")
     if x.shape[1] != in_chans:
         raise ValueError(f"images have {x.shape[1]} channels but the model takes {in_chans} "
                          f"(timm.create_model(..., in_chans={x.shape[1]}) or convert the images)")
@@ -103,9 +130,11 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans:
                          f"resize the images or set config.input_size before the autoencoder stage")
     if not torch.isfinite(x).all():
         raise ValueError("images contain NaN or inf values; check the dataset and its transforms")
-    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point:
-        raise ValueError(f"labels must be a (B,) integer tensor of class indices, got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"labels must be a (B,) integer tensor of class indices, got {got}; give the class "
+                         f"index of each image as an int (e.g. target_transform=int, or labels.long(); one-hot "
+                         f"labels: labels.argmax(1))")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), found "
                          f"{int(y.min())}..{int(y.max())}")
@@ -149,12 +178,13 @@ def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class:
 
 
 def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in_chans: int,
-               clusters_per_class: Union[int, str]) -> None:
+               clusters_per_class: Union[int, str], input_size: Optional[Tuple[int, int, int]] = None) -> None:
     """Raise ValueError, before any training, for data `model` cannot be trained on with EncodeNet.
 
     Checks the dataset's class names (``.classes``) against ``model.num_classes``; its labels, when
     `dataset_targets` can read them, with `check_class_counts`; and the first sample (through the
-    loader's collate_fn) with `check_batch` and one eval-mode forward of the model.
+    loader's collate_fn) with `check_batch`, against `input_size` (``config.input_size``, when set) and
+    with one eval-mode forward of the model.
     """
     dataset, num_classes = loader.dataset, model.num_classes
     root = dataset
@@ -169,6 +199,7 @@ def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in
         check_class_counts(targets, num_classes, clusters_per_class, classes)
     x, y = first_sample(loader)
     check_batch(x, y, num_classes=num_classes, in_chans=in_chans)
+    check_input_size(x, input_size)
     try:
         with eval_mode(model), torch.no_grad():
             model(x.to(device))

@@ -22,11 +22,11 @@ import timm
 import torch
 
 from . import distributed
-from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, check_new_dir
+from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, RUNTIME_CONFIG_KEYS, check_new_dir
 from .checks import check_writable
 from .compare import CONTROLS, compare
-from .config import ControlsConfig, EncodeNetConfig, parse_value
-from .data import DATASETS, DataSplits, build_datasets, make_loaders
+from .config import ControlsConfig, EncodeNetConfig, describe_keys, parse_value
+from .data import DATA_CONFIG_KEYS, DATASETS, RESIZE, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .env import resolve_device
 from .errors import EncodeNetError, Interrupted
@@ -49,7 +49,7 @@ _FIT_DEFAULTS = {"model": None, "model_arg": [], "pretrained": False, "dataset":
 
 _FIT_EPILOG = """examples:
   # no download: scikit-learn's digits, a timm ResNet trained from scratch (a few minutes on a CPU)
-  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels_last true \\
+  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels-last true \\
       --baseline.epochs 6 --autoencoder.epochs 3 --transfer.epochs 3
   # CIFAR-10 through torchvision (downloaded into data/ unless --no-download), a YAML config and overrides
   encodenet fit --model resnet20_cifar --dataset cifar10 --data-dir data --config run.yaml \\
@@ -73,7 +73,7 @@ _COMPARE_EPILOG = """examples:
 
 
 _EXAMPLES = """example (no download; a few minutes on a CPU):
-  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels_last true \\
+  encodenet fit --model resnet10t --dataset digits --out runs/digits --batch-size 64 --channels-last true \\
       --baseline.epochs 6 --autoencoder.epochs 3 --transfer.epochs 3
   encodenet evaluate runs/digits
   encodenet export runs/digits --to digits.safetensors
@@ -84,24 +84,35 @@ Run 'encodenet <command> --help' for a command's options.
 
 
 # ---- parser -------------------------------------------------------------------------------------------
-def _config_defaults(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Dotted config key -> default value, for every leaf of the config."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_config_defaults(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
+def _dashed(argv: Sequence[str]) -> List[str]:
+    """`argv` with every option name spelled with dashes: ``--batch_size 8`` -> ``--batch-size 8``,
+    ``--transfer.warmup_epochs=2`` -> ``--transfer.warmup-epochs=2``; values, and all after ``--``, as given."""
+    out, options = [], True
+    for arg in argv:
+        if arg == "--":
+            options = False
+        elif options and arg.startswith("--"):
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
     return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` that reads ``_`` and ``-`` in option names alike (`_dashed`); help shows dashes."""
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
+        return super().parse_known_args(_dashed(sys.argv[1:] if args is None else args), namespace)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="config file (partial is fine); flags override it")
     parser.add_argument("--set", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. transfer.lr=0.1 (repeatable; values are YAML)")
-    group = parser.add_argument_group("config keys (each also works as --set KEY=VALUE; values are YAML)")
-    for key, default in _config_defaults(EncodeNetConfig().to_dict()).items():
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="V", help=f"default: {default}")
+    group = parser.add_argument_group("config keys", "--KEY V sets the config key KEY (as in config.yaml; - and _ "
+                                      "alike), as --set KEY=V does.\nV is YAML: 0.1, true, null, \"[3, 64, 64]\".")
+    for key, text in describe_keys().items():
+        group.add_argument(f"--{key.replace('_', '-')}", dest=f"cfg:{key}", metavar="V", help=text)
 
 
 def _add_data_options(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -143,15 +154,22 @@ def _count(low: int):
 
 def _subparser(sub, name: str, usage: str, text: str, epilog: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, usage=usage, help=text, description=text, epilog=epilog, allow_abbrev=False,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=_HelpFormatter)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples as written; each option's help starts on its own line, under the option."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=6)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``encodenet`` argument parser with its four subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="encodenet", description="EncodeNet for timm classifiers: fit, evaluate and export runs.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = _Parser(
+        prog="encodenet", description="EncodeNet for timm classifiers: fit, compare, evaluate and export runs. "
+                                      "Options take dashes or underscores alike (--batch-size, --batch_size).",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="{fit,compare,evaluate,export,config}", required=True)
 
     fit = _subparser(sub, "fit", "encodenet fit --model NAME --dataset NAME [--data-dir D] --out RUN_DIR "
@@ -182,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--allow-untrained-baseline", action="store_true", default=None,
                      help="compare from a baseline near chance accuracy instead of refusing it")
     cmp.add_argument("--controls-config", metavar="YAML", help="ControlsConfig file: how continued, ema and kd train")
-    ctl = cmp.add_argument_group("controls' settings (ControlsConfig; values are YAML)")
-    for key, default in ControlsConfig().to_dict().items():
-        ctl.add_argument(f"--controls.{key}", dest=f"ctl:{key}", metavar="V", help=f"default: {default}")
+    ctl = cmp.add_argument_group("controls' settings", "--controls.KEY V sets the ControlsConfig key KEY (how "
+                                 "continued, ema and kd train; - and _ alike; V is YAML).")
+    for key, text in describe_keys(ControlsConfig()).items():
+        ctl.add_argument(f"--controls.{key.replace('_', '-')}", dest=f"ctl:{key}", metavar="V", help=text)
     _add_config_options(cmp)
     cmp.set_defaults(func=_cmd_compare)
 
@@ -207,10 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is missing")
     ev.set_defaults(func=_cmd_evaluate)
 
-    ex = _subparser(sub, "export", "encodenet export RUN_DIR --to FILE.safetensors",
+    ex = _subparser(sub, "export", "encodenet export RUN_DIR --to FILE.safetensors [--format safetensors]\n"
+                    "       encodenet export RUN_DIR --to DIR --format timm",
                     "write a run's model as a plain timm state dict (+ a .json sidecar); an existing file is "
                     "never overwritten unless it is an earlier export",
-                    "example:\n  encodenet export runs/digits --to digits.safetensors\n")
+                    "examples:\n  encodenet export runs/digits --to digits.safetensors\n"
+                    "  encodenet export runs/digits --to digits-timm --format timm\n")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'encodenet fit'")
     ex.add_argument("--to", required=True, metavar="FILE.safetensors", help="the file (or, --format timm, the "
                                                                              "directory) to write")
@@ -245,7 +266,8 @@ def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """Dotted config keys set by --KEY flags and --set (which wins)."""
     flags = {name[4:]: parse_value(value) for name, value in vars(args).items()
              if name.startswith("cfg:") and value is not None}
-    return {**flags, **_key_values(args.set, "--set")}
+    given = {key.replace("-", "_"): value for key, value in _key_values(args.set, "--set").items()}  # - and _ alike
+    return {**flags, **given}
 
 
 def _config(args: argparse.Namespace, base: Optional[EncodeNetConfig] = None) -> EncodeNetConfig:
@@ -278,6 +300,21 @@ def _data(spec: Dict[str, Any], seed: int, download: bool = True) -> DataSplits:
     return build_datasets(spec["dataset"], spec["data_dir"], img_size=spec["img_size"], in_chans=in_chans,
                           val_fraction=spec["val_fraction"], per_class=spec["per_class"], seed=seed,
                           download=download, mean=spec.get("mean"), std=spec.get("std"))
+
+
+def _record_data(spec: Dict[str, Any], data: DataSplits) -> None:
+    """Put into `spec` (cli.json, compare.json) the classes and what every image went through, in timm's
+    data-config keys (`DataSplits.data_config`: input size, interpolation, crop, mean/std), for the exports."""
+    spec.update(num_classes=data.num_classes, classes=data.classes)
+    spec.update({k: list(v) if isinstance(v, tuple) else v for k, v in data.data_config.items()})
+
+
+def _data_config(spec: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """timm's data config of a run (`_record_data`); a digits run recorded before its mean/std were (#25)
+    reads them off the data."""
+    if spec.get("mean") is None or spec.get("std") is None:
+        return _data(spec, seed, download=False).data_config
+    return {**RESIZE, **{k: spec[k] for k in DATA_CONFIG_KEYS if spec.get(k) is not None}}
 
 
 def _load_run(run_dir: Path) -> Tuple[Dict[str, Any], EncodeNetConfig]:
@@ -318,7 +355,10 @@ def _new_spec(given: Dict[str, Any], command: str, what: str) -> Dict[str, Any]:
     spec = {**_FIT_DEFAULTS, **given}
     spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec["data_dir"] else None
     _check_model_name(spec["model"])
-    _key_values(spec["model_arg"], "--model-arg")  # KEY=VALUE each; the model itself checks them when built
+    model_args = _key_values(spec["model_arg"], "--model-arg")  # KEY=VALUE each; the model checks them when built
+    if "num_classes" in model_args:
+        raise ValueError(f"--model-arg num_classes={model_args['num_classes']}: the number of classes comes from the "
+                         f"data (its class folders or labels); drop it")
     if spec["pretrained"]:  # pretrained weights expect their own normalisation
         cfg = timm.models.get_pretrained_cfg(spec["model"])
         if cfg is not None:
@@ -353,8 +393,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"--resume takes the model and data from {out}/{CLI_FILE}; drop "
                              + ", ".join(f"--{k.replace('_', '-')}" for k in given))
-        check_writable(out)
         config = _config(args, base=saved)  # EncodeNetWrapper.fit refuses a change that alters results
+        if _complete(out):
+            return _already_complete(out, saved, config)
+        check_writable(out)
     else:
         if (out / CONFIG_FILE).is_file() and (out / RECORD_FILE).is_file():  # written when training begins
             raise ValueError(f"{out} already holds a run: continue it with --resume, or pick another --out")
@@ -365,6 +407,32 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return _locked(out, lambda lock: _fit(args, out, spec, config, lock))
 
 
+def _complete(run_dir: Path) -> bool:
+    """The run in `run_dir` has finished: run.json says so and its model file is there."""
+    return (run_dir / MODEL_FILE).is_file() and read_json(run_dir / RECORD_FILE).get("status") == "complete"
+
+
+def _already_complete(out: Path, saved: EncodeNetConfig, config: EncodeNetConfig) -> int:
+    """``fit --resume`` on a finished run: nothing is read, trained or written; a changed setting is an error."""
+    before, after = _flat(saved.to_dict()), _flat(config.to_dict())
+    changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in before
+               if before[k] != after[k] and k.split(".")[0] not in RUNTIME_CONFIG_KEYS]
+    if changed:
+        raise ValueError(f"{out} holds a complete run; its settings cannot change ({'; '.join(changed)}): start a "
+                         f"new run with another --out")
+    print(f"{out} is already complete: nothing to do (weights: {out / MODEL_FILE}; "
+          f"measure them again with: encodenet evaluate {out})")
+    return 0
+
+
+def _flat(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested dict as {dotted key: value}."""
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: EncodeNetConfig, lock: DirLock) -> int:
     """`fit` after its checks, with `out` locked."""
     if not distributed.is_main():  # under torchrun rank 0 reads (or downloads) the data first, then the others
@@ -373,8 +441,7 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     if distributed.is_main():
         distributed.barrier()
     if not args.resume:
-        spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
-                    std=data.std and list(data.std), input_size=list(data.input_size))
+        _record_data(spec, data)
         if config.input_size is None:
             config = config.override({"input_size": spec["input_size"]})
         if config.baseline.epochs == 0 and not spec["pretrained"]:
@@ -410,7 +477,7 @@ def _fit(args: argparse.Namespace, out: Path, spec: Dict[str, Any], config: Enco
     if not distributed.is_main():
         return 0
     denormalize = data.denormalize if data.mean is not None else None
-    pictures = save_run_plots(wrapper, out, data.plain, denormalize, classes=data.classes)
+    pictures = save_run_plots(wrapper, out, wrapper.plain_dataset, denormalize, classes=data.classes)
     print(f"run dir: {out}")
     print(f"  weights: {out / MODEL_FILE}")
     print(f"  pictures: {', '.join(p.name for p in pictures)}")
@@ -435,7 +502,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{out} has no {COMPARE_JSON}: it is not a comparison written by "
                                     f"'encodenet compare'")
         saved = read_json(out / COMPARE_JSON)  # a damaged file is named
-        extra = [f"--{k.replace('_', '-')}" for k in given] + [f"--{k}" for k, v in run.items() if v is not None]
+        extra = ([f"--{k.replace('_', '-')}" for k in given]
+                 + [f"--{k.replace('_', '-')}" for k, v in run.items() if v is not None and k != "controls_config"]
+                 + [f"--controls.{k.replace('_', '-')}" for k in _controls_overrides(args)]
+                 + (["--controls-config"] if args.controls_config else []))
         if extra:
             raise ValueError(f"--resume takes every setting from {out}/{COMPARE_JSON}; drop {', '.join(extra)}")
         spec, run = saved["spec"], saved["run"]
@@ -447,9 +517,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         check_new_dir(out, _COMPARE_FILES, what="comparison directory")  # writable, nothing of the user's
         spec = _new_spec(given, "compare", "a comparison")
         config = _config(args)
-        if config.baseline.epochs == 0 and not spec["pretrained"]:
-            raise ValueError("compare trains the baseline from the model's random weights: set --baseline.epochs N "
-                             "(or --pretrained to start every row from timm's weights)")
+        if config.baseline.epochs == 0 and not spec["pretrained"] and not args.allow_untrained_baseline:
+            raise ValueError("compare would start every row from the model's random weights (--baseline.epochs 0 "
+                             "without --pretrained): every row would sit at chance and the verdict would compare "
+                             "noise. Set --baseline.epochs N to train the baseline (or --pretrained to start from "
+                             "timm's weights); --allow-untrained-baseline if this is intended")
         controls_config = (ControlsConfig.from_yaml(args.controls_config) if args.controls_config
                            else ControlsConfig()).override(_controls_overrides(args))
         run = {"seeds": args.seeds or [0, 1, 2],
@@ -470,8 +542,7 @@ def _compare(args: argparse.Namespace, out: Path, spec: Dict[str, Any], run: Dic
     if data.val is None:
         raise ValueError("compare needs a validation split: set --val-fraction above 0 (or give the image folder "
                          "a val/ directory)")
-    spec.update(num_classes=data.num_classes, classes=data.classes, mean=data.mean and list(data.mean),
-                std=data.std and list(data.std), input_size=list(data.input_size))
+    _record_data(spec, data)
     if config.input_size is None:
         config = config.override({"input_size": spec["input_size"]})
     if not args.resume:
@@ -578,24 +649,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     spec, config = _load_run(run_dir)
     sidecar = _export_targets(to) if args.format == "safetensors" else None
     wrapper = _wrapper_with_weights(spec, config.override({"device": "cpu"}), run_dir)
+    data_config = _data_config(spec, config.seed)
     exported = wrapper.export()
     zoo = type(exported).__module__.startswith(__package__)
     if args.format == "timm":
-        wrapper.export_timm(to, label_names=spec["classes"], mean=spec["mean"], std=spec["std"])
+        wrapper.export_timm(to, label_names=spec["classes"], data_config=data_config)
         print(f"wrote {to / 'config.json'} and {to / 'model.safetensors'}. To load it:")
         print(f"import timm{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
         print(f"model = timm.create_model('local-dir:{to.resolve()}', pretrained=True)")
+        print("transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))  # the run's")
         return 0
     save_tensors(to, exported.state_dict())  # atomic, like every file of a run
     kwargs = {"num_classes": spec["num_classes"], **_key_values(spec["model_arg"], "--model-arg")}
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
     write_json(sidecar, {"model": spec["model"], "create_kwargs": kwargs, "classes": spec["classes"],
-                         "mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"],
-                         "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
-    args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()])
+                         **data_config, "run_dir": str(run_dir.resolve())}, indent=2, newline=True)
+    args_text = ", ".join([repr(spec["model"])] + [f"{k}={v!r}" for k, v in kwargs.items()]
+                          + [f"pretrained_cfg_overlay={data_config!r}"])  # timm's transforms read the run's
     print(f"wrote {to} and {sidecar}. To load it:")
     print(f"import timm, safetensors.torch{', encodenet_timm  # registers ' + spec['model'] if zoo else ''}")
     print(f"model = timm.create_model({args_text})")
     print(f"model.load_state_dict(safetensors.torch.load_file({str(to)!r}))")
+    print("transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))  # the run's")
     return 0
 
 

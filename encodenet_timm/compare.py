@@ -77,12 +77,16 @@ def _check_trained(runner: Rows, seed: int, allow: bool) -> None:
     """Refuse a baseline whose validation accuracy is within `UNTRAINED_MARGIN` of chance."""
     acc = runner.records["baseline"][seed]["val_accuracy"]
     chance = 1.0 / runner.common["num_classes"]
-    if acc < chance + UNTRAINED_MARGIN and not allow:
+    if acc < chance + UNTRAINED_MARGIN and allow:
+        _logger.warning("compare: the baseline of seed %d scores %.1f%% on validation, within %.0f points of chance "
+                        "(%.1f%%): compared anyway (allow_untrained_baseline)", seed, 100 * acc,
+                        100 * UNTRAINED_MARGIN, 100 * chance)
+    elif acc < chance + UNTRAINED_MARGIN:
         raise ValueError(f"the baseline of seed {seed} scores {100 * acc:.1f}% on validation, within "
                          f"{100 * UNTRAINED_MARGIN:.0f} points of chance ({100 * chance:.1f}%): it looks untrained, "
                          f"so every row would be compared from noise. Train it (config.baseline.epochs > 0, CLI "
                          f"--baseline.epochs N), pass a model_fn that returns the trained model, or pass "
-                         f"allow_untrained_baseline=True if this is intended")
+                         f"allow_untrained_baseline=True (CLI --allow-untrained-baseline) if this is intended")
 
 
 def _run_seed(runner: Rows, seed: int, rows: Sequence[str], allow_untrained: bool) -> None:

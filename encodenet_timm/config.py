@@ -3,10 +3,16 @@
 Every documented default is the dataclass default. Keys are dotted paths (``transfer.lr``), the
 same in Python, in YAML and on the command line.
 """
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import yaml
 
 __all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "DataConfig",
-           "EncodeNetConfig", "ControlsConfig"]
+           "EncodeNetConfig", "ControlsConfig", "describe_keys"]
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
@@ -199,12 +205,14 @@ class EncodeNetConfig(_Config):
     split before the last stage, MSE + cross-entropy autoencoder, then a short fine-tune of every
     weight. `paper()` is the method exactly as published.
     """
-    seed: int = 0                    # one seed for torch, data order and FAISS
+    seed: int = 0                    # one seed for torch, data order and FAISS, in [0, 2**30]
     device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    amp: str = "none"                # autocast dtype on CUDA: "none", "auto" (bf16 if supported), "bf16", "fp16"
+    amp: str = "none"                # autocast dtype: "none" (fp32), "auto" (bf16 on a GPU that supports it and on a
+                                     # CPU with native bf16, AMX or AVX512-BF16; else fp32), "bf16" (GPU or CPU),
+                                     # "fp16" (CUDA only, with a GradScaler)
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     compile: bool = False            # torch.compile the trainable module of every training stage
-    input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
+    input_size: Optional[Tuple[int, int, int]] = None  # the model's input (C, H, W); None: the model's, then the data's
     progress: bool = True            # tqdm bar per epoch
     split: str = "last_stage"        # "features" (paper: forward_features | forward_head); "last_stage" (before
                                      # the last feature_info stage); or a stage module named in the model's
@@ -262,11 +270,11 @@ class ControlsConfig(_Config):
     weight_decay: float = 5e-4       # timm skips it on biases and norm weights
     sched: str = "cosine"            # any timm scheduler name, or "none"
     warmup_epochs: int = 1           # linear warm-up from ~0 to lr, part of the budget
-    clip_grad: Optional[float] = 2.0  # max gradient norm; None disables clipping
+    clip_grad: Optional[float] = 2.0  # max gradient norm; null disables clipping
     smoothing: float = 0.0           # label smoothing
     ema_decay: float = 0.9998        # the ema control's ModelEmaV3 decay (with warm-up)
-    kd_temperature: float = 4.0      # timm LogitDistillationTask temperature (student in train mode,
-                                     # teacher = the baseline in eval mode, as timm's train.py runs it)
+    kd_temperature: float = 4.0      # timm LogitDistillationTask temperature (teacher = the baseline in eval
+                                     # mode, as timm's train.py runs it; the student's BatchNorm: kd_student_bn)
     kd_task_loss_weight: float = 0.3  # weight of the cross-entropy; the KL term gets 1 - this
     kd_student_bn: str = "eval"      # the student's BatchNorm: "eval" (the baseline's running statistics, frozen,
                                      # as the teacher's: chosen on validation, see docs/compare.md) or "train"
@@ -291,6 +299,52 @@ class ControlsConfig(_Config):
                            weight_decay=self.weight_decay, sched=self.sched,
                            warmup_epochs=min(self.warmup_epochs, max(epochs - 1, 0)), clip_grad=self.clip_grad,
                            smoothing=self.smoothing)
+
+
+def describe_keys(config: Optional[Any] = None, prefix: str = "") -> Dict[str, str]:
+    """Dotted key -> one line on it: the comment beside its field in this file (its meaning and allowed
+    values), the type it takes and its default in `config` (default: ``EncodeNetConfig()``); e.g.
+    ``"transfer.lr"`` -> "peak learning rate (a number; default 0.01)". The CLI's ``--help`` lists these,
+    so a key's words live in one place."""
+    config = EncodeNetConfig() if config is None else config
+    hints, comments = typing.get_type_hints(type(config)), _field_comments(type(config))
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(describe_keys(value, f"{prefix}{f.name}."))
+            continue
+        default = yaml.safe_dump(_to_plain(value), default_flow_style=True).strip()
+        default = default[:-3].strip() if default.endswith("...") else default  # yaml's end-of-document mark
+        meaning = comments.get(f.name, "")
+        out[prefix + f.name] = f"{meaning}{' (' if meaning else '('}{_describe(hints[f.name])}; default {default})"
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(cls: type) -> Dict[str, str]:
+    """Field name -> its comment in `cls`'s source (and its base classes'): the ``# ...`` at the end of the
+    field's line and the comment-only lines right below it, joined."""
+    out: Dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):  # no source shipped: the type and default alone
+            continue
+        source = textwrap.dedent("".join(lines))  # the same lines, so line numbers agree
+        comments = {t.start[0]: t.string.lstrip("#").strip() for t in
+                    tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+        code_lines = {i + 1 for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("#")}
+        body = ast.parse(source).body[0].body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                words, line = [], node.end_lineno
+                while line in comments and (line == node.end_lineno or line not in code_lines):
+                    words.append(comments[line])
+                    line += 1
+                if words:
+                    out[node.target.id] = " ".join(words)
+    return out
 
 
 def _to_plain(value: Any) -> Any:
@@ -371,6 +425,8 @@ def _fail(key: str, rule: str, value: Any) -> None:
 def check_ranges(cfg: "EncodeNetConfig") -> None:
     """Raise ValueError naming the dotted key of the first value out of its range (no torch, no timm:
     optimizer and scheduler names are checked against timm's registries by `checks.check_config`)."""
+    if not 0 <= cfg.seed <= 2 ** 30:  # NumPy needs >= 0; FAISS takes seed + class index as a C int
+        _fail("seed", "an int in [0, 2**30]", cfg.seed)
     if cfg.amp not in AMP_VALUES:
         _fail("amp", f"one of {AMP_VALUES}", cfg.amp)
     if cfg.input_size is not None and any(v < 1 for v in cfg.input_size):

@@ -3,7 +3,7 @@
 Every function is a no-op (or the identity) when no process group is initialised, so the
 single-process code path is the same code. Under ``torchrun`` the caller initialises the group
 (``torch.distributed.init_process_group``, or `init_group` with a bounded timeout) before building the
-wrapper; see the README's "Scaling".
+wrapper; see docs/scaling.md.
 """
 import datetime
 import os

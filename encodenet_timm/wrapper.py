@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .checkpoint import Checkpoint, Run, load_model_file, model_fingerprint
-from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
+from .checks import (check_batch, check_config, check_data, check_input_size, check_loader, check_plain_loader,
+                     data_fingerprint)
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .env import machine, precision, resolve_device, versions
-from .files import load_state_into
+from .files import follow_umask, load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
 from .seeding import seed_everything
@@ -36,6 +37,8 @@ _logger = logging.getLogger(__name__)
 _SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3, "finetune": 4}
 # what a run directory checkpoints, in order; "initial" is the model as passed in
 RUN_STAGES = ("initial", "baseline", "representatives", "autoencoder", "transfer", "finetune")
+# config keys the wrapper is built with (__init__, and the decoder): a change on wrapper.config after it is refused
+_BUILT_KEYS = ("split", "input_size", "channels_last", "device", "decoder")
 
 
 def _checked(config: EncodeNetConfig) -> EncodeNetConfig:
@@ -45,6 +48,15 @@ def _checked(config: EncodeNetConfig) -> EncodeNetConfig:
     config = type(config).from_dict(config.to_dict())
     check_config(config)
     return config
+
+
+def _built_with(config: EncodeNetConfig) -> Dict[str, Any]:
+    """The `_BUILT_KEYS` of a checked `config` as dotted keys -> values (decoder.width, ...)."""
+    out: Dict[str, Any] = {}
+    for key in _BUILT_KEYS:
+        value = getattr(config, key)
+        out.update({f"{key}.{k}": v for k, v in vars(value).items()} if key == "decoder" else {key: value})
+    return out
 
 
 class EncodeNetWrapper:
@@ -67,6 +79,8 @@ class EncodeNetWrapper:
         if not isinstance(config, EncodeNetConfig):
             raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
         config = self.config = _checked(config)  # a validated copy
+        self._built = _built_with(config)  # what __init__ and the decoder read: fixed for the wrapper's life
+        self._decoder_config = _deepcopy(config.decoder)
         self.device = resolve_device(distributed.local_device(config.device))
         precision(self.device, config.amp)  # amp="fp16" on a CPU is refused here, before any training
         if self.device.type == "cuda":
@@ -90,6 +104,8 @@ class EncodeNetWrapper:
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
         self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
+        # the training set without augmentation that the representatives index (fit: less unreadable files)
+        self.plain_dataset: Optional[Dataset] = None
         self._checkpoint_every = 0  # fit(checkpoint_every=...): optimizer steps between checkpoints in an epoch
 
     # ---- parts -------------------------------------------------------------------------------------
@@ -97,14 +113,16 @@ class EncodeNetWrapper:
     def decoder(self) -> MirroredDecoder:
         """The mirrored decoder, built on first use at `input_size`."""
         if self._decoder is None:
-            self._decoder = build_decoder(self.model, self.input_size, self.config.decoder).to(self.device)
+            self._decoder = build_decoder(self.model, self.input_size, self._decoder_config).to(self.device)
         return self._decoder
 
     def _match_input_size(self, x: torch.Tensor) -> None:
-        """Rebuild the (still untrained) decoder if the data's (H, W) differs from `input_size`."""
+        """Rebuild the (still untrained) decoder if the data's (H, W) differs from `input_size` (and from
+        no ``config.input_size``: one set is checked against the data)."""
         size = (self.input_size[0], *x.shape[2:])
         if tuple(size) == tuple(self.input_size) or x.shape[1] != self.input_size[0]:
             return
+        check_input_size(x, self.config.input_size)
         if self._decoder_trained:
             raise ValueError(f"images are {tuple(x.shape[1:])} but the trained decoder expects {self.input_size}")
         _logger.info("data is %s, not %s: building the decoder for the data's size", tuple(size), self.input_size)
@@ -125,9 +143,24 @@ class EncodeNetWrapper:
                         in_chans=self.input_size[0], image_size=image_size)
         return check
 
+    def _settings(self) -> EncodeNetConfig:
+        """A checked copy of `config`: a value set by hand on wrapper.config since __init__ is checked too.
+
+        Raises:
+            ValueError: a bad value, or a change to a key the wrapper was built with (`_BUILT_KEYS`), which it
+                would record without using.
+        """
+        c = _checked(self.config)
+        changed = [f"{k}: {self._built[k]!r} -> {v!r}" for k, v in _built_with(c).items() if v != self._built[k]
+                   and not (k == "device" and resolve_device(distributed.local_device(v)) == self.device)]
+        if changed:
+            raise ValueError(f"wrapper.config changed after the wrapper was built ({'; '.join(changed)}), which it "
+                             f"cannot apply; set it in the config of a new EncodeNetWrapper(model, config)")
+        return c
+
     def _train(self, task: nn.Module, loader: DataLoader, stage: str, **kwargs: Any) -> List[Dict[str, float]]:
         """`train_stage` with the run's options, seed, resume state, checkpoints and stop requests."""
-        c = _checked(self.config)  # a value set by hand on wrapper.config since __init__ is checked too
+        c = self._settings()
         cfg = getattr(c, stage)
         options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
                               compile=c.compile)
@@ -181,7 +214,8 @@ class EncodeNetWrapper:
             RankLostError: under torchrun, another rank died or stopped answering.
         """
         check_loader(train_loader, "train_loader", map_style=True)
-        _checked(self.config)  # before any stage: a value set by hand on wrapper.config since __init__
+        check_plain_loader(plain_loader, train_loader)
+        self._settings()  # before any stage: a value set by hand on wrapper.config since __init__
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the run to continue")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
@@ -190,7 +224,9 @@ class EncodeNetWrapper:
             train_loader, val_loader, plain_loader, scan=self.config.data.scan,
             skip=self.config.data.skip_unreadable)
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
-                   clusters_per_class=self.config.representatives.clusters_per_class)
+                   clusters_per_class=self.config.representatives.clusters_per_class,
+                   input_size=self.config.input_size)
+        self.plain_dataset = (plain_loader or train_loader).dataset  # the plots' images
         c = self.config
         plan = (("baseline", c.baseline.epochs > 0, lambda: self.fit_baseline(train_loader, val_loader)),
                 ("representatives", True, lambda: self.select_representatives(plain_loader or train_loader)),
@@ -290,12 +326,14 @@ class EncodeNetWrapper:
         Under torchrun every rank must call it; every rank gets the same result.
         """
         check_loader(train_loader, "train_loader", map_style=True)
+        self._settings()
         start = time.perf_counter()
         seed_everything(self.config.seed + _SEED_OFFSET["representatives"])
         self.representatives, k_per_class = select_representatives(
             self.model, train_loader, self.config.representatives, self.device, num_classes=self.num_classes,
             seed=self.config.seed, check=self._check(), channels_last=self.config.channels_last,
             progress=self.config.progress, amp=self.config.amp)
+        self.plain_dataset = train_loader.dataset
         self.history["representatives"] = {"seconds": time.perf_counter() - start,
                                            "num_clusters": self.representatives.num_clusters,
                                            "k_per_class": k_per_class.tolist()}
@@ -347,6 +385,10 @@ class EncodeNetWrapper:
         """
         check_loader(train_loader, "train_loader")
         cfg = self.config.transfer
+        if not self._decoder_trained:
+            _logger.warning("fit_transfer: no autoencoder was trained on this wrapper, so this only retrains the "
+                            "head of the model as it is; call fit() to run the stages in order (or "
+                            "fit_autoencoder first)")
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
         if self.after_split:
             if not self._run.resumes("transfer"):  # a resumed transfer already trains the restored modules
@@ -403,6 +445,9 @@ class EncodeNetWrapper:
         """Autoencoder output for images (B, C, H, W) -> (B, C, H, W), eval mode, on x's device."""
         check_batch(x, torch.zeros(len(x), dtype=torch.long), num_classes=self.num_classes,
                     in_chans=self.input_size[0])
+        if not self._decoder_trained:
+            raise ValueError("reconstruct needs the trained autoencoder: call fit() or fit_autoencoder() first "
+                             "(or fit(run_dir=..., resume=True) to load a run's)")
         self._match_input_size(x)
         ae = ConvertingAutoencoder(self.encoder, self.decoder)
         was_training = self.model.training, self.decoder.training
@@ -424,12 +469,24 @@ class EncodeNetWrapper:
         return exported.to(memory_format=torch.contiguous_format)
 
     def export_timm(self, directory: Union[str, Path], *, label_names: Optional[Sequence[str]] = None,
-                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Path:
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    data_config: Optional[Dict[str, Any]] = None) -> Path:
         """Write the exported model as timm's own folder (`timm.models.save_for_hf`): ``config.json``
-        (architecture, num_classes, label names, mean/std, input size) and ``model.safetensors``.
+        (architecture, num_classes, label names, and how its images are prepared: input size,
+        interpolation, crop, mean/std) and ``model.safetensors``.
 
         ``timm.create_model("local-dir:DIR", pretrained=True)`` loads it (after ``import encodenet_timm``
-        for the CIFAR zoo), and ``timm.models.push_to_hf_hub`` can publish it.
+        for the CIFAR zoo); ``timm.data.resolve_model_data_config(model)`` then reads back the data config,
+        and ``timm.models.push_to_hf_hub`` can publish it.
+
+        Args:
+            label_names: class names in label order.
+            mean, std: the normalisation the model was trained with (pixel values in [0, 1]); they win over
+                `data_config`'s.
+            data_config: how the training images were prepared, in timm's data-config keys (``mean``,
+                ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); ``input_size`` is the wrapper's.
+                Without a mean/std, config.json keeps the model's own pretrained_cfg normalisation
+                (ImageNet's for most timm models), with a warning.
 
         Raises:
             ValueError: `directory` holds other files (nothing of yours is overwritten), or `label_names`
@@ -444,10 +501,14 @@ class EncodeNetWrapper:
         if label_names is not None and len(label_names) != self.num_classes:
             raise ValueError(f"label_names has {len(label_names)} names but the model has {self.num_classes} "
                              f"classes")
-        data_config: Dict[str, Any] = {"input_size": tuple(self.input_size)}
-        if mean is not None and std is not None:
-            data_config.update(mean=tuple(mean), std=tuple(std))
+        data_config = {k: v for k, v in (data_config or {}).items() if v is not None}
+        data_config.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+        data_config["input_size"] = tuple(self.input_size)
+        if "mean" not in data_config or "std" not in data_config:
+            _logger.warning("export_timm without the mean/std the model was trained with: %s/config.json keeps the "
+                            "model's pretrained_cfg normalisation; pass mean=, std=", directory)
         save_for_hf(self.export(), str(directory), safe_serialization=True, data_config=data_config,
                     model_config={"label_names": list(label_names)} if label_names is not None else None)
+        for name in ("config.json", "model.safetensors"):
+            follow_umask(directory / name)
         return directory
-
