@@ -20,11 +20,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
+from . import distributed
 from .config import SCAN_MODES
 from .device_data import is_device_dataset
+from .env import resolve_device
 from .errors import DataError
 
-__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_plain_loader", "check_batch",
+__all__ = ["BatchCheck", "check_config", "BUILT_KEYS", "checked_config", "built_with", "check_built_keys", "batch_checker", "check_writable", "check_loader", "check_plain_loader", "check_batch",
            "check_input_size", "check_once",
            "check_class_counts", "check_data", "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
@@ -55,6 +57,38 @@ def check_config(config) -> None:
                              f"create_scheduler_v2 names, or none), got {cfg.sched!r}")
     if config.representatives.feature_store is not None:  # written in the representatives stage
         check_writable(config.representatives.feature_store, "config key 'representatives.feature_store'")
+
+
+# config keys a wrapper is built with (__init__, and the decoder): a change on wrapper.config after it is refused
+BUILT_KEYS = ("split", "input_size", "channels_last", "device", "decoder")
+
+
+def checked_config(config):
+    """A validated copy of an `EncodeNetConfig`: a value of the wrong type or out of range -> ValueError naming
+    its key, a plain StageConfig given for a stage with more options (autoencoder) gets their defaults; then
+    every stage's optimizer and scheduler name against timm's registries (`check_config`)."""
+    config = type(config).from_dict(config.to_dict())
+    check_config(config)
+    return config
+
+
+def built_with(config) -> Dict[str, Any]:
+    """The `BUILT_KEYS` of a checked config as dotted keys -> values (decoder.width, ...)."""
+    out: Dict[str, Any] = {}
+    for key in BUILT_KEYS:
+        value = getattr(config, key)
+        out.update({f"{key}.{k}": v for k, v in vars(value).items()} if key == "decoder" else {key: value})
+    return out
+
+
+def check_built_keys(built: Dict[str, Any], config, device: torch.device) -> None:
+    """Raise ValueError for a change to a key a wrapper was built with (`built`, from `built_with`), which it
+    would record without using; a device name that resolves to the wrapper's `device` is no change."""
+    changed = [f"{k}: {built[k]!r} -> {v!r}" for k, v in built_with(config).items() if v != built[k]
+               and not (k == "device" and resolve_device(distributed.local_device(v)) == device)]
+    if changed:
+        raise ValueError(f"wrapper.config changed after the wrapper was built ({'; '.join(changed)}), which it "
+                         f"cannot apply; set it in the config of a new EncodeNetWrapper(model, config)")
 
 
 def check_writable(path: Union[str, Path], what: str = "--out") -> None:
@@ -106,6 +140,16 @@ def check_input_size(x: torch.Tensor, input_size: Optional[Tuple[int, int, int]]
     if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
         raise ValueError(f"config.input_size is {tuple(input_size)} but the images are {tuple(x.shape[1:])}; set "
                          f"input_size=None (the data's size) or {tuple(x.shape[1:])}, or resize the images")
+
+
+def batch_checker(num_classes: int, in_chans: int, *, image_size: Optional[Tuple[int, int]] = None,
+                  labels: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """`check_batch` as the loop's per-batch check; ``labels=False`` for batches whose second element is not
+    a class label (the autoencoder's cluster ids)."""
+    def check(x, y):
+        check_batch(x, y if labels else torch.zeros(len(x), dtype=torch.long), num_classes=num_classes,
+                    in_chans=in_chans, image_size=image_size)
+    return check
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans: int,

@@ -22,7 +22,6 @@ import timm
 import torch
 
 from . import distributed
-from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, RUNTIME_CONFIG_KEYS, check_new_dir
 from .checks import check_writable
 from .compare import CONTROLS, compare
 from .config import ControlsConfig, EncodeNetConfig, describe_keys, parse_value
@@ -32,6 +31,7 @@ from .env import resolve_device
 from .errors import EncodeNetError, Interrupted
 from .files import LOCK_FILE, DirLock, read_json, save_tensors, write_json
 from .plots import save_run_plots
+from .run_dir import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, RUNTIME_CONFIG_KEYS, check_new_dir
 from .seeding import seed_everything
 from .wrapper import EncodeNetWrapper
 

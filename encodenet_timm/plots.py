@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import PICTURES  # the file names, part of a run directory's layout
+from .run_dir import PICTURES  # the file names, part of a run directory's layout
 
 __all__ = ["save_run_plots"]
 

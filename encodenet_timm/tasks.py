@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .device_data import DeviceBatch
 
 __all__ = ["ConvertingAutoencoder", "ClusterTargets", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
-           "PartlyFrozenClassifier", "modules_state"]
+           "PartlyFrozenClassifier", "modules_state", "snapshot_modules", "restore_modules"]
 
 
 class ConvertingAutoencoder(nn.Module):
@@ -124,6 +124,18 @@ def modules_state(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Ten
     prefixes = tuple(f"{name}." for name in names)
     named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
     return {key: t for key, t in named if key.startswith(prefixes)}
+
+
+def snapshot_modules(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """A detached copy of `modules_state(model, names)`."""
+    return {k: t.detach().clone() for k, t in modules_state(model, names).items()}
+
+
+@torch.no_grad()
+def restore_modules(model: nn.Module, names: Sequence[str], snapshot: Dict[str, torch.Tensor]) -> None:
+    """Copy `snapshot` (from `snapshot_modules`) back into the modules `names` of `model`, in place."""
+    for key, t in modules_state(model, names).items():
+        t.copy_(snapshot[key])
 
 
 class ConvertingAutoencoderTask(TrainingTask):

@@ -14,19 +14,20 @@ from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
-from .checkpoint import Checkpoint, Run, load_model_file, model_fingerprint
-from .checks import (check_batch, check_config, check_data, check_input_size, check_loader, check_plain_loader,
-                     data_fingerprint)
+from .checkpoint import Checkpoint, load_model_file
+from .checks import (batch_checker, built_with, check_batch, check_built_keys, check_data, check_input_size,
+                     check_loader, check_plain_loader, checked_config)
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .env import machine, precision, resolve_device, versions
-from .files import follow_umask, load_state_into
+from .export import export_timm
+from .files import load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
+from .run import Run, run_facts
 from .seeding import seed_everything
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
-                    PartlyFrozenClassifier, modules_state)
+                    PartlyFrozenClassifier, restore_modules, snapshot_modules)
 from .training import LoopOptions, TrainState, evaluate, train_stage
 
 __all__ = ["EncodeNetWrapper"]
@@ -37,26 +38,6 @@ _logger = logging.getLogger(__name__)
 _SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3, "finetune": 4}
 # what a run directory checkpoints, in order; "initial" is the model as passed in
 RUN_STAGES = ("initial", "baseline", "representatives", "autoencoder", "transfer", "finetune")
-# config keys the wrapper is built with (__init__, and the decoder): a change on wrapper.config after it is refused
-_BUILT_KEYS = ("split", "input_size", "channels_last", "device", "decoder")
-
-
-def _checked(config: EncodeNetConfig) -> EncodeNetConfig:
-    """A validated copy of `config`: a value of the wrong type or out of range -> ValueError naming its key, a
-    plain StageConfig given for a stage with more options (autoencoder) gets their defaults; then every
-    stage's optimizer and scheduler name against timm's registries."""
-    config = type(config).from_dict(config.to_dict())
-    check_config(config)
-    return config
-
-
-def _built_with(config: EncodeNetConfig) -> Dict[str, Any]:
-    """The `_BUILT_KEYS` of a checked `config` as dotted keys -> values (decoder.width, ...)."""
-    out: Dict[str, Any] = {}
-    for key in _BUILT_KEYS:
-        value = getattr(config, key)
-        out.update({f"{key}.{k}": v for k, v in vars(value).items()} if key == "decoder" else {key: value})
-    return out
 
 
 class EncodeNetWrapper:
@@ -78,15 +59,10 @@ class EncodeNetWrapper:
             config = EncodeNetConfig()
         if not isinstance(config, EncodeNetConfig):
             raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
-        config = self.config = _checked(config)  # a validated copy
-        self._built = _built_with(config)  # what __init__ and the decoder read: fixed for the wrapper's life
+        config = self.config = checked_config(config)  # a validated copy
+        self._built = built_with(config)  # what __init__ and the decoder read: fixed for the wrapper's life
         self._decoder_config = _deepcopy(config.decoder)
-        self.device = resolve_device(distributed.local_device(config.device))
-        precision(self.device, config.amp)  # amp="fp16" on a CPU is refused here, before any training
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        if self.device.type == "cuda" and distributed.is_distributed():
-            torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
+        self.device = distributed.training_device(config.device, config.amp)
         self.model = (_deepcopy(model) if copy else model).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -138,24 +114,13 @@ class EncodeNetWrapper:
         return self.model(x.to(self.device)).to(x.device)
 
     def _check(self, image_size: Optional[Tuple[int, int]] = None, labels: bool = True):
-        def check(x, y):
-            check_batch(x, y if labels else torch.zeros(len(x), dtype=torch.long), num_classes=self.num_classes,
-                        in_chans=self.input_size[0], image_size=image_size)
-        return check
+        return batch_checker(self.num_classes, self.input_size[0], image_size=image_size, labels=labels)
 
     def _settings(self) -> EncodeNetConfig:
-        """A checked copy of `config`: a value set by hand on wrapper.config since __init__ is checked too.
-
-        Raises:
-            ValueError: a bad value, or a change to a key the wrapper was built with (`_BUILT_KEYS`), which it
-                would record without using.
-        """
-        c = _checked(self.config)
-        changed = [f"{k}: {self._built[k]!r} -> {v!r}" for k, v in _built_with(c).items() if v != self._built[k]
-                   and not (k == "device" and resolve_device(distributed.local_device(v)) == self.device)]
-        if changed:
-            raise ValueError(f"wrapper.config changed after the wrapper was built ({'; '.join(changed)}), which it "
-                             f"cannot apply; set it in the config of a new EncodeNetWrapper(model, config)")
+        """A checked copy of `config` (`checked_config`): a value set by hand on wrapper.config since __init__ is
+        checked too, and a change to a key the wrapper was built with is refused (`check_built_keys`)."""
+        c = checked_config(self.config)
+        check_built_keys(self._built, c, self.device)
         return c
 
     def _train(self, task: nn.Module, loader: DataLoader, stage: str, **kwargs: Any) -> List[Dict[str, float]]:
@@ -235,7 +200,8 @@ class EncodeNetWrapper:
                 ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
         # under torchrun rank 0 writes the run directory, every rank reads it to resume
         run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(),
-                                    lambda: self._run_facts(train_loader.dataset, skipped), resume=resume)
+                                    lambda: run_facts(self.model, train_loader.dataset, skipped, seed=c.seed,
+                                                      device=self.device, amp=c.amp), resume=resume)
         self._checkpoint_every = checkpoint_every if run_dir is not None else 0
         try:  # the run directory stays locked until fit returns or raises
             if resume:
@@ -251,30 +217,12 @@ class EncodeNetWrapper:
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
 
-    def _run_facts(self, dataset: Dataset, skipped: Dict[str, int]) -> Dict[str, Any]:
-        """What run.json records about the run: the model's fingerprint, the training data's (and the
-        unreadable files left out of it), the seed, versions and machine."""
-        data = {**data_fingerprint(dataset), **({"skipped": skipped} if skipped else {})}
-        return {"model": model_fingerprint(self.model), "data": data, "seed": self.config.seed,
-                "precision": precision(self.device, self.config.amp), "versions": versions(),
-                "machine": machine(self.device)}
-
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
         """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
-        if not self._run.writes:
-            return
-        tensors = {"model": self.model.state_dict()}
-        if self._decoder is not None:
-            tensors["decoder"] = self._decoder.state_dict()
-        if self._after_split_snapshot is not None:
-            tensors["tail"] = self._after_split_snapshot  # tail.safetensors (the run-directory file name)
-        writers = {}
-        if self.representatives is not None:
-            writers["representatives.safetensors"] = self.representatives.save
-        history = {**self.history, **({stage: train.history} if train is not None else {})}
-        decoder_trained = self._decoder_trained or (stage == "autoencoder" and epoch >= epochs)
-        state = {"history": history, "input_size": list(self.input_size), "decoder_trained": decoder_trained}
-        self._run.save(stage, epoch, epochs, tensors=tensors, state=state, train=train, writers=writers)
+        self._run.save_parts(stage, epoch, epochs, model=self.model, decoder=self._decoder,
+                             tail=self._after_split_snapshot, representatives=self.representatives,
+                             history=self.history, input_size=self.input_size,
+                             decoder_trained=self._decoder_trained, train=train)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         """Load the wrapper's state from a run's checkpoint (`Run.latest`), then continue the run from it.
@@ -412,14 +360,11 @@ class EncodeNetWrapper:
     def _snapshot_after_split(self) -> None:
         """Remember the weights after the split before the autoencoder changes them (once: the baseline's)."""
         if self.after_split and self._after_split_snapshot is None:
-            self._after_split_snapshot = {k: t.detach().clone() for k, t in modules_state(self.model, self.after_split).items()}
+            self._after_split_snapshot = snapshot_modules(self.model, self.after_split)
 
     def _restore_after_split(self) -> None:
-        if self._after_split_snapshot is None:
-            return  # no autoencoder ran: they still hold the baseline's weights
-        with torch.no_grad():
-            for key, t in modules_state(self.model, self.after_split).items():
-                t.copy_(self._after_split_snapshot[key])
+        if self._after_split_snapshot is not None:  # else no autoencoder ran: they hold the baseline's weights
+            restore_modules(self.model, self.after_split, self._after_split_snapshot)
 
     # ---- use ---------------------------------------------------------------------------------------
     def load_weights(self, path: Union[str, Path]) -> None:
@@ -471,44 +416,7 @@ class EncodeNetWrapper:
     def export_timm(self, directory: Union[str, Path], *, label_names: Optional[Sequence[str]] = None,
                     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                     data_config: Optional[Dict[str, Any]] = None) -> Path:
-        """Write the exported model as timm's own folder (`timm.models.save_for_hf`): ``config.json``
-        (architecture, num_classes, label names, and how its images are prepared: input size,
-        interpolation, crop, mean/std) and ``model.safetensors``.
-
-        ``timm.create_model("local-dir:DIR", pretrained=True)`` loads it (after ``import encodenet_timm``
-        for the CIFAR zoo); ``timm.data.resolve_model_data_config(model)`` then reads back the data config,
-        and ``timm.models.push_to_hf_hub`` can publish it.
-
-        Args:
-            label_names: class names in label order.
-            mean, std: the normalisation the model was trained with (pixel values in [0, 1]); they win over
-                `data_config`'s.
-            data_config: how the training images were prepared, in timm's data-config keys (``mean``,
-                ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); ``input_size`` is the wrapper's.
-                Without a mean/std, config.json keeps the model's own pretrained_cfg normalisation
-                (ImageNet's for most timm models), with a warning.
-
-        Raises:
-            ValueError: `directory` holds other files (nothing of yours is overwritten), or `label_names`
-                does not have ``num_classes`` names.
-        """
-        from timm.models import save_for_hf
-        directory = Path(directory)
-        if directory.is_file() or (directory.is_dir() and set(p.name for p in directory.iterdir())
-                                   - {"config.json", "model.safetensors"}):
-            raise ValueError(f"{directory} is a file or holds other files; export_timm writes config.json and "
-                             f"model.safetensors into an empty (or its own) directory")
-        if label_names is not None and len(label_names) != self.num_classes:
-            raise ValueError(f"label_names has {len(label_names)} names but the model has {self.num_classes} "
-                             f"classes")
-        data_config = {k: v for k, v in (data_config or {}).items() if v is not None}
-        data_config.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
-        data_config["input_size"] = tuple(self.input_size)
-        if "mean" not in data_config or "std" not in data_config:
-            _logger.warning("export_timm without the mean/std the model was trained with: %s/config.json keeps the "
-                            "model's pretrained_cfg normalisation; pass mean=, std=", directory)
-        save_for_hf(self.export(), str(directory), safe_serialization=True, data_config=data_config,
-                    model_config={"label_names": list(label_names)} if label_names is not None else None)
-        for name in ("config.json", "model.safetensors"):
-            follow_umask(directory / name)
-        return directory
+        """Write `export()` as timm's own folder at `directory` (config.json with the data config at `input_size`,
+        model.safetensors): see `encodenet_timm.export.export_timm` for the arguments and what it refuses."""
+        return export_timm(self.export(), directory, input_size=self.input_size, label_names=label_names, mean=mean,
+                           std=std, data_config=data_config)

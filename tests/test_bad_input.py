@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 import encodenet_timm.cli as cli
 from encodenet_timm import DataError, EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.checkpoint import RunDir, check_new_dir
+from encodenet_timm.run_dir import RunDir, check_new_dir
 from encodenet_timm.files import LOCK_FILE, DirLock
 from encodenet_timm.checks import dataset_files, scan_files
 from encodenet_timm.cli import main

@@ -296,7 +296,7 @@ def test_sigterm_and_sigint_stop_with_143_and_130_and_resume_to_the_same_weights
     before_int = signal.getsignal(signal.SIGINT)
     from timm.task import ClassificationTask
 
-    from encodenet_timm.checkpoint import RunDir
+    from encodenet_timm.run_dir import RunDir
     from encodenet_timm.wrapper import RUN_STAGES
 
     out = tmp_path / "run"

@@ -19,7 +19,7 @@ ORDER = [
     "split", "shape_trail", "decoder",           # encoder/head split; the encoder's shape trail; the mirrored decoder
     "feature_store", "clustering", "representatives",  # the representatives step, in its order
     "tasks", "training",                         # stage modules and tasks; the one loop
-    "checkpoint", "wrapper",                     # run directories and checkpoints; the stages in order
+    "checkpoint", "run_dir", "run", "export", "wrapper",  # stage checkpoints; run directories; one fit over one; timm folders; the stages in order
     "controls", "row_names", "report", "result",  # a resumable supervised row, its guard; rows by name; a comparison's report; its result
     "compute", "rows", "compare",                # the recipe's cost; each row's training; the comparison
     "compat", "plots", "data", "cli",            # check_model; pictures; the CLI's datasets; the command
@@ -78,4 +78,4 @@ def test_no_module_imports_one_above_it():
 
 def test_the_loop_knows_no_method_step():
     imported = {name for name, _ in _imported(PACKAGE / "training.py")}
-    assert not imported & {"clustering", "representatives", "feature_store", "wrapper", "checkpoint"}, imported
+    assert not imported & {"clustering", "representatives", "feature_store", "wrapper", "checkpoint", "run_dir", "run"}, imported
