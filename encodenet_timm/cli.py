@@ -25,7 +25,8 @@ from . import distributed
 from .checkpoint import CLI_FILE, CONFIG_FILE, EVAL_FILE, MODEL_FILE, RECORD_FILE, RUNTIME_CONFIG_KEYS, check_new_dir
 from .checks import check_writable
 from .compare import CONTROLS, compare
-from .config import ControlsConfig, EncodeNetConfig, describe_keys, parse_value
+from .config import ControlsConfig, EncodeNetConfig, describe_keys
+from .config_io import parse_value
 from .data import DATA_CONFIG_KEYS, DATASETS, RESIZE, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .env import resolve_device
