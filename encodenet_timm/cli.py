@@ -24,7 +24,8 @@ import torch
 from . import distributed
 from .checks import check_writable
 from .compare import CONTROLS, compare
-from .config import ControlsConfig, EncodeNetConfig, describe_keys, parse_value
+from .config import ControlsConfig, EncodeNetConfig, describe_keys
+from .config_io import parse_value
 from .data import DATA_CONFIG_KEYS, DATASETS, RESIZE, DataSplits, build_datasets, make_loaders
 from .data.device import on_cuda_device
 from .env import resolve_device

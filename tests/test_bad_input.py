@@ -27,7 +27,7 @@ import encodenet_timm.cli as cli
 from encodenet_timm import DataError, EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm.run_dir import RunDir, check_new_dir
 from encodenet_timm.files import LOCK_FILE, DirLock
-from encodenet_timm.checks import dataset_files, scan_files
+from encodenet_timm.file_checks import dataset_files
 from encodenet_timm.cli import main
 from encodenet_timm.data import build_datasets, make_loaders
 from encodenet_timm.errors import RunDirInUseError
@@ -445,25 +445,6 @@ def _spoil(train: Path):
     return garbage, truncated, jpeg
 
 
-def test_scan_names_what_verify_catches_and_decode_catches_the_rest(tmp_path):
-    train = _folder(tmp_path)
-    garbage, truncated, jpeg = _spoil(train)
-    empty = train / "digit0" / "003.png"
-    empty.write_bytes(b"")
-    inner = train / "digit2" / "001.bmp"  # a truncated BMP: verify() passes it, decoding does not
-    buf = io.BytesIO()
-    Image.open(train / "digit2" / "001.png").save(buf, "BMP")
-    inner.write_bytes(buf.getvalue()[:500])
-    (train / "digit2" / "001.png").unlink()
-    files = [str(p) for p in sorted(train.rglob("*.*"))]
-    bad = {Path(p).name + p.split("/")[-2]: r for _, p, r in scan_files(files, "verify")}
-    assert set(bad) == {"001.pngdigit0", "003.pngdigit0", "002.pngdigit1", "000.jpgdigit2"}
-    assert "truncated JPEG" in bad["000.jpgdigit2"]
-    decoded = {p for _, p, _ in scan_files(files, "decode")}
-    assert decoded == {str(p) for p in (garbage, empty, truncated, jpeg, inner)}
-    assert scan_files(files, "none") == []
-
-
 def test_unreadable_files_are_named_before_any_training(tmp_path, monkeypatch):
     train = _folder(tmp_path)
     garbage, truncated, jpeg = _spoil(train)
@@ -538,13 +519,13 @@ def test_skip_unreadable_leaves_them_out_and_records_how_many(tmp_path, caplog):
 
 
 def test_readable_scans_once_and_names_the_callers_index_after_skipping(tmp_path, monkeypatch):
-    from encodenet_timm import checks
+    from encodenet_timm import file_checks
     from encodenet_timm.loaders import readable
     train = _folder(tmp_path)
     _spoil(train)
     dataset = _image_folder(train)
-    calls, scan = [], checks.scan_files
-    monkeypatch.setattr(checks, "scan_files", lambda files, mode: calls.append(len(files)) or scan(files, mode))
+    calls, scan = [], file_checks.scan_files
+    monkeypatch.setattr(file_checks, "scan_files", lambda files, mode: calls.append(len(files)) or scan(files, mode))
     loader, _, _, skipped = readable(DataLoader(dataset, batch_size=4, shuffle=True), None, None, skip=True)
     assert skipped == {"train": 3, "val": 0} and len(loader.dataset) == len(dataset) - 3
     assert readable(loader, None, None, skip=True)[0].dataset is loader.dataset and calls == [len(dataset)]

@@ -11,11 +11,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "encodenet_timm"
 # lowest first: each module is imported only by modules after it
 ORDER = [
     "models",                                    # the CIFAR zoo, registered into timm
-    "errors", "config", "env", "seeding", "stats", "distributed",  # plain data, error types, machine facts, seeds and RNG states, statistics, process-group glue
+    "errors",                                    # error types
+    "config_io",                                 # what every config shares: YAML round trip, dotted keys, help text
+    "config", "env", "seeding", "stats", "distributed",  # plain data, machine facts, seeds and RNG states, statistics, process-group glue
     "files",                                     # atomic files, safe reads, one writer per directory
     "stopping",                                  # SIGTERM/SIGINT handlers for the length of a run
     "device_data",                               # datasets held on the training device, batched there
-    "checks", "loaders",                         # input checks; every DataLoader the package builds
+    "file_checks",                               # image files scanned before training, named when a read fails
+    "checks", "loaders",                         # the other input checks; every DataLoader the package builds
     "split", "shape_trail", "decoder",           # encoder/head split; the encoder's shape trail; the mirrored decoder
     "feature_store", "clustering", "representatives",  # the representatives step, in its order
     "tasks", "training",                         # stage modules and tasks; the one loop

@@ -4,7 +4,7 @@
     python benchmarks/tools/scan_files.py --images 200 --size 64 --out-dir /tmp/scan   # smoke
 
 Writes `--images` JPEGs (random colour fields with pixel noise, quality 90) of `--size` pixels into a temporary
-image folder, then times `checks.scan_files` in each mode ("verify": headers and checksums, "decode":
+image folder, then times `file_checks.scan_files` in each mode ("verify": headers and checksums, "decode":
 every pixel) against one plain PIL decode pass over the same files, and writes
 ``results.json`` + ``results.md`` under ``--out-dir`` (default ``benchmarks/results/scan-files``) with
 the seconds per 1,000 images and the extrapolation to ImageNet-1k's 1,281,167 training images. The
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from encodenet_timm.checks import scan_files
+from encodenet_timm.file_checks import scan_files
 from encodenet_timm.env import machine, versions
 from encodenet_timm.files import write_json
 
