@@ -18,11 +18,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from . import distributed
+from .config import EncodeNetConfig
 from .device_data import is_device_dataset
 from .env import resolve_device
 from .file_checks import dataset_files
 
-__all__ = ["BatchCheck", "check_config", "BUILT_KEYS", "checked_config", "built_with", "check_built_keys", "batch_checker", "check_writable", "check_loader", "check_plain_loader", "check_batch",
+__all__ = ["BatchCheck", "check_config", "BUILT_KEYS", "checked_config", "check_run_options", "built_with", "check_built_keys", "batch_checker", "check_writable", "check_loader", "check_plain_loader", "check_batch",
            "check_input_size", "check_once",
            "check_class_counts", "check_data", "dataset_targets", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
@@ -58,12 +59,23 @@ BUILT_KEYS = ("split", "input_size", "channels_last", "device", "decoder")
 
 
 def checked_config(config):
-    """A validated copy of an `EncodeNetConfig`: a value of the wrong type or out of range -> ValueError naming
+    """A validated copy of an `EncodeNetConfig` (TypeError for anything else): a value of the wrong type or out of range -> ValueError naming
     its key, a plain StageConfig given for a stage with more options (autoencoder) gets their defaults; then
     every stage's optimizer and scheduler name against timm's registries (`check_config`)."""
+    if not isinstance(config, EncodeNetConfig):
+        raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
     config = type(config).from_dict(config.to_dict())
     check_config(config)
     return config
+
+
+def check_run_options(run_dir, resume: bool, checkpoint_every: int) -> None:
+    """Raise ValueError for `fit`'s run options that cannot work: a resume without its run_dir, a
+    checkpoint_every that is not an int >= 0."""
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir of the run to continue")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: at epoch ends only), got {checkpoint_every!r}")
 
 
 def built_with(config) -> Dict[str, Any]:

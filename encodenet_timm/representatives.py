@@ -71,6 +71,12 @@ class Representatives:
         save_tensors(path, tensors, metadata={"format": "encodenet_timm.Representatives",
                                               "num_clusters": json.dumps(self.num_clusters)})
 
+    def check_covers(self, dataset: Dataset) -> None:
+        """Raise ValueError unless these representatives index exactly `dataset` (one cluster id per image)."""
+        if self.cluster_ids.numel() != len(dataset):
+            raise ValueError(f"representatives cover {self.cluster_ids.numel()} images but the training set "
+                             f"has {len(dataset)}; select them on this training set")
+
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Representatives":
         """Read a file written by `save` (safetensors: no code is unpickled)."""

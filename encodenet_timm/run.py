@@ -3,6 +3,7 @@ its resume state and stop requests, checkpoint, record skipped, failed and inter
 """
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -15,11 +16,13 @@ from .checkpoint import Checkpoint
 from .checks import data_fingerprint
 from .env import machine, precision, versions
 from .errors import Interrupted, RankLostError
+from .files import load_state_into
+from .representatives import Representatives
 from .run_dir import SUMMARY_FILE, RunDir, model_fingerprint, write_summary
 from .stopping import StopSignals
 from .training import TrainState
 
-__all__ = ["Run", "run_facts"]
+__all__ = ["Run", "run_facts", "Parts", "load_parts"]
 
 _logger = logging.getLogger(__name__)
 
@@ -194,3 +197,32 @@ def run_facts(model: nn.Module, dataset: Dataset, skipped: Dict[str, int], *, se
     data = {**data_fingerprint(dataset), **({"skipped": skipped} if skipped else {})}
     return {"model": model_fingerprint(model), "data": data, "seed": seed, "precision": precision(device, amp),
             "versions": versions(), "machine": machine(device)}
+
+
+@dataclass
+class Parts:
+    """What a wrapper's checkpoint holds beyond the model (`Run.save_parts`): the decoder's state dict and
+    representatives (None before they existed), the tail snapshot (None without a split inside the encoder),
+    and the state a resume restores."""
+    history: Dict[str, Any]
+    input_size: Tuple[int, int, int]
+    decoder_trained: bool
+    decoder: Optional[Dict[str, torch.Tensor]]
+    representatives: Optional[Representatives]
+    tail: Optional[Dict[str, torch.Tensor]]
+
+
+def load_parts(ckpt: Checkpoint, model: nn.Module, device: torch.device) -> Parts:
+    """Load `ckpt`'s model state into `model` and read the rest of a wrapper's parts (the tail onto `device`).
+
+    Raises:
+        ValueError: one of the checkpoint's files is corrupted.
+    """
+    load_state_into(model, ckpt.tensors("model"), str(ckpt.directory))
+    return Parts(history=dict(ckpt.state["history"]), input_size=tuple(ckpt.state["input_size"]),
+                 decoder_trained=ckpt.state["decoder_trained"],
+                 decoder=ckpt.tensors("decoder") if ckpt.has("decoder.safetensors") else None,
+                 representatives=(Representatives.load(ckpt.path("representatives.safetensors"))
+                                  if ckpt.has("representatives.safetensors") else None),
+                 tail=({k: v.to(device) for k, v in ckpt.tensors("tail").items()}
+                       if ckpt.has("tail.safetensors") else None))

@@ -16,18 +16,18 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed
 from .checkpoint import Checkpoint, load_model_file
 from .checks import (batch_checker, built_with, check_batch, check_built_keys, check_data, check_input_size,
-                     check_loader, check_plain_loader, checked_config)
+                     check_loader, check_plain_loader, check_run_options, checked_config)
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
 from .export import export_timm
 from .files import load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
-from .run import Run, run_facts
+from .run import Run, load_parts, run_facts
 from .seeding import seed_everything
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
-                    PartlyFrozenClassifier, restore_modules, snapshot_modules)
+                    PartlyFrozenClassifier, reconstruct_images, restore_modules, snapshot_modules)
 from .training import LoopOptions, TrainState, evaluate, train_stage
 
 __all__ = ["EncodeNetWrapper"]
@@ -55,11 +55,7 @@ class EncodeNetWrapper:
 
     def __init__(self, model: nn.Module, config: Optional[EncodeNetConfig] = None, *, copy: bool = True):
         check_timm_classifier(model)
-        if config is None:
-            config = EncodeNetConfig()
-        if not isinstance(config, EncodeNetConfig):
-            raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
-        config = self.config = checked_config(config)  # a validated copy
+        config = self.config = checked_config(EncodeNetConfig() if config is None else config)  # a validated copy
         self._built = built_with(config)  # what __init__ and the decoder read: fixed for the wrapper's life
         self._decoder_config = _deepcopy(config.decoder)
         self.device = distributed.training_device(config.device, config.amp)
@@ -181,10 +177,7 @@ class EncodeNetWrapper:
         check_loader(train_loader, "train_loader", map_style=True)
         check_plain_loader(plain_loader, train_loader)
         self._settings()  # before any stage: a value set by hand on wrapper.config since __init__
-        if resume and run_dir is None:
-            raise ValueError("resume=True needs the run_dir of the run to continue")
-        if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an int >= 0 (0: at epoch ends only), got {checkpoint_every!r}")
+        check_run_options(run_dir, resume, checkpoint_every)
         train_loader, val_loader, plain_loader, skipped = readable(  # image files scanned (config.data)
             train_loader, val_loader, plain_loader, scan=self.config.data.scan,
             skip=self.config.data.skip_unreadable)
@@ -225,22 +218,17 @@ class EncodeNetWrapper:
                              decoder_trained=self._decoder_trained, train=train)
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        """Load the wrapper's state from a run's checkpoint (`Run.latest`), then continue the run from it.
-
-        Raises:
-            ValueError: one of the checkpoint's files is corrupted.
-        """
-        load_state_into(self.model, ckpt.tensors("model"), str(ckpt.directory))
-        self.history = dict(ckpt.state["history"])
-        self.input_size = tuple(ckpt.state["input_size"])
-        self._decoder_trained = ckpt.state["decoder_trained"]
-        if ckpt.has("decoder.safetensors"):
+        """Load the wrapper's parts from a run's checkpoint (`Run.latest`; `run.load_parts`), then continue the
+        run from it."""
+        parts = load_parts(ckpt, self.model, self.device)
+        self.history, self.input_size, self._decoder_trained = parts.history, parts.input_size, parts.decoder_trained
+        if parts.decoder is not None:
             self._decoder = None  # rebuilt at the checkpoint's input size
-            load_state_into(self.decoder, ckpt.tensors("decoder"), str(ckpt.directory))
-        if ckpt.has("representatives.safetensors"):
-            self.representatives = Representatives.load(ckpt.path("representatives.safetensors"))
-        if ckpt.has("tail.safetensors"):
-            self._after_split_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
+            load_state_into(self.decoder, parts.decoder, str(ckpt.directory))
+        if parts.representatives is not None:
+            self.representatives = parts.representatives
+        if parts.tail is not None:
+            self._after_split_snapshot = parts.tail
         self._run.continue_from(ckpt)
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
@@ -301,9 +289,7 @@ class EncodeNetWrapper:
         check_loader(train_loader, "train_loader", map_style=True)
         reps = reps or self.representatives or self.select_representatives(train_loader)
         dataset = train_loader.dataset
-        if reps.cluster_ids.numel() != len(dataset):
-            raise ValueError(f"representatives cover {reps.cluster_ids.numel()} images but the training set "
-                             f"has {len(dataset)}; select them on this training set")
+        reps.check_covers(dataset)
         self._match_input_size(reps.images)
         cfg = self.config.autoencoder
         seed_everything(self.config.seed + _SEED_OFFSET["autoencoder"])
@@ -394,15 +380,7 @@ class EncodeNetWrapper:
             raise ValueError("reconstruct needs the trained autoencoder: call fit() or fit_autoencoder() first "
                              "(or fit(run_dir=..., resume=True) to load a run's)")
         self._match_input_size(x)
-        ae = ConvertingAutoencoder(self.encoder, self.decoder)
-        was_training = self.model.training, self.decoder.training
-        ae.eval()
-        try:
-            out = ae(x.to(self.device))
-        finally:
-            self.model.train(was_training[0])
-            self.decoder.train(was_training[1])
-        return out.to(x.device)
+        return reconstruct_images(self.model, self.encoder, self.decoder, x.to(self.device)).to(x.device)
 
     def export(self) -> nn.Module:
         """The trained classifier as a plain timm model (a deep copy, on CPU, eval mode).
