@@ -23,7 +23,8 @@ import yaml
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-import encodenet_timm.cli as cli
+import encodenet_timm.cli.config as cli_config
+import encodenet_timm.cli.spec as cli
 from encodenet_timm import DataError, EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm.run_dir import RunDir, check_new_dir
 from encodenet_timm.files import LOCK_FILE, DirLock
@@ -310,7 +311,7 @@ def test_yaml_and_flags_read_numbers_alike(capsys, tmp_path):
 def test_anything_unexpected_is_one_line(capsys, monkeypatch):
     def broken(args):
         raise RuntimeError("something inside broke")
-    monkeypatch.setattr(cli, "_cmd_config", broken)  # build_parser binds the command when main calls it
+    monkeypatch.setattr(cli_config, "_cmd_config", broken)  # build_parser binds the command when main calls it
     code, _, err = run(capsys, "config", "--dump")
     assert code == 1 and _one_line(err) and "RuntimeError: something inside broke" in err
     assert "ENCODENET_TRACEBACK=1" in err

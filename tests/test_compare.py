@@ -415,7 +415,7 @@ def test_sigterm_inside_a_row_checkpoints_it_and_interrupts(loaders, tmp_path, m
 
 
 def test_cli_compare_ctrl_c_prints_how_to_resume(tmp_path, capsys, monkeypatch):
-    cli_mod = importlib.import_module("encodenet_timm.cli")
+    cli_mod = importlib.import_module("encodenet_timm.cli.compare")
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
