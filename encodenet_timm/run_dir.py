@@ -2,12 +2,10 @@
 (what may change, what is refused); one `RunDir` holds the record (run.json), the config, the per-stage
 checkpoints (`checkpoint.py`) and the final model. The lifecycle of one fit over it is `run.Run`.
 
-Every file is written atomically (`files.write_atomic`), so a reader never sees half a file. A
-checkpoint is complete only once its ``manifest.json`` exists: it is written last and records every
-file's size and SHA-256. Tensors go to safetensors, optimizer state to ``torch.save`` (read back with
-``weights_only=True``), everything else to JSON or YAML. Nothing is unpickled.
+Every file is written atomically (`files.write_atomic`), so a reader never sees half a file; JSON and YAML
+here, safetensors for weights; nothing is unpickled.
 
-Layout of a run directory (a checkpoint's own files: `checkpoint.py`)::
+Layout of a run directory::
 
     <run_dir>/config.yaml            the full config
     <run_dir>/run.json               versions, machine, seed, model, config (and config.yaml's SHA-256),
@@ -15,13 +13,7 @@ Layout of a run directory (a checkpoint's own files: `checkpoint.py`)::
     <run_dir>/checkpoints/<stage>/epoch-<NNNN>/   after NNNN epochs: the newest checkpoint of each stage; once the
                                      run is complete, only the last stage's
     <run_dir>/checkpoints/<stage>/epoch-<NNNN>-step-<SSSSSSS>/  inside epoch NNNN+1, after SSSSSSS of its batches
-        model.safetensors            the whole model's state_dict
-        decoder.safetensors          once the decoder exists
-        optimizer.pt                 a stage not yet finished: optimizer.state_dict()
-        position.pt                  inside an epoch: per rank, the RNG states and running sums (torch.save)
-        representatives.safetensors  from the representatives stage on
-        tail.safetensors             the modules after a split inside the encoder: their pre-autoencoder weights
-        manifest.json                written last: stage, epoch, files, loop state (JSON)
+        (a checkpoint's files and manifest: `checkpoint.py`)
     <run_dir>/model.safetensors      the exported model's state_dict, when the run is complete
     <run_dir>/cli.json, eval.json    the ``encodenet`` command's own: fit arguments, evaluation results
     <run_dir>/*.png                  pictures of the run (`plots.save_run_plots`)
