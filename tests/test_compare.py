@@ -306,9 +306,9 @@ def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(
               checkpoint_every=1, **TOY)
     clean = compare(_model, train, val, out_dir=tmp_path / "clean", **kw)
     controls_mod = importlib.import_module("encodenet_timm.controls")
-    checkpoint_mod = importlib.import_module("encodenet_timm.checkpoint")
+    run_mod = importlib.import_module("encodenet_timm.run")
     saves = []
-    real = controls_mod.RowCheckpoints.save if stop_row != "encodenet" else checkpoint_mod.Run.save
+    real = controls_mod.RowCheckpoints.save if stop_row != "encodenet" else run_mod.Run.save
 
     def stopping(self, *a, **k):
         row = self.row if stop_row != "encodenet" else "encodenet"
@@ -317,7 +317,7 @@ def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(
             if len(saves) == 3:
                 raise _Stop
         return real(self, *a, **k)
-    target = controls_mod.RowCheckpoints if stop_row != "encodenet" else checkpoint_mod.Run
+    target = controls_mod.RowCheckpoints if stop_row != "encodenet" else run_mod.Run
     monkeypatch.setattr(target, "save", stopping)
     with pytest.raises(_Stop):
         compare(_model, train, val, out_dir=tmp_path / "stopped", **kw)

@@ -1,7 +1,7 @@
 """The parts of the ``encodenet`` parser that the commands share, and the flags read back: option names in
 dashes or underscores alike (`_Parser`), the help layout, the int types, the config-key options (their help
 from `config.describe_keys`), the model/data/loader options of fit and compare, and KEY=VALUE items, --KEY
-flags and --set turned into an `EncodeNetConfig` (values read as YAML by `config.parse_value`)."""
+flags and --set turned into an `EncodeNetConfig` (values read as YAML by `config_io.parse_value`)."""
 import argparse
 import sys
 from pathlib import Path
