@@ -294,7 +294,9 @@ def _timeless(history):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
-@pytest.mark.parametrize("stop_row", ["baseline", "continued", "kd", "encodenet"])
+# baseline and continued resume through the same RowCheckpoints path as kd: in the slow run only
+@pytest.mark.parametrize("stop_row", [pytest.param("baseline", marks=pytest.mark.slow),
+                                      pytest.param("continued", marks=pytest.mark.slow), "kd", "encodenet"])
 def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(loaders, tmp_path, monkeypatch,
                                                                                   one_thread, stop_row):
     """A process killed inside a row (here: an exception at its 3rd in-epoch checkpoint) loses at most

@@ -13,7 +13,7 @@ from conftest import make_model
 NAMES = {"representatives.png", "reconstructions.png", "curves.png"}
 
 
-@pytest.fixture(scope="module", params=[3, 1], ids=["rgb", "grey"])
+@pytest.fixture(scope="module", params=[pytest.param(3, marks=pytest.mark.slow), 1], ids=["rgb", "grey"])  # rgb: slow run
 def fitted(request):
     """(wrapper fitted for one epoch per stage on 120 digits, its training set) at in_chans 3 or 1."""
     in_chans = request.param
