@@ -151,7 +151,7 @@ class EncodeNetWrapper:
                 `train_loader`'s dataset, for the feature pass and the representative images;
                 `train_loader` is used when None.
             run_dir: write config.yaml, run.json, a checkpoint at every epoch end and, at the end,
-                model.safetensors there (layout: `encodenet_timm.checkpoint`). While the stages run,
+                model.safetensors there (layout: `encodenet_timm.run_dir`). While the stages run,
                 SIGTERM and SIGINT stop the run: the current training step is finished, a checkpoint
                 written and `Interrupted` raised (the handlers before fit are put back afterwards).
             resume: continue the run in `run_dir` from its last complete checkpoint.
