@@ -110,6 +110,7 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread
                 controls_config=ControlsConfig(lr=0.02), **TOY)
 
 
+@pytest.mark.slow  # FlopCounterMode over every row; the default run checks each record's extra epochs
 def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monkeypatch, one_thread):
     """FLOPs measured on the real training of every row (FlopCounterMode) against the counted X."""
     torch.set_num_threads(1)
@@ -294,9 +295,10 @@ def _timeless(history):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
-# baseline and continued resume through the same RowCheckpoints path as kd: in the slow run only
+# the controls' RowCheckpoints path (baseline, continued, kd) in the slow run; the default run resumes EncodeNet's
 @pytest.mark.parametrize("stop_row", [pytest.param("baseline", marks=pytest.mark.slow),
-                                      pytest.param("continued", marks=pytest.mark.slow), "kd", "encodenet"])
+                                      pytest.param("continued", marks=pytest.mark.slow),
+                                      pytest.param("kd", marks=pytest.mark.slow), "encodenet"])
 def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(loaders, tmp_path, monkeypatch,
                                                                                   one_thread, stop_row):
     """A process killed inside a row (here: an exception at its 3rd in-epoch checkpoint) loses at most
