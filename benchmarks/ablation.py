@@ -41,11 +41,11 @@ from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
 from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
-from encodenet_timm.result import row_what
+from encodenet_timm.row_names import row_what
 from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
-from encodenet_timm.env import machine, versions
-from encodenet_timm.training import evaluate, resolve_device
+from encodenet_timm.env import machine, resolve_device, versions
+from encodenet_timm.training import evaluate
 
 _logger = logging.getLogger("benchmarks.ablation")
 

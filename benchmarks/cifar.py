@@ -30,7 +30,7 @@ from encodenet_timm.compare import CONTROLS, CompareResult, compare
 from encodenet_timm.data import CIFAR_DATASETS, CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.data.device import to_device_dataset
 from encodenet_timm.device_data import device_loader_kwargs
-from encodenet_timm.training import resolve_device
+from encodenet_timm.env import resolve_device
 
 _logger = logging.getLogger("benchmarks.cifar")
 

@@ -41,8 +41,9 @@ from encodenet_timm.config import StageConfig
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset
 from encodenet_timm.device_data import DeviceArrayDataset, device_collate
 from encodenet_timm.env import machine, precision, versions
+from encodenet_timm.seeding import seed_everything
 from encodenet_timm.stats import paired_difference
-from encodenet_timm.training import LoopOptions, evaluate, seed_everything, train_stage
+from encodenet_timm.training import LoopOptions, evaluate, train_stage
 
 CPU = torch.device("cpu")
 SETTINGS = {"fp32": dict(amp="none", compile=False), "bf16": dict(amp="bf16", compile=False),

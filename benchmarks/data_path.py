@@ -37,8 +37,8 @@ from encodenet_timm.config import StageConfig
 from encodenet_timm.data import CIFAR_STATS, CifarDataset, load_cifar, stratified_subset
 from encodenet_timm.data.device import to_device_dataset
 from encodenet_timm.device_data import device_collate
-from encodenet_timm.env import machine, versions
-from encodenet_timm.training import resolve_device, train_stage
+from encodenet_timm.env import machine, resolve_device, versions
+from encodenet_timm.training import train_stage
 
 
 def _sync(device: torch.device) -> None:
@@ -140,7 +140,7 @@ def markdown(res: Dict) -> str:
     if res["machine"]["device"] == "cpu":
         lines += ["## GPU rows", "", "Not run: no GPU lent to this task; command: "
                   "`python benchmarks/data_path.py --device cuda --data-dir /work/shared/data --batch-size 512` "
-                  "(all of #15's GPU rows: `benchmarks/run_gpu_15.sh`).", ""]
+                  "(all of #15's GPU rows: `benchmarks/tools/run_gpu_15.sh`).", ""]
     lines += [f"Machine: {res['machine']}.", "", f"Versions: {res['versions']}.", ""]
     return "\n".join(lines)
 

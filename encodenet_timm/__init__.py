@@ -1,4 +1,10 @@
-"""EncodeNet for timm classifiers: a converting autoencoder makes a classifier more accurate at the same size.
+"""EncodeNet (Mahmud et al. 2024) for timm classifiers, and a measure of whether it helps.
+
+`EncodeNetWrapper` runs the method on any timm image classifier: per-class representatives, a converting
+autoencoder that trains the encoder to map each image to its representative, then the head (and a
+fine-tune) retrained; `export()` hands back a plain timm model of the same class and size. The paper says
+this makes a classifier more accurate at the same size; `compare` measures whether it does for your model
+and data, against same-size controls given the same extra compute, and returns the model that won.
 
 Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...) in timm.
 """

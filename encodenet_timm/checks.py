@@ -1,16 +1,13 @@
-"""Every input check, before any compute: loaders, batches, datasets and class counts.
+"""Input checks before any compute: config names, loaders, batches, datasets and class counts (the image
+files' checks are in `file_checks`).
 
 Bad input is a `ValueError` / `TypeError` that names the bad value and what is allowed. `check_data` runs
 them all on a training loader before the first stage; `check_batch` runs on every batch of every stage.
-Image files are checked by `scan_files` before training and named by `NamedReads` when a read fails.
 """
 import difflib
 import hashlib
-import logging
 import os
-import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -20,15 +17,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-from .config import SCAN_MODES
+from . import distributed
+from .config import EncodeNetConfig
 from .device_data import is_device_dataset
-from .errors import DataError
+from .env import resolve_device
+from .file_checks import dataset_files
 
-__all__ = ["BatchCheck", "check_config", "check_writable", "check_loader", "check_batch", "check_once",
-           "check_class_counts", "check_data", "dataset_targets", "dataset_files", "scan_files", "check_files", "NamedReads", "data_fingerprint",
+__all__ = ["BatchCheck", "check_config", "BUILT_KEYS", "checked_config", "check_run_options", "built_with", "check_built_keys", "batch_checker", "check_writable", "check_loader", "check_plain_loader", "check_batch",
+           "check_input_size", "check_once",
+           "check_class_counts", "check_data", "dataset_targets", "data_fingerprint",
            "fingerprint_changes", "first_sample", "eval_mode"]
-
-_logger = logging.getLogger(__name__)
 
 BatchCheck = Callable[[torch.Tensor, torch.Tensor], None]  # (images, labels) -> None, or ValueError
 
@@ -54,6 +52,49 @@ def check_config(config) -> None:
                              f"create_scheduler_v2 names, or none), got {cfg.sched!r}")
     if config.representatives.feature_store is not None:  # written in the representatives stage
         check_writable(config.representatives.feature_store, "config key 'representatives.feature_store'")
+
+
+# config keys a wrapper is built with (__init__, and the decoder): a change on wrapper.config after it is refused
+BUILT_KEYS = ("split", "input_size", "channels_last", "device", "decoder")
+
+
+def checked_config(config):
+    """A validated copy of an `EncodeNetConfig` (TypeError for anything else): a value of the wrong type or out of range -> ValueError naming
+    its key, a plain StageConfig given for a stage with more options (autoencoder) gets their defaults; then
+    every stage's optimizer and scheduler name against timm's registries (`check_config`)."""
+    if not isinstance(config, EncodeNetConfig):
+        raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
+    config = type(config).from_dict(config.to_dict())
+    check_config(config)
+    return config
+
+
+def check_run_options(run_dir, resume: bool, checkpoint_every: int) -> None:
+    """Raise ValueError for `fit`'s run options that cannot work: a resume without its run_dir, a
+    checkpoint_every that is not an int >= 0."""
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir of the run to continue")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: at epoch ends only), got {checkpoint_every!r}")
+
+
+def built_with(config) -> Dict[str, Any]:
+    """The `BUILT_KEYS` of a checked config as dotted keys -> values (decoder.width, ...)."""
+    out: Dict[str, Any] = {}
+    for key in BUILT_KEYS:
+        value = getattr(config, key)
+        out.update({f"{key}.{k}": v for k, v in vars(value).items()} if key == "decoder" else {key: value})
+    return out
+
+
+def check_built_keys(built: Dict[str, Any], config, device: torch.device) -> None:
+    """Raise ValueError for a change to a key a wrapper was built with (`built`, from `built_with`), which it
+    would record without using; a device name that resolves to the wrapper's `device` is no change."""
+    changed = [f"{k}: {built[k]!r} -> {v!r}" for k, v in built_with(config).items() if v != built[k]
+               and not (k == "device" and resolve_device(distributed.local_device(v)) == device)]
+    if changed:
+        raise ValueError(f"wrapper.config changed after the wrapper was built ({'; '.join(changed)}), which it "
+                         f"cannot apply; set it in the config of a new EncodeNetWrapper(model, config)")
 
 
 def check_writable(path: Union[str, Path], what: str = "--out") -> None:
@@ -89,12 +130,48 @@ def check_loader(loader: DataLoader, what: str = "loader", map_style: bool = Fal
     return loader
 
 
+def check_plain_loader(plain: Optional[DataLoader], train: DataLoader) -> None:
+    """Raise unless `plain` (fit's plain_loader) is None or a map-style loader as long as `train`'s dataset."""
+    if plain is None:
+        return
+    check_loader(plain, "plain_loader", map_style=True)
+    if len(plain.dataset) != len(train.dataset):
+        raise ValueError(f"plain_loader's dataset has {len(plain.dataset)} images but train_loader's has "
+                         f"{len(train.dataset)}; plain_loader must be the training set without augmentation, in "
+                         f"the same order (or None: train_loader is used)")
+
+
+def check_input_size(x: torch.Tensor, input_size: Optional[Tuple[int, int, int]]) -> None:
+    """Raise ValueError when images `x` (B, C, H, W) are not the (C, H, W) that ``config.input_size`` sets."""
+    if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
+        raise ValueError(f"config.input_size is {tuple(input_size)} but the images are {tuple(x.shape[1:])}; set "
+                         f"input_size=None (the data's size) or {tuple(x.shape[1:])}, or resize the images")
+
+
+def batch_checker(num_classes: int, in_chans: int, *, image_size: Optional[Tuple[int, int]] = None,
+                  labels: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """`check_batch` as the loop's per-batch check; ``labels=False`` for batches whose second element is not
+    a class label (the autoencoder's cluster ids)."""
+    def check(x, y):
+        check_batch(x, y if labels else torch.zeros(len(x), dtype=torch.long), num_classes=num_classes,
+                    in_chans=in_chans, image_size=image_size)
+    return check
+
+
 def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans: int,
                 image_size: Optional[Tuple[int, int]] = None) -> None:
     """Raise ValueError for a batch the model cannot train on: wrong shape, labels out of range, NaN/inf."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"images are {x.dtype} but the model takes float images; convert them to float in the "
+                         f"dataset's transform (torchvision: ToTensor(), or ConvertImageDtype(torch.float32), then "
+                         f"Normalize)")
+    if x.shape[1] != in_chans and x.shape[3] == in_chans:  # (B, H, W, C): an image library's layout
+        raise ValueError(f"images are laid out (B, H, W, C) = {tuple(x.shape)} but the model takes (B, C, H, W); "
+                         f"permute them in the dataset: image.permute(2, 0, 1) per image, or x.permute(0, 3, 1, 2) "
+                         f"per batch")
     if x.shape[1] != in_chans:
         raise ValueError(f"images have {x.shape[1]} channels but the model takes {in_chans} "
                          f"(timm.create_model(..., in_chans={x.shape[1]}) or convert the images)")
@@ -103,9 +180,11 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, in_chans:
                          f"resize the images or set config.input_size before the autoencoder stage")
     if not torch.isfinite(x).all():
         raise ValueError("images contain NaN or inf values; check the dataset and its transforms")
-    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point:
-        raise ValueError(f"labels must be a (B,) integer tensor of class indices, got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"labels must be a (B,) integer tensor of class indices, got {got}; give the class "
+                         f"index of each image as an int (e.g. target_transform=int, or labels.long(); one-hot "
+                         f"labels: labels.argmax(1))")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), found "
                          f"{int(y.min())}..{int(y.max())}")
@@ -149,12 +228,13 @@ def check_class_counts(labels: np.ndarray, num_classes: int, clusters_per_class:
 
 
 def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in_chans: int,
-               clusters_per_class: Union[int, str]) -> None:
+               clusters_per_class: Union[int, str], input_size: Optional[Tuple[int, int, int]] = None) -> None:
     """Raise ValueError, before any training, for data `model` cannot be trained on with EncodeNet.
 
     Checks the dataset's class names (``.classes``) against ``model.num_classes``; its labels, when
     `dataset_targets` can read them, with `check_class_counts`; and the first sample (through the
-    loader's collate_fn) with `check_batch` and one eval-mode forward of the model.
+    loader's collate_fn) with `check_batch`, against `input_size` (``config.input_size``, when set) and
+    with one eval-mode forward of the model.
     """
     dataset, num_classes = loader.dataset, model.num_classes
     root = dataset
@@ -169,6 +249,7 @@ def check_data(loader: DataLoader, model: nn.Module, device: torch.device, *, in
         check_class_counts(targets, num_classes, clusters_per_class, classes)
     x, y = first_sample(loader)
     check_batch(x, y, num_classes=num_classes, in_chans=in_chans)
+    check_input_size(x, input_size)
     try:
         with eval_mode(model), torch.no_grad():
             model(x.to(device))
@@ -238,125 +319,6 @@ def first_sample(loader: DataLoader) -> Tuple[torch.Tensor, torch.Tensor]:
         what = f"{len(batch)}-tuples" if isinstance(batch, (tuple, list)) else type(batch).__name__
         raise TypeError(f"the loader's dataset yields {what}; " + adapt.format("[0], sample[1]"))
     return batch[0], batch[1]
-
-
-# ---- image files -------------------------------------------------------------------------------------
-def dataset_files(dataset: Dataset) -> Optional[List[str]]:
-    """The image file of every sample, in dataset order, when the dataset lists them; None otherwise.
-
-    Read from ``.samples`` ((path, label) pairs: torchvision `ImageFolder` / `DatasetFolder`), through
-    a `Subset`'s indices.
-    """
-    if isinstance(dataset, Subset):
-        inner = dataset_files(dataset.dataset)
-        return None if inner is None else [inner[i] for i in dataset.indices]
-    samples = getattr(dataset, "samples", None)
-    if (isinstance(samples, list) and samples and isinstance(samples[0], (tuple, list))
-            and isinstance(samples[0][0], (str, os.PathLike))):
-        return [os.fspath(s[0]) for s in samples]
-    return None
-
-
-def scan_files(files: Sequence[str], mode: str = "verify") -> List[Tuple[int, str, str]]:
-    """The image files that cannot be read, as (index, path, reason); a few threads read headers at once.
-
-    ``"verify"`` (cheap: headers and checksums, no decoding) opens each file and runs PIL's
-    ``verify()``: it catches a missing or empty file, a non-image, a corrupt header, a truncated or
-    corrupt PNG (its CRCs), and a JPEG cut short (no end-of-image marker in its last KiB). It misses a
-    truncated BMP, GIF or TIFF and a JPEG whose tables are damaged: those fail at their first read,
-    named by `NamedReads`. ``"decode"`` decodes every file (about an epoch's reading, without the
-    model) and catches all of them. A JPEG whose compressed data is damaged but whose markers are
-    intact decodes (PIL fills the rest in grey): no scan finds it. ``"none"`` reads nothing.
-    """
-    if mode not in SCAN_MODES:
-        raise ValueError(f"config key 'data.scan' must be one of {SCAN_MODES}, got {mode!r}")
-    if mode == "none" or not files:
-        return []
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = list(pool.map(lambda f: _unreadable(f, decode=mode == "decode"), files, chunksize=64))
-    bad = [(i, f, r) for i, (f, r) in enumerate(zip(files, reasons)) if r is not None]
-    _logger.info("scanned %d image files (%s) in %.1fs: %d unreadable", len(files), mode,
-                 time.perf_counter() - start, len(bad))
-    return bad
-
-
-def check_files(loader: Optional[DataLoader], what: str, *, scan: str = "verify", skip: bool = False) -> List[int]:
-    """The dataset indices of `loader`'s unreadable image files (`scan_files`), when its dataset lists its
-    files (`dataset_files`); [] otherwise.
-
-    Raises:
-        DataError: some file is unreadable and not `skip`; the message names the files (the first five),
-            their indices and what to do. With `skip` their count is logged instead.
-    """
-    done = getattr(loader, "dataset", None)
-    if isinstance(done, NamedReads) and done.scanned in (scan, "decode"):  # scanned before (compare's rows)
-        return []
-    files = None if loader is None else dataset_files(loader.dataset)
-    bad = scan_files(files, scan) if files else []
-    if not bad:
-        return []
-    shown = "; ".join(f"index {i}: {path} ({reason})" for i, path, reason in bad[:5])
-    shown += "; ..." if len(bad) > 5 else ""
-    if not skip:
-        raise DataError(f"{len(bad)} image file(s) of {what} cannot be read: {shown}. Remove or replace them, or "
-                        f"set data.skip_unreadable=True (encodenet: --data.skip_unreadable true) to train "
-                        f"without them", path=bad[0][1], index=bad[0][0])
-    _logger.warning("leaving out %d unreadable image file(s) of %s (data.skip_unreadable): %s", len(bad), what, shown)
-    return [i for i, _, _ in bad]
-
-
-def _unreadable(path: str, decode: bool) -> Optional[str]:
-    """Why the image file at `path` cannot be read, or None when it can."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image_format = image.format
-            if decode:
-                image.load()
-            else:
-                image.verify()
-        if not decode and image_format == "JPEG":
-            with open(path, "rb") as f:
-                f.seek(max(0, os.path.getsize(path) - 1024))
-                if b"\xff\xd9" not in f.read():
-                    return "truncated JPEG (no end-of-image marker)"
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for a bad file
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-class NamedReads(Subset):
-    """`dataset` (every index in order, or `indices`) whose read failures raise `DataError` naming the
-    index in `dataset` and the file, instead of the reader's own traceback from deep inside an epoch.
-
-    Args:
-        dataset: a map-style dataset.
-        files: the image file of each of its indices (`dataset_files`).
-        indices: the indices of `dataset` to read; None: all of them.
-
-    Attributes:
-        scanned: the ``data.scan`` mode its files have passed (`loaders.readable`); None before a scan.
-    """
-
-    def __init__(self, dataset: Dataset, files: Sequence[str], indices: Optional[Sequence[int]] = None):
-        super().__init__(dataset, range(len(dataset)) if indices is None else list(indices))
-        self.files = files
-        self.scanned: Optional[str] = None
-
-    def __getitem__(self, index: int) -> Any:
-        i = self.indices[index]
-        try:
-            return self.dataset[i]
-        except Exception as e:  # whatever the image reader raises
-            cause = e.__cause__ if isinstance(e, DataError) and e.__cause__ is not None else e  # the reader's own
-            raise DataError(f"cannot read sample {i} of the dataset, {self.files[i]} ({type(cause).__name__}: "
-                            f"{cause}); remove or replace the file, or set data.scan='decode' and "
-                            f"data.skip_unreadable=True to leave out every file that does not decode",
-                            path=self.files[i], index=i) from e
-
-    def __getitems__(self, indices: List[int]) -> List[Any]:  # batched fetch: each read named too
-        return [self[i] for i in indices]
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def _import_faiss():
     except ImportError as e:
         raise ImportError(
             "encodenet_timm clusters with FAISS: `pip install faiss-cpu` (or a faiss-gpu build for CUDA); "
-            "see the README's install section") from e
+            "see docs/scaling.md, GPU paths") from e
     return faiss
 
 

@@ -34,16 +34,17 @@ from . import distributed
 from .checks import check_data, check_loader
 from .compute import count_compute
 from .config import ControlsConfig, EncodeNetConfig
-from .env import precision
+from .env import precision, resolve_device
 from .errors import RunDirInUseError
 from .files import DirLock, read_json, write_json
 from .loaders import readable
-from .result import CONTROLS, TRIAL_FACTORS, CompareResult, _choose_on_val, base_row, declared_rows, trial_name
+from .result import CompareResult, _choose_on_val
+from .row_names import CONTROLS, TRIAL_FACTORS, base_row, declared_rows, trial_name
 from .rows import Rows
 from .split import check_timm_classifier
 from .stats import paired_difference
 from .stopping import StopSignals
-from .training import evaluate, resolve_device
+from .training import evaluate
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["compare", "count_compute", "paired_difference", "CompareResult", "CONTROLS", "UNTRAINED_MARGIN"]
@@ -76,12 +77,16 @@ def _check_trained(runner: Rows, seed: int, allow: bool) -> None:
     """Refuse a baseline whose validation accuracy is within `UNTRAINED_MARGIN` of chance."""
     acc = runner.records["baseline"][seed]["val_accuracy"]
     chance = 1.0 / runner.common["num_classes"]
-    if acc < chance + UNTRAINED_MARGIN and not allow:
+    if acc < chance + UNTRAINED_MARGIN and allow:
+        _logger.warning("compare: the baseline of seed %d scores %.1f%% on validation, within %.0f points of chance "
+                        "(%.1f%%): compared anyway (allow_untrained_baseline)", seed, 100 * acc,
+                        100 * UNTRAINED_MARGIN, 100 * chance)
+    elif acc < chance + UNTRAINED_MARGIN:
         raise ValueError(f"the baseline of seed {seed} scores {100 * acc:.1f}% on validation, within "
                          f"{100 * UNTRAINED_MARGIN:.0f} points of chance ({100 * chance:.1f}%): it looks untrained, "
                          f"so every row would be compared from noise. Train it (config.baseline.epochs > 0, CLI "
                          f"--baseline.epochs N), pass a model_fn that returns the trained model, or pass "
-                         f"allow_untrained_baseline=True if this is intended")
+                         f"allow_untrained_baseline=True (CLI --allow-untrained-baseline) if this is intended")
 
 
 def _run_seed(runner: Rows, seed: int, rows: Sequence[str], allow_untrained: bool) -> None:

@@ -89,7 +89,9 @@ def _count_compute(model: nn.Module, config: EncodeNetConfig, train_loader: Data
     per_epoch = {"features": _flops(lambda: w.select_representatives(loader)) / n}
     for s in stages:
         fit = getattr(w, f"fit_{s}")
-        per_epoch[s] = _flops(lambda: fit(loader)) / n if getattr(one, s).epochs else 0.0
+        if getattr(one, s).epochs or s == "autoencoder":  # as fit runs them: the autoencoder even at 0 epochs
+            flops = _flops(lambda: fit(loader))           # (nothing trained), so transfer follows an autoencoder
+        per_epoch[s] = flops / n if getattr(one, s).epochs else 0.0
     extra = per_epoch["features"] + sum(per_epoch[s] * getattr(config, s).epochs for s in stages)
     return {"train_step": train_step, "kd_step": kd_step, "per_image_per_epoch": per_epoch,
             "extra_epochs": extra / train_step,

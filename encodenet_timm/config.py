@@ -1,64 +1,28 @@
-"""Configuration: plain dataclasses that round-trip through YAML (``yaml.safe_load`` only).
+"""Configuration: the dataclasses a run is set up with, each field's meaning in the comment beside it,
+and their range checks.
 
 Every documented default is the dataclass default. Keys are dotted paths (``transfer.lr``), the
-same in Python, in YAML and on the command line.
+same in Python, in YAML and on the command line. What every config shares (the round trip through
+YAML, dotted overrides, help text read from the comments here) is in `config_io`.
 """
-import dataclasses
-import difflib
 import math
-import re
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-import yaml
+from .config_io import ConfigBase, Strict, describe_fields
 
 __all__ = ["StageConfig", "AutoencoderConfig", "RepresentativesConfig", "DecoderConfig", "DataConfig",
-           "EncodeNetConfig", "ControlsConfig"]
+           "EncodeNetConfig", "ControlsConfig", "describe_keys"]
 
 SPLIT_FEATURES = "features"
 REPRESENTATIVE_RULES = ("min_entropy", "nearest_centroid")
 AMP_VALUES = ("none", "auto", "bf16", "fp16")
 FAISS_GPU_VALUES = ("auto", "never", "always")
-SCAN_MODES = ("verify", "decode", "none")  # data.scan (`checks.scan_files` says what each catches)
-
-# a number YAML 1.1 leaves as text ("1e-3": no dot); read as a float, in a file as on the command line
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def parse_value(text: str) -> Any:
-    """A flag's value read as YAML (``yaml.safe_load``), with number-like text ("1e-3") as a float."""
-    value = _load_yaml(text, f"the value {text!r}")
-    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
-
-
-def _load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load(text)``; a syntax error becomes a ValueError naming `source`, line and column."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(f"{source} is not valid YAML{where}: {problem}") from None
-
-
-class _Strict:
-    """Setting an attribute a config does not have is an error, not a silent new attribute."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        fields = getattr(self, "__dataclass_fields__", {})
-        if name not in fields and not isinstance(getattr(type(self), name, None), property):
-            close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise AttributeError(f"{type(self).__name__} has no option {name!r}{hint} "
-                                 f"(options: {', '.join(fields)})")
-        super().__setattr__(name, value)
+SCAN_MODES = ("verify", "decode", "none")  # data.scan (`file_checks.scan_files` says what each catches)
 
 
 @dataclass
-class StageConfig(_Strict):
+class StageConfig(Strict):
     """One training stage (baseline, autoencoder or transfer); all run through the same loop."""
     epochs: int = 10                 # passes over the training loader; 0 skips the stage
     lr: float = 0.05                 # peak learning rate
@@ -79,7 +43,7 @@ class AutoencoderConfig(StageConfig):
 
 
 @dataclass
-class RepresentativesConfig(_Strict):
+class RepresentativesConfig(Strict):
     """Per-class clustering of pre-logits features and the pick of each cluster's representative."""
     clusters_per_class: Union[int, str] = 5  # k per class, or "auto" (silhouette, 2..max_auto_clusters)
     max_auto_clusters: int = 10      # upper bound on k when clusters_per_class is "auto"
@@ -104,7 +68,7 @@ class RepresentativesConfig(_Strict):
 
 
 @dataclass
-class DecoderConfig(_Strict):
+class DecoderConfig(Strict):
     """The mirrored decoder built from the encoder's traced shape trail."""
     width: float = 1.0               # multiplier on the mirrored channel widths (shrunk to fit the FLOPs cap)
     min_channels: int = 8            # no decoder layer is narrower than this
@@ -118,7 +82,7 @@ class DecoderConfig(_Strict):
 
 
 @dataclass
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """How fit checks the training (and validation) images before it spends compute on them."""
     scan: str = "verify"             # image files (ImageFolder-style datasets) checked before training:
                                      # "verify" (headers and checksums, cheap), "decode" (every file decoded), "none"
@@ -134,77 +98,22 @@ def _stage(cls: type = StageConfig, **kw) -> Any:
     return field(default_factory=lambda: cls(**kw))
 
 
-class _Config(_Strict):
-    """A config that round-trips through plain dicts and YAML: dotted keys, unknown keys refused."""
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain nested dict (lists for tuples), safe for YAML and JSON."""
-        return _to_plain(dataclasses.asdict(self))
-
-    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
-        """YAML text of the full config; also written to `path` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "_Config":
-        """Build from a (possibly partial) nested dict; unknown keys and wrong types raise ValueError."""
-        return _from_dict(cls, data or {}, "")
-
-    @classmethod
-    def from_yaml(cls, text_or_path: Union[str, Path]) -> "_Config":
-        """Build from YAML text or a path to a YAML file (read with ``yaml.safe_load``).
-
-        Raises:
-            ValueError: a YAML syntax error (with its line and column), or a bad key or value; for a file,
-                the message starts with its path.
-        """
-        source = "config YAML"
-        if isinstance(text_or_path, Path) or (
-                isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
-            source = str(text_or_path)
-            text_or_path = Path(text_or_path).read_text()
-        data = _load_yaml(text_or_path, source)
-        if data is not None and not isinstance(data, dict):
-            raise ValueError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data or {})
-        except ValueError as e:
-            if source == "config YAML":
-                raise
-            raise ValueError(f"{source}: {e}") from None
-
-    def override(self, dotted: Dict[str, Any]) -> "_Config":
-        """A copy with dotted keys replaced, e.g. ``{"transfer.lr": 0.1}``."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            node, parts = data, key.split(".")
-            for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise ValueError(f"unknown config key {key!r}")
-                node = node[p]
-            if parts[-1] not in node:
-                raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
-            node[parts[-1]] = value
-        return type(self).from_dict(data)
-
-
 @dataclass
-class EncodeNetConfig(_Config):
+class EncodeNetConfig(ConfigBase):
     """Everything `EncodeNetWrapper` needs.
 
     The defaults are the recipe that won the validation ablation (benchmarks/results/ablation-short):
     split before the last stage, MSE + cross-entropy autoencoder, then a short fine-tune of every
     weight. `paper()` is the method exactly as published.
     """
-    seed: int = 0                    # one seed for torch, data order and FAISS
+    seed: int = 0                    # one seed for torch, data order and FAISS, in [0, 2**30]
     device: str = "auto"             # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    amp: str = "none"                # autocast dtype on CUDA: "none", "auto" (bf16 if supported), "bf16", "fp16"
+    amp: str = "none"                # autocast dtype: "none" (fp32), "auto" (bf16 on a GPU that supports it and on a
+                                     # CPU with native bf16, AMX or AVX512-BF16; else fp32), "bf16" (GPU or CPU),
+                                     # "fp16" (CUDA only, with a GradScaler)
     channels_last: bool = False      # NHWC memory format (faster on many CPUs and GPUs)
     compile: bool = False            # torch.compile the trainable module of every training stage
-    input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W); None: the model's, then the data's
+    input_size: Optional[Tuple[int, int, int]] = None  # the model's input (C, H, W); None: the model's, then the data's
     progress: bool = True            # tqdm bar per epoch
     split: str = "last_stage"        # "features" (paper: forward_features | forward_head); "last_stage" (before
                                      # the last feature_info stage); or a stage module named in the model's
@@ -247,7 +156,7 @@ class EncodeNetConfig(_Config):
         self.baseline.epochs = value
 
 @dataclass
-class ControlsConfig(_Config):
+class ControlsConfig(ConfigBase):
     """How `compare` trains its same-size controls, apart from the recipe's stages.
 
     continued, ema and kd restart training from a converged baseline: a low restart lr with a linear
@@ -262,11 +171,11 @@ class ControlsConfig(_Config):
     weight_decay: float = 5e-4       # timm skips it on biases and norm weights
     sched: str = "cosine"            # any timm scheduler name, or "none"
     warmup_epochs: int = 1           # linear warm-up from ~0 to lr, part of the budget
-    clip_grad: Optional[float] = 2.0  # max gradient norm; None disables clipping
+    clip_grad: Optional[float] = 2.0  # max gradient norm; null disables clipping
     smoothing: float = 0.0           # label smoothing
     ema_decay: float = 0.9998        # the ema control's ModelEmaV3 decay (with warm-up)
-    kd_temperature: float = 4.0      # timm LogitDistillationTask temperature (student in train mode,
-                                     # teacher = the baseline in eval mode, as timm's train.py runs it)
+    kd_temperature: float = 4.0      # timm LogitDistillationTask temperature (teacher = the baseline in eval
+                                     # mode, as timm's train.py runs it; the student's BatchNorm: kd_student_bn)
     kd_task_loss_weight: float = 0.3  # weight of the cross-entropy; the KL term gets 1 - this
     kd_student_bn: str = "eval"      # the student's BatchNorm: "eval" (the baseline's running statistics, frozen,
                                      # as the teacher's: chosen on validation, see docs/compare.md) or "train"
@@ -293,75 +202,12 @@ class ControlsConfig(_Config):
                            smoothing=self.smoothing)
 
 
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-def _from_dict(cls: type, data: Dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    kwargs = {}
-    for key, value in data.items():
-        path = prefix + str(key)
-        if key not in names:
-            raise ValueError(f"unknown config key {path!r}; valid keys: {', '.join(prefix + n for n in names)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            factory = fields[key].default_factory
-            if isinstance(value, dict) and factory is not dataclasses.MISSING:  # a partial section keeps this
-                value = {**dataclasses.asdict(factory()), **value}  # field's defaults (baseline.epochs = 0)
-            kwargs[key] = _from_dict(hint, value, path + ".")
-        else:
-            kwargs[key] = _check_type(value, hint, path)
-    return cls(**kwargs)
-
-
-def _check_type(value: Any, hint: Any, path: str) -> Any:
-    """Return `value` coerced to `hint` (list -> tuple, int -> float), or raise ValueError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        for arg in args:
-            try:
-                return _check_type(value, arg, path)
-            except ValueError:
-                pass
-    elif hint is type(None):
-        if value is None:
-            return None
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
-            item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-            return tuple(_check_type(v, t, path) for v, t in zip(value, item_types))
-    elif hint is float:
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as text
-            return float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise ValueError(f"config key {path!r} must be {_describe(hint)}, got {value!r}")
-
-
-def _describe(hint: Any) -> str:
-    """A type hint in words: ``Optional[float]`` -> "a number or null", ``Union[int, str]`` -> "an int or a str"."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        return " or ".join(_describe(a) for a in args)
-    if origin is tuple:
-        n = "" if args[-1] is Ellipsis else f"{len(args)} "
-        return f"a list of {n}{_describe(args[0]).split(' ', 1)[1]}s"
-    return {type(None): "null", float: "a number", int: "an int", bool: "true or false",
-            str: "a str"}.get(hint, getattr(hint, "__name__", str(hint)))
+def describe_keys(config: Optional[Any] = None, prefix: str = "") -> Dict[str, str]:
+    """Dotted key -> one line on it: the comment beside its field in this file (its meaning and allowed
+    values), the type it takes and its default in `config` (default: ``EncodeNetConfig()``); e.g.
+    ``"transfer.lr"`` -> "peak learning rate (a number; default 0.01)". The CLI's ``--help`` lists these,
+    so a key's words live in one place (read by `config_io.describe_fields`)."""
+    return describe_fields(EncodeNetConfig() if config is None else config, prefix)
 
 
 def _fail(key: str, rule: str, value: Any) -> None:
@@ -371,6 +217,8 @@ def _fail(key: str, rule: str, value: Any) -> None:
 def check_ranges(cfg: "EncodeNetConfig") -> None:
     """Raise ValueError naming the dotted key of the first value out of its range (no torch, no timm:
     optimizer and scheduler names are checked against timm's registries by `checks.check_config`)."""
+    if not 0 <= cfg.seed <= 2 ** 30:  # NumPy needs >= 0; FAISS takes seed + class index as a C int
+        _fail("seed", "an int in [0, 2**30]", cfg.seed)
     if cfg.amp not in AMP_VALUES:
         _fail("amp", f"one of {AMP_VALUES}", cfg.amp)
     if cfg.input_size is not None and any(v < 1 for v in cfg.input_size):

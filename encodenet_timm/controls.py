@@ -26,9 +26,9 @@ import torch.nn as nn
 from timm.task import LogitDistillationTask
 from torch.utils.data import DataLoader, RandomSampler
 
-from .checkpoint import RunDir
 from .errors import NonFiniteLossError
 from .files import load_state_into, read_json
+from .run_dir import RunDir
 from .stopping import StopSignals
 from .training import LoopOptions, TrainState, train_stage
 

@@ -3,7 +3,7 @@
 Every function is a no-op (or the identity) when no process group is initialised, so the
 single-process code path is the same code. Under ``torchrun`` the caller initialises the group
 (``torch.distributed.init_process_group``, or `init_group` with a bounded timeout) before building the
-wrapper; see the README's "Scaling".
+wrapper; see docs/scaling.md.
 """
 import datetime
 import os
@@ -15,7 +15,9 @@ from typing import Any, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "local_device", "all_reduce_sum",
+from .env import precision, resolve_device
+
+__all__ = ["training_device", "is_distributed", "rank", "world_size", "is_main", "barrier", "local_device", "all_reduce_sum",
            "broadcast_object", "gather_objects", "TIMEOUT_ENV", "init_group", "is_collective_error"]
 
 TIMEOUT_ENV = "ENCODENET_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 1800)
@@ -51,6 +53,20 @@ def local_device(name: str) -> str:
     if is_distributed() and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return name
+
+
+def training_device(name: str, amp: str) -> torch.device:
+    """The device this process trains on: `name` resolved (`local_device`, then `env.resolve_device`), `amp`
+    checked against it (amp="fp16" on a CPU is refused here, before any training); on CUDA, cuDNN autotuning
+    (fixed input sizes: let it pick the fastest kernels) and, under torchrun, the current device set (NCCL's
+    object collectives use it)."""
+    device = resolve_device(local_device(name))
+    precision(device, amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if is_distributed():
+            torch.cuda.set_device(device)
+    return device
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:

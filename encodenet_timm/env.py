@@ -1,5 +1,5 @@
-"""Versions and machine facts that results files record (benchmarks, run directories), and the precision
-(autocast dtype) a run gets on this machine."""
+"""Versions and machine facts that results files record (benchmarks, run directories), the device a name
+resolves to, and the precision (autocast dtype) a run gets on this machine."""
 import os
 import platform
 from contextlib import nullcontext
@@ -102,3 +102,25 @@ def autocast(device: torch.device, amp: str):
     """`torch.autocast` for `amp` on `device` (`autocast_dtype`), or a null context for fp32."""
     dtype = autocast_dtype(device, amp)
     return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device.
+
+    Raises:
+        ValueError: a name torch does not know, or a CUDA device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device torch knows; use 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device='auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"device={name!r} but this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                         f"(cuda:0 to cuda:{n - 1}); use one of those or 'auto'")
+    return device

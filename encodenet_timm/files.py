@@ -2,9 +2,10 @@
 writes at a time.
 
 `write_atomic` writes to a temporary file in the same directory, fsyncs it, then renames it over the
-name (``os.replace``) and fsyncs the directory. Tensors go to safetensors (`save_tensors`, `load_tensors`),
-everything else here to JSON (`write_json`, `read_json`); a corrupted or truncated file is a ValueError
-that names it. `DirLock` is an ``flock`` on ``DIR/.lock``, which the OS releases however the process ends.
+name (``os.replace``) and fsyncs the directory; the file gets the mode the umask gives a new file
+(`follow_umask`; safetensors' own writer makes 0600). Tensors go to safetensors (`save_tensors`,
+`load_tensors`), everything else here to JSON (`write_json`, `read_json`); a corrupted or truncated file is
+a ValueError that names it. `DirLock` is an ``flock`` on ``DIR/.lock``, which the OS releases however the process ends.
 """
 import hashlib
 import json
@@ -25,8 +26,8 @@ try:
 except ImportError:  # not POSIX (Windows): directories are not locked
     fcntl = None
 
-__all__ = ["LOCK_FILE", "write_atomic", "DirLock", "write_json", "read_json", "save_tensors", "load_tensors",
-           "load_state_into", "sha256_file", "cpu_copies", "some"]
+__all__ = ["LOCK_FILE", "write_atomic", "follow_umask", "DirLock", "write_json", "read_json", "save_tensors",
+           "load_tensors", "load_state_into", "sha256_file", "cpu_copies", "some"]
 
 PathLike = Union[str, Path]
 LOCK_FILE = ".lock"  # flock()ed while a process writes the directory
@@ -39,6 +40,7 @@ def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        follow_umask(tmp)
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +52,25 @@ def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def follow_umask(path: PathLike) -> None:
+    """Give the file `path` the mode an ordinary new file gets (0o666 less the umask, 0644 under the usual
+    022), whatever mode its writer chose."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where it is there (setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # which directories this process holds locked: resolved path -> [open lock file, DirLock objects holding it]

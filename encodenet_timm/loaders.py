@@ -13,7 +13,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               Sampler, SequentialSampler, Subset)
 
 from . import distributed
-from .checks import NamedReads, check_files, dataset_files
+from .file_checks import NamedReads, check_files, dataset_files
 
 __all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "epoch_batches", "shard_batches",
            "batch_starts", "rebuild", "full_last_batch", "named_reads", "without", "readable"]
@@ -231,7 +231,7 @@ def full_last_batch(loader: DataLoader) -> DataLoader:
 
 def named_reads(loader: Optional[DataLoader]) -> Optional[DataLoader]:
     """`loader` whose dataset's read failures raise `DataError` naming the index and file
-    (`checks.NamedReads`), when the dataset lists its image files; otherwise (or None) as it is."""
+    (`file_checks.NamedReads`), when the dataset lists its image files; otherwise (or None) as it is."""
     if loader is None or isinstance(loader.dataset, NamedReads):
         return loader
     files = dataset_files(loader.dataset)
@@ -252,7 +252,7 @@ def without(loader: DataLoader, drop: Sequence[int]) -> DataLoader:
 
 def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *, scan: str = "verify",
              skip: bool = False) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader], Dict[str, int]]:
-    """The loaders `fit` reads, after scanning their image files (`checks.check_files`), and how many
+    """The loaders `fit` reads, after scanning their image files (`file_checks.check_files`), and how many
     files were left out of train and val ({} when none).
 
     Each read failure names its file (`named_reads`). Unreadable files raise `DataError`, or with

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import PICTURES  # the file names, part of a run directory's layout
+from .run_dir import PICTURES  # the file names, part of a run directory's layout
 
 __all__ = ["save_run_plots"]
 
@@ -131,31 +131,43 @@ def _reconstructions_figure(wrapper, dataset: Optional[Dataset], denormalize: Op
     return fig
 
 
+# one colour per data split, the same in every panel: training solid, validation dashed
+_SPLITS = (("", "training", "C0", "-"), ("val_", "validation", "C1", "--"))
+
+
 def _curves_figure(stages: dict):
+    """Loss (top row) and accuracy (bottom row, 0-100% in every panel, so a point of accuracy looks the
+    same size everywhere) per epoch, counted from 1, one column per stage; one legend, below the panels."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
-    fig = Figure(figsize=(4.5 * len(stages), 3.5), layout="constrained")
-    axes = fig.subplots(1, len(stages), squeeze=False)[0]
-    for ax, (stage, records) in zip(axes, stages.items()):
-        epochs = [r.get("epoch", i) + 1 for i, r in enumerate(records)]
-        lines = []
-        for key, style in (("loss", "-"), ("val_loss", "--")):
-            if key in records[0]:
-                lines += ax.plot(epochs, [r.get(key, np.nan) for r in records], style, color="C0", marker=".",
-                                 label=key)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("loss")
-        acc_keys = [k for k in ("accuracy", "val_accuracy") if k in records[0]]
-        if acc_keys:
-            acc_ax = ax.twinx()
-            for key in acc_keys:
-                lines += acc_ax.plot(epochs, [r.get(key, np.nan) for r in records],
-                                     "-" if key == "accuracy" else "--", color="C1", marker=".", label=key)
-            acc_ax.set_ylabel("accuracy")
-        ax.legend(lines, [line.get_label() for line in lines], fontsize=7)
-        ax.set_title(stage)
-        ax.grid(alpha=0.3)
+    with_accuracy = any("accuracy" in r or "val_accuracy" in r for records in stages.values() for r in records)
+    rows = 2 if with_accuracy else 1
+    fig = Figure(figsize=(3.2 * len(stages) + 0.6, 2.4 * rows + 0.7), layout="constrained")
+    axes = fig.subplots(rows, len(stages), squeeze=False, sharex="col")
+    for col, (stage, records) in enumerate(stages.items()):
+        epochs = [r.get("epoch", i) + 1 for i, r in enumerate(records)]  # the log's and summary.csv's count
+        for row, (metric, scale) in enumerate((("loss", 1.0), ("accuracy", 100.0))[:rows]):
+            ax = axes[row, col]
+            for prefix, _, colour, style in _SPLITS:
+                values = [r.get(prefix + metric, np.nan) for r in records]
+                if not np.isnan(values).all():
+                    ax.plot(epochs, np.asarray(values, dtype=float) * scale, style, color=colour, marker=".")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if metric == "accuracy":
+                ax.set_ylim(0, 100)
+                if not ax.lines:
+                    ax.text(0.5, 0.5, "no accuracy\nin this stage", transform=ax.transAxes, ha="center",
+                            va="center", fontsize=8, color="0.5")
+            else:
+                ax.set_ylim(bottom=0)
+                ax.set_title(stage)
+            if col == 0:
+                ax.set_ylabel("loss" if metric == "loss" else "accuracy (%)")
+        axes[-1, col].set_xlabel("epoch")
+    handles = [Line2D([], [], color=colour, linestyle=style, marker=".") for _, _, colour, style in _SPLITS]
+    fig.legend(handles, [name for _, name, _, _ in _SPLITS], loc="outside lower center", ncols=2, fontsize=8)
     return fig
 
 

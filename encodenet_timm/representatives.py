@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -28,6 +28,7 @@ from .clustering import cluster_per_class
 from .config import RepresentativesConfig
 from .feature_store import FeatureStore
 from .env import autocast
+from .files import save_tensors
 from .loaders import batch_starts, make_loader, shard_batches
 
 __all__ = ["Representatives", "select_representatives", "extract_features", "pick_representatives",
@@ -65,10 +66,16 @@ class Representatives:
         return self.rep_indices[self.cluster_ids]
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write to a safetensors file."""
-        tensors = {k: getattr(self, k).contiguous().cpu() for k in self.__dataclass_fields__}
-        save_file(tensors, str(path), metadata={"format": "encodenet_timm.Representatives",
-                                                "num_clusters": json.dumps(self.num_clusters)})
+        """Write to a safetensors file (atomically, its mode following the umask)."""
+        tensors = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        save_tensors(path, tensors, metadata={"format": "encodenet_timm.Representatives",
+                                              "num_clusters": json.dumps(self.num_clusters)})
+
+    def check_covers(self, dataset: Dataset) -> None:
+        """Raise ValueError unless these representatives index exactly `dataset` (one cluster id per image)."""
+        if self.cluster_ids.numel() != len(dataset):
+            raise ValueError(f"representatives cover {self.cluster_ids.numel()} images but the training set "
+                             f"has {len(dataset)}; select them on this training set")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Representatives":
@@ -98,7 +105,7 @@ def select_representatives(model: nn.Module, loader: DataLoader, cfg: Representa
     dataset = loader.dataset
     _warn_if_random_transform(dataset)
     ordered = make_loader(dataset, loader, shuffle=False, seed=seed, batch_size=cfg.batch_size)
-    store = _open_store(cfg, len(dataset), _pre_logits_dim(model, loader, device))
+    store = _open_store(cfg, len(dataset), _pre_logits_dim(model, loader, device, check))
     gather_rows = store is None or (store.path is None and distributed.is_distributed())  # RAM store: rank 0 only
     blocks: List[Tuple[int, np.ndarray]] = []
     try:
@@ -131,9 +138,12 @@ def select_representatives(model: nn.Module, loader: DataLoader, cfg: Representa
     return reps, k_per_class
 
 
-def _pre_logits_dim(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
-    """D of ``forward_head(..., pre_logits=True)``, from one image of `loader`'s dataset."""
-    x, _ = first_sample(loader)
+def _pre_logits_dim(model: nn.Module, loader: DataLoader, device: torch.device,
+                    check: Optional[BatchCheck] = None) -> int:
+    """D of ``forward_head(..., pre_logits=True)``, from one image of `loader`'s dataset (checked first)."""
+    x, y = first_sample(loader)
+    if check is not None:
+        check(x, y)
     with eval_mode(model), torch.no_grad():
         z = model.forward_features(x.to(device))
         return int(model.forward_head(z, pre_logits=True).flatten(1).shape[1])

@@ -1,5 +1,5 @@
 """`CompareResult`: every row of a `compare` per seed, the choice on validation, the sealed test, and the
-verdict, table, files and picture that report them.
+verdict; its table, files and picture are written by `report.py`.
 
 Validation chooses; the test set only reports. A result holds test accuracy only for the rows declared
 before the choice (`declared_rows`: the baseline, the default recipe, the EncodeNet row chosen on
@@ -17,63 +17,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from . import report
 from .controls import divergence
 from .env import machine, versions
-from .files import read_json, write_atomic, write_json
+from .files import read_json
+from .row_names import CONTROLS, base_row, declared_rows, row_what, trial_name, weights_path
+from .seeding import seed_everything
 from .stats import MIN_SEEDS, describe, holm, paired_difference
-from .training import seed_everything
 
-__all__ = ["CompareResult", "CONTROLS", "trial_name", "base_row", "row_what", "declared_rows", "weights_path",
-           "record_path"]
-
-CONTROLS = ("continued", "kd", "ema", "equal")
-TRIAL_FACTORS = (1.0, 1 / 3, 3.0, 1 / 9, 9.0)  # trial t scales the side's lrs by TRIAL_FACTORS[t]
-_WHAT = {
-    "baseline": "the baseline (starting point of every row but equal)",
-    "encodenet": "EncodeNet with the given config",
-    "continued": "baseline trained X more epochs (controls' restart schedule)",
-    "ema": "weight average (ModelEmaV3) of the continued run",
-    "kd": "timm LogitDistillationTask, teacher = baseline, X epochs of FLOPs",
-    "equal": "from scratch, one schedule of baseline + X epochs",
-}
-
-
-def trial_name(row: str, trial: int) -> str:
-    """``row`` for trial 0 (the default settings), ``row@t<k>`` for trial k of the lr grid."""
-    return row if trial == 0 else f"{row}@t{trial}"
-
-
-def base_row(name: str) -> Tuple[str, int]:
-    """``"kd@t2"`` -> ("kd", 2); ``"kd"`` -> ("kd", 0)."""
-    row, _, trial = name.partition("@t")
-    return row, int(trial) if trial else 0
-
-
-def row_what(name: str, described: Optional[Dict[str, str]] = None) -> str:
-    row, trial = base_row(name)
-    what = (described or {}).get(row) or _WHAT.get(row, "EncodeNet variant")
-    if trial:
-        lrs = "every stage's lr" if row == "encodenet" else "lr"
-        what += f" ({lrs} x {TRIAL_FACTORS[trial]:.3g})"
-    return what
-
-
-def declared_rows(rows: Sequence[str], chosen: Optional[str], chosen_trials: Dict[str, str],
-                  default: str = "encodenet") -> List[str]:
-    """The rows whose test accuracy is read, fixed by rule before any row trains: baseline, the default
-    recipe, the chosen EncodeNet row, paper, every control, and each side's chosen trial; in table order."""
-    wanted = {"baseline", default, "paper", *CONTROLS, *chosen_trials.values()}
-    if chosen is not None:
-        wanted.add(chosen)
-    return [r for r in rows if r in wanted]
-
-
-def weights_path(out_dir: Path, row: str, seed: int) -> Path:
-    return out_dir / "weights" / f"{row}-seed{seed}.safetensors"
-
-
-def record_path(out_dir: Path, row: str, seed: int) -> Path:
-    return out_dir / "runs" / f"{row}-seed{seed}.json"
+__all__ = ["CompareResult"]
 
 
 @dataclasses.dataclass
@@ -214,6 +166,11 @@ class CompareResult:
         the row listed first (the baseline first, then the table's order)."""
         return max((r for r in self.rows if not self.diverged(r)), key=lambda r: np.mean(self.accuracy(r)))
 
+    @property
+    def verdict_split(self) -> str:
+        """The split the verdict speaks on: "test" when compare had a test set, else "val"."""
+        return self._split(None)
+
     def _split(self, split: Optional[str]) -> str:
         if split is None:
             return "test" if self.has_test else "val"
@@ -273,44 +230,14 @@ class CompareResult:
             return f"{who} {why}."
         return f"{who} " + "; ".join(describe(d, d["p_holm"], o) for o, d in deltas.items()) + "."
 
-    # ---- reports
+    # ---- reports (report.py)
     def table(self) -> str:
-        """Markdown: per row, what it is, extra compute (supervised epochs), validation mean ± std and, for the
-        declared rows, test mean ± std; diverged rows say so."""
-        test = self.has_test
-        head = "| row | what | extra epochs | val accuracy (%) |" + (" test accuracy (%) |" if test else "")
-        lines = [head, "|---|---|---:|---|" + ("---|" if test else "")]
-        for r in self.rows:
-            val = _pct(self.accuracy(r))
-            if self.diverged(r):
-                val += " (diverged)"
-            cells = [r + (" (chosen)" if r == self.chosen and r != self.default else ""),
-                     row_what(r, self.described), f"{self.extra_epochs(r):.2f}", val]
-            if test:
-                cells.append(_pct(self.accuracy(r, "test")) if r in self.tests else "not tested (not declared)")
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        """Markdown table of every row (`report.table`)."""
+        return report.table(self)
 
     def markdown(self) -> str:
-        split = self._split(None)
-        lines = ["# EncodeNet against same-size controls at equal extra compute", "",
-                 f"Seeds {self.seeds}. X = {self.compute['extra_epochs']:.2f} supervised epochs of FLOPs (the "
-                 f"recipe's extra compute; {self.compute['note']}). Validation chooses; test is read once, after "
-                 f"the choice, for the declared rows only.", "", self.table(), "",
-                 f"**Verdict:** {self.verdict}", ""]
-        for best_of in ((False, True) if self.trials > 1 and self.chosen_trials else (False,)):
-            deltas = self.comparisons(split, best_of)
-            lines += [f"Paired differences ({split} accuracy, points{', best of k' if best_of else ''}):", "",
-                      "| comparison | mean | 95% CI | per seed | p (Holm) | detectable |", "|---|---:|---|---|---:|---:|"]
-            for other, d in deltas.items():
-                ci = "" if d["ci"] is None or d["n"] < MIN_SEEDS else f"{100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
-                p = "" if d["p_holm"] is None else f"{d['p_holm']:.3f}"
-                det = "" if d["detectable"] is None else f"{100 * d['detectable']:.2f}"
-                lines.append(f"| {d['row']} - {other} | {100 * d['mean']:+.2f} | {ci} | "
-                             f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {p} | {det} |")
-            lines.append("")
-        lines += [f"- {n}" for n in self.notes]
-        return "\n".join(lines) + "\n"
+        """results.md: the table, the verdict and the paired differences (`report.markdown`)."""
+        return report.markdown(self)
 
     def to_dict(self) -> Dict[str, Any]:
         split = self._split(None)
@@ -330,41 +257,11 @@ class CompareResult:
 
     def save(self, directory: Union[str, Path]) -> Path:
         """Write results.json (every number, config, versions, machine), results.md and accuracy_vs_compute.png."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / "results.json", self.to_dict())
-        write_atomic(directory / "results.md", lambda p: p.write_text(self.markdown()))
-        self.plot(directory / "accuracy_vs_compute.png")
-        return directory
+        return report.save(self, directory)
 
     def plot(self, path: Union[str, Path]) -> None:
-        """One line per row: each seed's accuracy (dots) and the mean ± std (bar), on the split the verdict
-        uses (rows without a test accuracy are shown on validation, marked); the extra compute in each label."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        split = self._split(None)
-        rows = list(reversed(self.rows))  # the table's first row on top
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
-        for y, r in enumerate(rows):
-            on = split if (split == "val" or r in self.tests) else "val"
-            acc = 100 * np.asarray(self.accuracy(r, on))
-            control = r == "baseline" or base_row(r)[0] in CONTROLS
-            color = "tab:red" if self.diverged(r) else "tab:gray" if control else "tab:blue"
-            ax.scatter(acc, [y] * len(acc), s=14, color=color, alpha=0.6, zorder=3)
-            std = acc.std(ddof=1) if len(acc) > 1 else 0.0
-            ax.errorbar(acc.mean(), y, xerr=std, fmt="D" if on == split else "o", mfc="white" if on != split else color,
-                        color=color, capsize=3, zorder=4)
-        labels = [f"{r}  (+{self.extra_epochs(r):.1f} ep){'' if split == 'val' or r in self.tests else '  [val]'}"
-                  f"{'  [diverged]' if self.diverged(r) else ''}" for r in rows]
-        ax.set_yticks(range(len(rows)), labels, fontsize=8)
-        ax.set_xlabel(f"{'test' if split == 'test' else 'validation'} accuracy (%): dots = seeds, diamond = mean ± std")
-        ax.set_title(f"EncodeNet vs same-size controls at equal extra compute ({len(self.seeds)} seed"
-                     f"{'s' * (len(self.seeds) != 1)}, {split})", fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        """The picture: each row's accuracy per seed and mean ± std (`report.plot`)."""
+        report.plot(self, path)
 
     def model(self, row: Optional[str] = None, seed: Optional[int] = None) -> nn.Module:
         """That row's trained model (default: `best`, first seed) as a plain timm model, on CPU, eval mode."""
@@ -419,8 +316,3 @@ def _sealed_test(sealed: Dict[str, Any], records: Dict[str, Dict[int, Dict[str, 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
     v = np.asarray(values, dtype=float)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
-
-
-def _pct(values: Sequence[float]) -> str:
-    v = 100 * np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"

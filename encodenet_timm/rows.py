@@ -21,13 +21,14 @@ from timm.task import ClassificationTask
 from .checks import check_batch
 from .config import ControlsConfig, EncodeNetConfig
 from .controls import DistillationTask, RowCheckpoints, budget_loader, divergence, non_finite, train_row
-from .env import precision
+from .env import precision, resolve_device
 from .errors import NonFiniteLossError
 from .files import read_json, write_atomic, write_json
-from .result import TRIAL_FACTORS, base_row, record_path, trial_name, weights_path
+from .row_names import TRIAL_FACTORS, base_row, record_path, trial_name, weights_path
+from .seeding import seed_everything
 from .split import check_timm_classifier
 from .stopping import StopSignals
-from .training import LoopOptions, evaluate, resolve_device, seed_everything
+from .training import LoopOptions, evaluate
 from .wrapper import EncodeNetWrapper
 
 __all__ = ["Rows", "row_fingerprint", "projected"]

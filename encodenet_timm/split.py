@@ -21,11 +21,16 @@ _REQUIRED = ("forward_features", "forward_head", "get_classifier", "reset_classi
 
 
 def check_timm_classifier(model: object) -> nn.Module:
-    """Raise `TypeError` unless `model` follows timm's classifier contract; return it unchanged."""
+    """Raise `TypeError` unless `model` follows timm's classifier contract, `ValueError` unless its weights
+    are float32 tensors with data (not on the meta device); return it unchanged."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"EncodeNet needs a timm classifier (an nn.Module from timm.create_model), got {type(model).__name__}. "
             f"Create one with timm.create_model('<name>', num_classes=N).")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        raise TypeError(
+            f"the model is torch.compile'd ({type(model._orig_mod).__name__} inside {type(model).__name__}); pass "
+            f"the uncompiled model (model._orig_mod) and set config.compile=True to compile each training stage")
     missing = [m for m in _REQUIRED if not callable(getattr(model, m, None))]
     if missing or not isinstance(getattr(model, "num_classes", None), int):
         what = ", ".join(missing) if missing else "an int `num_classes` attribute"
@@ -37,6 +42,17 @@ def check_timm_classifier(model: object) -> nn.Module:
         raise ValueError(
             f"{type(model).__name__} has num_classes={model.num_classes}; EncodeNet needs a classifier head "
             f"with at least 2 classes (timm.create_model(name, num_classes=N)).")
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            f"{type(model).__name__} has its weights on the meta device (shapes, no data); materialise them first: "
+            f"model.to_empty(device='cpu') then load or initialise the weights, or create it without "
+            f"torch.device('meta')")
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if dtypes:
+        raise ValueError(
+            f"{type(model).__name__}'s parameters are {', '.join(dtypes)}, but EncodeNet trains float32 models; "
+            f"pass model.float() (config.amp runs bf16/fp16 autocast on a GPU)")
     return model
 
 
@@ -132,6 +148,7 @@ def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[Lis
     except UnsupportedModelError:
         raise
     except Exception as e:  # a forward failing here is a model/input-size problem, say which
+        _check_built_size(model, input_size, e)
         raise UnsupportedModelError(
             f"{type(model).__name__} failed a forward pass at input size {tuple(input_size)}: "
             f"{type(e).__name__}: {e}. Set config.input_size to a size this model accepts.") from e
@@ -161,6 +178,24 @@ def split_model(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[Lis
         raise UnsupportedModelError(
             f"{type(model).__name__}: forward_head uses no parameters; EncodeNet needs a trainable classifier.")
     return encoder, head
+
+
+def _check_built_size(model: nn.Module, input_size: Tuple[int, int, int], error: Exception) -> None:
+    """Raise ValueError saying how to build `model` for `input_size` when its forward failed (`error`) and
+    the model stores another image size from its constructor (a ViT built for 224x224 given 32x32)."""
+    built = _built_img_size(model)
+    built = (built, built) if isinstance(built, int) else built
+    h, w = input_size[1:]
+    if built is None or tuple(built) == (h, w):
+        return
+    arg = h if h == w else [h, w]
+    why = (str(error).strip().splitlines() or [""])[0]
+    raise ValueError(
+        f"{type(model).__name__} is built for {built[0]}x{built[1]} images but runs here at {h}x{w} (the data's "
+        f"size, or config.input_size): build it for {h}x{w} with timm.create_model(name, img_size={arg}) "
+        f"(encodenet: --model-arg img_size={arg}), or resize the images to {built[0]}x{built[1]}"
+        + (f" (encodenet: --img-size {built[0]})" if built[0] == built[1] else "")
+        + f" ({type(error).__name__}: {why})") from error
 
 
 def _feature_tensors(model: nn.Module, feats) -> List[torch.Tensor]:

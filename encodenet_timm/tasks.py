@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .device_data import DeviceBatch
 
 __all__ = ["ConvertingAutoencoder", "ClusterTargets", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
-           "PartlyFrozenClassifier", "modules_state"]
+           "PartlyFrozenClassifier", "modules_state", "snapshot_modules", "restore_modules", "reconstruct_images"]
 
 
 class ConvertingAutoencoder(nn.Module):
@@ -124,6 +124,32 @@ def modules_state(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Ten
     prefixes = tuple(f"{name}." for name in names)
     named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
     return {key: t for key, t in named if key.startswith(prefixes)}
+
+
+@torch.no_grad()
+def reconstruct_images(model: nn.Module, encoder: nn.Module, decoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The converting autoencoder's output for images (B, C, H, W) -> (B, C, H, W), `encoder` (a view of
+    `model`) and `decoder` in eval mode; their modes are put back afterwards."""
+    ae = ConvertingAutoencoder(encoder, decoder)
+    was_training = model.training, decoder.training
+    ae.eval()
+    try:
+        return ae(x)
+    finally:
+        model.train(was_training[0])
+        decoder.train(was_training[1])
+
+
+def snapshot_modules(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """A detached copy of `modules_state(model, names)`."""
+    return {k: t.detach().clone() for k, t in modules_state(model, names).items()}
+
+
+@torch.no_grad()
+def restore_modules(model: nn.Module, names: Sequence[str], snapshot: Dict[str, torch.Tensor]) -> None:
+    """Copy `snapshot` (from `snapshot_modules`) back into the modules `names` of `model`, in place."""
+    for key, t in modules_state(model, names).items():
+        t.copy_(snapshot[key])
 
 
 class ConvertingAutoencoderTask(TrainingTask):

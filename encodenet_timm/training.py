@@ -1,4 +1,4 @@
-"""The one training loop, evaluation and seeding; knows timm tasks, not EncodeNet stages.
+"""The one training loop and evaluation; knows timm tasks, not EncodeNet stages.
 
 Step order: to device -> autocast -> forward -> loss -> (at a read: losses to the host, finite check)
 -> backward -> clip -> step -> schedule. A read is every step on CPU, every `READ_EVERY_ACCELERATOR`
@@ -6,7 +6,6 @@ steps (and at checkpoints, stops, epoch ends) on a GPU, so its queue is not drai
 Optimizers and schedules come from timm (`create_optimizer_v2`, `create_scheduler_v2`).
 """
 import logging
-import random
 import signal
 import time
 from dataclasses import dataclass
@@ -27,44 +26,11 @@ from .config import StageConfig
 from .env import autocast, autocast_dtype
 from .errors import Interrupted, NonFiniteLossError
 from .loaders import epoch_batches, full_last_batch, reseed_loader, set_epoch, shard_batches, train_loader
+from .seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 
-__all__ = ["seed_everything", "epoch_seed", "resolve_device", "LoopOptions", "TrainState", "train_stage", "evaluate"]
+__all__ = ["LoopOptions", "TrainState", "train_stage", "evaluate"]
 
 _logger = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed fixed by (seed, epoch) alone: a resumed epoch draws what the uninterrupted run drew."""
-    return int(np.random.SeedSequence([seed % 2 ** 64, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device.
-
-    Raises:
-        ValueError: a name torch does not know, or a CUDA device this machine does not have.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={name!r} is not a device torch knows; use 'auto', 'cpu', 'cuda' or "
-                         f"'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device='auto' or 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ValueError(f"device={name!r} but this machine has {n} CUDA device{'s' if n != 1 else ''} "
-                         f"(cuda:0 to cuda:{n - 1}); use one of those or 'auto'")
-    return device
 
 
 @dataclass
@@ -251,7 +217,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
         batches = epoch_batches(loader, skip)  # the epoch's order drawn; `skip` batches passed over unread
         if skip:  # where the interrupted epoch stood on this rank
             mine = resume.ranks[distributed.rank()]
-            _set_rng_state(mine["rng"])
+            set_rng_state(mine["rng"])
             *sums, classifies = mine["sums"]
             start -= mine["seconds"]
         # a bar in a terminal; with output redirected (CI, a log file) tqdm stays silent (disable=None) and
@@ -307,7 +273,7 @@ def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
             if on_checkpoint is not None and (signum or checkpoint_due):
-                position = {"rng": _rng_state(), "sums": [*sums, classifies],
+                position = {"rng": rng_state(), "sums": [*sums, classifies],
                             "seconds": time.perf_counter() - start}
                 on_checkpoint(state(epoch, done, distributed.gather_objects(position)))  # rank 0: all
             if signum:
@@ -371,27 +337,6 @@ def _common_signal(signum_sum: float, count: float) -> int:
         return 0
     signum = round(signum_sum / count)
     return signum if signum in (signal.SIGINT, signal.SIGTERM) else int(signal.SIGTERM)
-
-
-def _rng_state() -> Dict[str, Any]:
-    """The global RNG states (Python, NumPy, torch CPU and CUDA) as tensors and plain values
-    (``torch.load(weights_only=True)`` reads them back)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                    gauss), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()

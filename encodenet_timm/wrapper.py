@@ -14,18 +14,21 @@ from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
-from .checkpoint import Checkpoint, Run, load_model_file, model_fingerprint
-from .checks import check_batch, check_config, check_data, check_loader, data_fingerprint
+from .checkpoint import Checkpoint, load_model_file
+from .checks import (batch_checker, built_with, check_batch, check_built_keys, check_data, check_input_size,
+                     check_loader, check_plain_loader, check_run_options, checked_config)
 from .config import EncodeNetConfig
 from .decoder import MirroredDecoder, build_decoder
-from .env import machine, precision, versions
+from .export import export_timm
 from .files import load_state_into
 from .loaders import make_loader, named_reads, readable
 from .representatives import Representatives, select_representatives
+from .run import Run, load_parts, run_facts
+from .seeding import seed_everything
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
 from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
-                    PartlyFrozenClassifier, modules_state)
-from .training import LoopOptions, TrainState, evaluate, resolve_device, seed_everything, train_stage
+                    PartlyFrozenClassifier, reconstruct_images, restore_modules, snapshot_modules)
+from .training import LoopOptions, TrainState, evaluate, train_stage
 
 __all__ = ["EncodeNetWrapper"]
 
@@ -35,15 +38,6 @@ _logger = logging.getLogger(__name__)
 _SEED_OFFSET = {"baseline": 0, "representatives": 1, "autoencoder": 2, "transfer": 3, "finetune": 4}
 # what a run directory checkpoints, in order; "initial" is the model as passed in
 RUN_STAGES = ("initial", "baseline", "representatives", "autoencoder", "transfer", "finetune")
-
-
-def _checked(config: EncodeNetConfig) -> EncodeNetConfig:
-    """A validated copy of `config`: a value of the wrong type or out of range -> ValueError naming its key, a
-    plain StageConfig given for a stage with more options (autoencoder) gets their defaults; then every
-    stage's optimizer and scheduler name against timm's registries."""
-    config = type(config).from_dict(config.to_dict())
-    check_config(config)
-    return config
 
 
 class EncodeNetWrapper:
@@ -61,17 +55,10 @@ class EncodeNetWrapper:
 
     def __init__(self, model: nn.Module, config: Optional[EncodeNetConfig] = None, *, copy: bool = True):
         check_timm_classifier(model)
-        if config is None:
-            config = EncodeNetConfig()
-        if not isinstance(config, EncodeNetConfig):
-            raise TypeError(f"config must be an EncodeNetConfig, got {type(config).__name__}")
-        config = self.config = _checked(config)  # a validated copy
-        self.device = resolve_device(distributed.local_device(config.device))
-        precision(self.device, config.amp)  # amp="fp16" on a CPU is refused here, before any training
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        if self.device.type == "cuda" and distributed.is_distributed():
-            torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
+        config = self.config = checked_config(EncodeNetConfig() if config is None else config)  # a validated copy
+        self._built = built_with(config)  # what __init__ and the decoder read: fixed for the wrapper's life
+        self._decoder_config = _deepcopy(config.decoder)
+        self.device = distributed.training_device(config.device, config.amp)
         self.model = (_deepcopy(model) if copy else model).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -89,6 +76,8 @@ class EncodeNetWrapper:
         self.representatives: Optional[Representatives] = None
         self.history: Dict[str, Any] = {}
         self._run = Run()  # the run directory's lifecycle while fit(run_dir=...) runs; does nothing otherwise
+        # the training set without augmentation that the representatives index (fit: less unreadable files)
+        self.plain_dataset: Optional[Dataset] = None
         self._checkpoint_every = 0  # fit(checkpoint_every=...): optimizer steps between checkpoints in an epoch
 
     # ---- parts -------------------------------------------------------------------------------------
@@ -96,14 +85,16 @@ class EncodeNetWrapper:
     def decoder(self) -> MirroredDecoder:
         """The mirrored decoder, built on first use at `input_size`."""
         if self._decoder is None:
-            self._decoder = build_decoder(self.model, self.input_size, self.config.decoder).to(self.device)
+            self._decoder = build_decoder(self.model, self.input_size, self._decoder_config).to(self.device)
         return self._decoder
 
     def _match_input_size(self, x: torch.Tensor) -> None:
-        """Rebuild the (still untrained) decoder if the data's (H, W) differs from `input_size`."""
+        """Rebuild the (still untrained) decoder if the data's (H, W) differs from `input_size` (and from
+        no ``config.input_size``: one set is checked against the data)."""
         size = (self.input_size[0], *x.shape[2:])
         if tuple(size) == tuple(self.input_size) or x.shape[1] != self.input_size[0]:
             return
+        check_input_size(x, self.config.input_size)
         if self._decoder_trained:
             raise ValueError(f"images are {tuple(x.shape[1:])} but the trained decoder expects {self.input_size}")
         _logger.info("data is %s, not %s: building the decoder for the data's size", tuple(size), self.input_size)
@@ -119,14 +110,18 @@ class EncodeNetWrapper:
         return self.model(x.to(self.device)).to(x.device)
 
     def _check(self, image_size: Optional[Tuple[int, int]] = None, labels: bool = True):
-        def check(x, y):
-            check_batch(x, y if labels else torch.zeros(len(x), dtype=torch.long), num_classes=self.num_classes,
-                        in_chans=self.input_size[0], image_size=image_size)
-        return check
+        return batch_checker(self.num_classes, self.input_size[0], image_size=image_size, labels=labels)
+
+    def _settings(self) -> EncodeNetConfig:
+        """A checked copy of `config` (`checked_config`): a value set by hand on wrapper.config since __init__ is
+        checked too, and a change to a key the wrapper was built with is refused (`check_built_keys`)."""
+        c = checked_config(self.config)
+        check_built_keys(self._built, c, self.device)
+        return c
 
     def _train(self, task: nn.Module, loader: DataLoader, stage: str, **kwargs: Any) -> List[Dict[str, float]]:
         """`train_stage` with the run's options, seed, resume state, checkpoints and stop requests."""
-        c = _checked(self.config)  # a value set by hand on wrapper.config since __init__ is checked too
+        c = self._settings()
         cfg = getattr(c, stage)
         options = LoopOptions(self.device, amp=c.amp, channels_last=c.channels_last, progress=c.progress,
                               compile=c.compile)
@@ -156,7 +151,7 @@ class EncodeNetWrapper:
                 `train_loader`'s dataset, for the feature pass and the representative images;
                 `train_loader` is used when None.
             run_dir: write config.yaml, run.json, a checkpoint at every epoch end and, at the end,
-                model.safetensors there (layout: `encodenet_timm.checkpoint`). While the stages run,
+                model.safetensors there (layout: `encodenet_timm.run_dir`). While the stages run,
                 SIGTERM and SIGINT stop the run: the current training step is finished, a checkpoint
                 written and `Interrupted` raised (the handlers before fit are put back afterwards).
             resume: continue the run in `run_dir` from its last complete checkpoint.
@@ -180,16 +175,16 @@ class EncodeNetWrapper:
             RankLostError: under torchrun, another rank died or stopped answering.
         """
         check_loader(train_loader, "train_loader", map_style=True)
-        _checked(self.config)  # before any stage: a value set by hand on wrapper.config since __init__
-        if resume and run_dir is None:
-            raise ValueError("resume=True needs the run_dir of the run to continue")
-        if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an int >= 0 (0: at epoch ends only), got {checkpoint_every!r}")
+        check_plain_loader(plain_loader, train_loader)
+        self._settings()  # before any stage: a value set by hand on wrapper.config since __init__
+        check_run_options(run_dir, resume, checkpoint_every)
         train_loader, val_loader, plain_loader, skipped = readable(  # image files scanned (config.data)
             train_loader, val_loader, plain_loader, scan=self.config.data.scan,
             skip=self.config.data.skip_unreadable)
         check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
-                   clusters_per_class=self.config.representatives.clusters_per_class)
+                   clusters_per_class=self.config.representatives.clusters_per_class,
+                   input_size=self.config.input_size)
+        self.plain_dataset = (plain_loader or train_loader).dataset  # the plots' images
         c = self.config
         plan = (("baseline", c.baseline.epochs > 0, lambda: self.fit_baseline(train_loader, val_loader)),
                 ("representatives", True, lambda: self.select_representatives(plain_loader or train_loader)),
@@ -198,7 +193,8 @@ class EncodeNetWrapper:
                 ("finetune", c.finetune.epochs > 0, lambda: self.fit_finetune(train_loader, val_loader)))
         # under torchrun rank 0 writes the run directory, every rank reads it to resume
         run = self._run = Run.begin(run_dir, RUN_STAGES, c.to_dict(),
-                                    lambda: self._run_facts(train_loader.dataset, skipped), resume=resume)
+                                    lambda: run_facts(self.model, train_loader.dataset, skipped, seed=c.seed,
+                                                      device=self.device, amp=c.amp), resume=resume)
         self._checkpoint_every = checkpoint_every if run_dir is not None else 0
         try:  # the run directory stays locked until fit returns or raises
             if resume:
@@ -214,48 +210,25 @@ class EncodeNetWrapper:
         distributed.barrier()  # the other ranks return once the run directory is complete
         return self.history
 
-    def _run_facts(self, dataset: Dataset, skipped: Dict[str, int]) -> Dict[str, Any]:
-        """What run.json records about the run: the model's fingerprint, the training data's (and the
-        unreadable files left out of it), the seed, versions and machine."""
-        data = {**data_fingerprint(dataset), **({"skipped": skipped} if skipped else {})}
-        return {"model": model_fingerprint(self.model), "data": data, "seed": self.config.seed,
-                "precision": precision(self.device, self.config.amp), "versions": versions(),
-                "machine": machine(self.device)}
-
     def _checkpoint(self, stage: str, epoch: int, epochs: int, train: Optional[TrainState] = None) -> None:
         """Write `stage`'s checkpoint after `epoch` of its `epochs` (nothing outside fit(run_dir=...))."""
-        if not self._run.writes:
-            return
-        tensors = {"model": self.model.state_dict()}
-        if self._decoder is not None:
-            tensors["decoder"] = self._decoder.state_dict()
-        if self._after_split_snapshot is not None:
-            tensors["tail"] = self._after_split_snapshot  # tail.safetensors (the run-directory file name)
-        writers = {}
-        if self.representatives is not None:
-            writers["representatives.safetensors"] = self.representatives.save
-        history = {**self.history, **({stage: train.history} if train is not None else {})}
-        decoder_trained = self._decoder_trained or (stage == "autoencoder" and epoch >= epochs)
-        state = {"history": history, "input_size": list(self.input_size), "decoder_trained": decoder_trained}
-        self._run.save(stage, epoch, epochs, tensors=tensors, state=state, train=train, writers=writers)
+        self._run.save_parts(stage, epoch, epochs, model=self.model, decoder=self._decoder,
+                             tail=self._after_split_snapshot, representatives=self.representatives,
+                             history=self.history, input_size=self.input_size,
+                             decoder_trained=self._decoder_trained, train=train)
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        """Load the wrapper's state from a run's checkpoint (`Run.latest`), then continue the run from it.
-
-        Raises:
-            ValueError: one of the checkpoint's files is corrupted.
-        """
-        load_state_into(self.model, ckpt.tensors("model"), str(ckpt.directory))
-        self.history = dict(ckpt.state["history"])
-        self.input_size = tuple(ckpt.state["input_size"])
-        self._decoder_trained = ckpt.state["decoder_trained"]
-        if ckpt.has("decoder.safetensors"):
+        """Load the wrapper's parts from a run's checkpoint (`Run.latest`; `run.load_parts`), then continue the
+        run from it."""
+        parts = load_parts(ckpt, self.model, self.device)
+        self.history, self.input_size, self._decoder_trained = parts.history, parts.input_size, parts.decoder_trained
+        if parts.decoder is not None:
             self._decoder = None  # rebuilt at the checkpoint's input size
-            load_state_into(self.decoder, ckpt.tensors("decoder"), str(ckpt.directory))
-        if ckpt.has("representatives.safetensors"):
-            self.representatives = Representatives.load(ckpt.path("representatives.safetensors"))
-        if ckpt.has("tail.safetensors"):
-            self._after_split_snapshot = {k: v.to(self.device) for k, v in ckpt.tensors("tail").items()}
+            load_state_into(self.decoder, parts.decoder, str(ckpt.directory))
+        if parts.representatives is not None:
+            self.representatives = parts.representatives
+        if parts.tail is not None:
+            self._after_split_snapshot = parts.tail
         self._run.continue_from(ckpt)
 
     def fit_baseline(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
@@ -289,12 +262,14 @@ class EncodeNetWrapper:
         Under torchrun every rank must call it; every rank gets the same result.
         """
         check_loader(train_loader, "train_loader", map_style=True)
+        self._settings()
         start = time.perf_counter()
         seed_everything(self.config.seed + _SEED_OFFSET["representatives"])
         self.representatives, k_per_class = select_representatives(
             self.model, train_loader, self.config.representatives, self.device, num_classes=self.num_classes,
             seed=self.config.seed, check=self._check(), channels_last=self.config.channels_last,
             progress=self.config.progress, amp=self.config.amp)
+        self.plain_dataset = train_loader.dataset
         self.history["representatives"] = {"seconds": time.perf_counter() - start,
                                            "num_clusters": self.representatives.num_clusters,
                                            "k_per_class": k_per_class.tolist()}
@@ -314,9 +289,7 @@ class EncodeNetWrapper:
         check_loader(train_loader, "train_loader", map_style=True)
         reps = reps or self.representatives or self.select_representatives(train_loader)
         dataset = train_loader.dataset
-        if reps.cluster_ids.numel() != len(dataset):
-            raise ValueError(f"representatives cover {reps.cluster_ids.numel()} images but the training set "
-                             f"has {len(dataset)}; select them on this training set")
+        reps.check_covers(dataset)
         self._match_input_size(reps.images)
         cfg = self.config.autoencoder
         seed_everything(self.config.seed + _SEED_OFFSET["autoencoder"])
@@ -346,6 +319,10 @@ class EncodeNetWrapper:
         """
         check_loader(train_loader, "train_loader")
         cfg = self.config.transfer
+        if not self._decoder_trained:
+            _logger.warning("fit_transfer: no autoencoder was trained on this wrapper, so this only retrains the "
+                            "head of the model as it is; call fit() to run the stages in order (or "
+                            "fit_autoencoder first)")
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
         if self.after_split:
             if not self._run.resumes("transfer"):  # a resumed transfer already trains the restored modules
@@ -369,14 +346,11 @@ class EncodeNetWrapper:
     def _snapshot_after_split(self) -> None:
         """Remember the weights after the split before the autoencoder changes them (once: the baseline's)."""
         if self.after_split and self._after_split_snapshot is None:
-            self._after_split_snapshot = {k: t.detach().clone() for k, t in modules_state(self.model, self.after_split).items()}
+            self._after_split_snapshot = snapshot_modules(self.model, self.after_split)
 
     def _restore_after_split(self) -> None:
-        if self._after_split_snapshot is None:
-            return  # no autoencoder ran: they still hold the baseline's weights
-        with torch.no_grad():
-            for key, t in modules_state(self.model, self.after_split).items():
-                t.copy_(self._after_split_snapshot[key])
+        if self._after_split_snapshot is not None:  # else no autoencoder ran: they hold the baseline's weights
+            restore_modules(self.model, self.after_split, self._after_split_snapshot)
 
     # ---- use ---------------------------------------------------------------------------------------
     def load_weights(self, path: Union[str, Path]) -> None:
@@ -402,16 +376,11 @@ class EncodeNetWrapper:
         """Autoencoder output for images (B, C, H, W) -> (B, C, H, W), eval mode, on x's device."""
         check_batch(x, torch.zeros(len(x), dtype=torch.long), num_classes=self.num_classes,
                     in_chans=self.input_size[0])
+        if not self._decoder_trained:
+            raise ValueError("reconstruct needs the trained autoencoder: call fit() or fit_autoencoder() first "
+                             "(or fit(run_dir=..., resume=True) to load a run's)")
         self._match_input_size(x)
-        ae = ConvertingAutoencoder(self.encoder, self.decoder)
-        was_training = self.model.training, self.decoder.training
-        ae.eval()
-        try:
-            out = ae(x.to(self.device))
-        finally:
-            self.model.train(was_training[0])
-            self.decoder.train(was_training[1])
-        return out.to(x.device)
+        return reconstruct_images(self.model, self.encoder, self.decoder, x.to(self.device)).to(x.device)
 
     def export(self) -> nn.Module:
         """The trained classifier as a plain timm model (a deep copy, on CPU, eval mode).
@@ -423,30 +392,9 @@ class EncodeNetWrapper:
         return exported.to(memory_format=torch.contiguous_format)
 
     def export_timm(self, directory: Union[str, Path], *, label_names: Optional[Sequence[str]] = None,
-                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Path:
-        """Write the exported model as timm's own folder (`timm.models.save_for_hf`): ``config.json``
-        (architecture, num_classes, label names, mean/std, input size) and ``model.safetensors``.
-
-        ``timm.create_model("local-dir:DIR", pretrained=True)`` loads it (after ``import encodenet_timm``
-        for the CIFAR zoo), and ``timm.models.push_to_hf_hub`` can publish it.
-
-        Raises:
-            ValueError: `directory` holds other files (nothing of yours is overwritten), or `label_names`
-                does not have ``num_classes`` names.
-        """
-        from timm.models import save_for_hf
-        directory = Path(directory)
-        if directory.is_file() or (directory.is_dir() and set(p.name for p in directory.iterdir())
-                                   - {"config.json", "model.safetensors"}):
-            raise ValueError(f"{directory} is a file or holds other files; export_timm writes config.json and "
-                             f"model.safetensors into an empty (or its own) directory")
-        if label_names is not None and len(label_names) != self.num_classes:
-            raise ValueError(f"label_names has {len(label_names)} names but the model has {self.num_classes} "
-                             f"classes")
-        data_config: Dict[str, Any] = {"input_size": tuple(self.input_size)}
-        if mean is not None and std is not None:
-            data_config.update(mean=tuple(mean), std=tuple(std))
-        save_for_hf(self.export(), str(directory), safe_serialization=True, data_config=data_config,
-                    model_config={"label_names": list(label_names)} if label_names is not None else None)
-        return directory
-
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    data_config: Optional[Dict[str, Any]] = None) -> Path:
+        """Write `export()` as timm's own folder at `directory` (config.json with the data config at `input_size`,
+        model.safetensors): see `encodenet_timm.export.export_timm` for the arguments and what it refuses."""
+        return export_timm(self.export(), directory, input_size=self.input_size, label_names=label_names, mean=mean,
+                           std=std, data_config=data_config)

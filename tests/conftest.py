@@ -44,9 +44,10 @@ def digits_loaders(digits):
 
 
 def load_benchmark(name: str):
-    """Import benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    """Import benchmarks/<name>.py as a module (the benchmarks are scripts, not a package); ``tools/<name>``
+    for the one-off measurement scripts under benchmarks/tools/."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name.replace('/', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

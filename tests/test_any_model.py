@@ -43,7 +43,8 @@ def test_list_output_split_is_exact_and_the_decoder_mirrors_the_largest_map(name
     assert 0 < dec.flops <= dec.encoder_flops
 
 
-@pytest.mark.parametrize("name", list(LIST_MODELS))
+# coat_tiny's steps take a minute on 2 cores: the default run keeps the lighter list-output model
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "coat_tiny" else n for n in LIST_MODELS])
 def test_list_output_autoencoder_and_transfer_steps_are_finite(name):
     kwargs, size, *_ = LIST_MODELS[name]
     r = check_model(name, (3, size, size), create_kwargs=kwargs)
@@ -106,7 +107,7 @@ def test_a_module_list_stage_ends_with_its_last_block():
     assert modules_after(model, "serial_blocks1", (3, 32, 32))[0] == "patch_embed2"
 
 
-@pytest.mark.parametrize("preset", ["default", "paper"])
+@pytest.mark.parametrize("preset", ["default", pytest.param("paper", marks=pytest.mark.slow)])  # paper: a minute more
 def test_a_list_output_model_runs_every_stage(preset):
     # representatives (the pre-logits feature pass), autoencoder, transfer, fine-tune, reconstruct
     model = _create("efficientvim_m1", num_classes=2)

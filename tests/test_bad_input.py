@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,11 +23,12 @@ import yaml
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-import encodenet_timm.cli as cli
+import encodenet_timm.cli.config as cli_config
+import encodenet_timm.cli.spec as cli
 from encodenet_timm import DataError, EncodeNetConfig, EncodeNetWrapper
-from encodenet_timm.checkpoint import RunDir, check_new_dir
+from encodenet_timm.run_dir import RunDir, check_new_dir
 from encodenet_timm.files import LOCK_FILE, DirLock
-from encodenet_timm.checks import dataset_files, scan_files
+from encodenet_timm.file_checks import dataset_files
 from encodenet_timm.cli import main
 from encodenet_timm.data import build_datasets, make_loaders
 from encodenet_timm.errors import RunDirInUseError
@@ -174,25 +176,29 @@ def _hold_lock(directory: Path) -> subprocess.Popen:
     return holder
 
 
-def test_two_processes_cannot_write_one_run_dir(capsys, tiny_run, monkeypatch):
-    holder = _hold_lock(tiny_run)
+def test_two_processes_cannot_write_one_run_dir(capsys, tiny_run, monkeypatch, tmp_path):
+    unfinished = tmp_path / "unfinished"  # a run that --resume would train on (a finished one is left alone, #25.3)
+    shutil.copytree(tiny_run, unfinished)
+    record = json.loads((unfinished / "run.json").read_text())
+    (unfinished / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    holder = _hold_lock(unfinished)
     try:
-        record = (tiny_run / "run.json").read_bytes()
+        record = (unfinished / "run.json").read_bytes()
         with monkeypatch.context() as m:
             m.setattr(cli, "build_datasets", lambda *a, **k: pytest.fail("data read before the lock"))
-            code, _, err = run(capsys, "fit", "--out", tiny_run, "--resume")
-        assert code == 1 and "RunDirInUseError" in err and str(tiny_run) in err
+            code, _, err = run(capsys, "fit", "--out", unfinished, "--resume")
+        assert code == 1 and "RunDirInUseError" in err and str(unfinished) in err
         assert f"process {holder.pid} on" in err  # names the holder
-        assert (tiny_run / "run.json").read_bytes() == record
+        assert (unfinished / "run.json").read_bytes() == record
         with pytest.raises(RunDirInUseError, match=str(holder.pid)):
-            RunDir(tiny_run, ["baseline"]).begin({}, {}, resume=True)
+            RunDir(unfinished, ["baseline"]).begin({}, {}, resume=True)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert (tiny_run / LOCK_FILE).is_file()  # the killed holder's stale file does not block
-    code, _, err = run(capsys, "fit", "--out", tiny_run, "--resume")
+    assert (unfinished / LOCK_FILE).is_file()  # the killed holder's stale file does not block
+    code, _, err = run(capsys, "fit", "--out", unfinished, "--resume")
     assert code == 0, err
-    assert json.loads((tiny_run / "run.json").read_text())["status"] == "complete"
+    assert json.loads((unfinished / "run.json").read_text())["status"] == "complete"
 
 
 def test_the_lock_is_reentrant_in_one_process(tmp_path):
@@ -305,7 +311,7 @@ def test_yaml_and_flags_read_numbers_alike(capsys, tmp_path):
 def test_anything_unexpected_is_one_line(capsys, monkeypatch):
     def broken(args):
         raise RuntimeError("something inside broke")
-    monkeypatch.setattr(cli, "_cmd_config", broken)  # build_parser binds the command when main calls it
+    monkeypatch.setattr(cli_config, "_cmd_config", broken)  # build_parser binds the command when main calls it
     code, _, err = run(capsys, "config", "--dump")
     assert code == 1 and _one_line(err) and "RuntimeError: something inside broke" in err
     assert "ENCODENET_TRACEBACK=1" in err
@@ -440,25 +446,6 @@ def _spoil(train: Path):
     return garbage, truncated, jpeg
 
 
-def test_scan_names_what_verify_catches_and_decode_catches_the_rest(tmp_path):
-    train = _folder(tmp_path)
-    garbage, truncated, jpeg = _spoil(train)
-    empty = train / "digit0" / "003.png"
-    empty.write_bytes(b"")
-    inner = train / "digit2" / "001.bmp"  # a truncated BMP: verify() passes it, decoding does not
-    buf = io.BytesIO()
-    Image.open(train / "digit2" / "001.png").save(buf, "BMP")
-    inner.write_bytes(buf.getvalue()[:500])
-    (train / "digit2" / "001.png").unlink()
-    files = [str(p) for p in sorted(train.rglob("*.*"))]
-    bad = {Path(p).name + p.split("/")[-2]: r for _, p, r in scan_files(files, "verify")}
-    assert set(bad) == {"001.pngdigit0", "003.pngdigit0", "002.pngdigit1", "000.jpgdigit2"}
-    assert "truncated JPEG" in bad["000.jpgdigit2"]
-    decoded = {p for _, p, _ in scan_files(files, "decode")}
-    assert decoded == {str(p) for p in (garbage, empty, truncated, jpeg, inner)}
-    assert scan_files(files, "none") == []
-
-
 def test_unreadable_files_are_named_before_any_training(tmp_path, monkeypatch):
     train = _folder(tmp_path)
     garbage, truncated, jpeg = _spoil(train)
@@ -533,13 +520,13 @@ def test_skip_unreadable_leaves_them_out_and_records_how_many(tmp_path, caplog):
 
 
 def test_readable_scans_once_and_names_the_callers_index_after_skipping(tmp_path, monkeypatch):
-    from encodenet_timm import checks
+    from encodenet_timm import file_checks
     from encodenet_timm.loaders import readable
     train = _folder(tmp_path)
     _spoil(train)
     dataset = _image_folder(train)
-    calls, scan = [], checks.scan_files
-    monkeypatch.setattr(checks, "scan_files", lambda files, mode: calls.append(len(files)) or scan(files, mode))
+    calls, scan = [], file_checks.scan_files
+    monkeypatch.setattr(file_checks, "scan_files", lambda files, mode: calls.append(len(files)) or scan(files, mode))
     loader, _, _, skipped = readable(DataLoader(dataset, batch_size=4, shuffle=True), None, None, skip=True)
     assert skipped == {"train": 3, "val": 0} and len(loader.dataset) == len(dataset) - 3
     assert readable(loader, None, None, skip=True)[0].dataset is loader.dataset and calls == [len(dataset)]
@@ -555,7 +542,9 @@ def test_compare_names_a_bad_file_before_any_row_trains(tmp_path, monkeypatch):
     train = _folder(tmp_path)
     bad = _spoil(train)[0]
     loader = DataLoader(_image_folder(train), batch_size=4)
-    monkeypatch.setattr(compare_module, "train_stage", lambda *a, **k: pytest.fail("a row trained"))
+    # rows train in rows.py (baseline and controls, through controls.train_row) and the wrapper (EncodeNet)
+    for module, name in (("encodenet_timm.rows", "train_row"), ("encodenet_timm.wrapper", "train_stage")):
+        monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **k: pytest.fail("a row trained"))
     with pytest.raises(DataError, match=str(bad)):
         compare_module.compare(lambda: make_model("resnet10t", num_classes=3), loader, loader, config=_cfg(),
                                seeds=(0,), out_dir=tmp_path / "cmp")
@@ -674,3 +663,235 @@ def test_a_dataset_of_dicts_or_triples_is_told_what_fit_needs(dataset, named, tm
     with pytest.raises(TypeError, match=rf"{named}; fit needs \(image, label\) pairs.*__getitem__"):
         wrapper.fit(DataLoader(dataset, batch_size=4), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ---- #24 the last mistakes: an option that fails late, config changes not used, errors that point the wrong way ---
+def _built(**keys) -> EncodeNetWrapper:
+    return EncodeNetWrapper(make_model("resnet10t", num_classes=10), _cfg(**keys))
+
+
+_TWENTY = DataLoader(TensorDataset(torch.randn(20, 3, 32, 32), torch.arange(20) % 10), batch_size=10)
+
+
+def test_float_labels_are_told_their_dtype(monkeypatch):
+    """#24.6"""
+    wrapper = _built()
+    _forbid_stages(wrapper, monkeypatch)
+    loader = DataLoader(TensorDataset(torch.randn(20, 3, 32, 32), (torch.arange(20) % 10).float()), batch_size=10)
+    with pytest.raises(ValueError, match=r"labels must be .*integer.*got torch.float32 .*\.long\(\)"):
+        wrapper.fit(loader)
+
+
+def test_uint8_images_get_one_message_on_every_path(monkeypatch):
+    """#24.7, #24.16: fit's check, a stage run alone, evaluation, the feature pass, reconstruct."""
+    images = torch.randint(0, 255, (20, 3, 32, 32), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(20) % 10), batch_size=10)
+    said = r"images are torch.uint8.*convert them to float"
+    wrapper = _built()
+    calls = [lambda: wrapper.fit(loader), lambda: wrapper.fit_baseline(loader), lambda: wrapper.evaluate(loader),
+             lambda: wrapper.select_representatives(loader), lambda: wrapper.reconstruct(images[:2])]
+    for call in calls:
+        with pytest.raises(ValueError, match=said):
+            call()
+    assert wrapper.history == {}
+
+
+def test_images_laid_out_channels_last_are_told_to_permute(monkeypatch):
+    """#24.17: (B, H, W, C) images are not told to build the model with in_chans=32."""
+    wrapper = _built()
+    _forbid_stages(wrapper, monkeypatch)
+    loader = DataLoader(TensorDataset(torch.randn(20, 32, 32, 3), torch.arange(20) % 10), batch_size=10)
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\).*permute\(0, 3, 1, 2\)") as info:
+        wrapper.fit(loader)
+    assert "in_chans=32" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_model_in_another_dtype_is_told_its_dtype(dtype):
+    """#24.8: not "Set config.input_size"."""
+    with pytest.raises(ValueError, match=rf"parameters are {dtype}.*model.float\(\)") as info:
+        EncodeNetWrapper(make_model("resnet10t").to(dtype), _cfg())
+    assert "input_size" not in str(info.value)
+
+
+def test_a_compiled_model_is_told_to_pass_the_uncompiled_one():
+    """#24.9"""
+    with pytest.raises(TypeError, match=r"torch.compile.*uncompiled model.*config.compile"):
+        EncodeNetWrapper(torch.compile(make_model("resnet10t")), _cfg())
+
+
+def test_a_model_on_the_meta_device_is_told_to_materialise_it():
+    """#24.10"""
+    import timm
+    with torch.device("meta"):
+        model = timm.create_model("resnet10t", num_classes=10)
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        EncodeNetWrapper(model, _cfg())
+
+
+def test_a_vit_built_for_another_size_is_told_the_model_arg(capsys, tmp_path):
+    """#24.11: --img-size 32 without --model-arg img_size=32: exit 2, the flag that fixes it."""
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "fit", "--model", "vit_tiny_patch16_224", "--dataset", "digits", "--device", "cpu",
+                       "--out", out, "--per-class", "2", "--val-fraction", "0", "--img-size", "32")
+    assert code == 2 and _one_line(err) and "--model-arg img_size=32" in err and "224x224" in err
+    assert not (out / "run.json").exists()
+
+
+def test_a_negative_seed_is_refused_naming_the_key(capsys, tmp_path, no_data):
+    """#24.4"""
+    with pytest.raises(ValueError, match="config key 'seed' must be an int in"):
+        EncodeNetConfig(seed=-1)
+    wrapper = _built()
+    wrapper.config.seed = -1
+    with pytest.raises(ValueError, match="config key 'seed'"):
+        wrapper.fit(_TWENTY)
+    assert wrapper.history == {}
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--seed", "-1")
+    assert code == 2 and _one_line(err) and "'seed'" in err and "-1" in err
+
+
+def test_num_classes_as_a_model_arg_is_told_it_comes_from_the_data(capsys, tmp_path, no_data):
+    """#24.12"""
+    code, _, err = run(capsys, *NEW, "--out", tmp_path / "r", "--model-arg", "num_classes=5")
+    assert code == 2 and _one_line(err) and "number of classes comes from the data" in err
+    assert "does not take it" not in err and not (tmp_path / "r").exists()
+
+
+_COMPARE_RANDOM = ["compare", "--model", "resnet20_cifar", "--dataset", "digits", "--device", "cpu", "--per-class",
+                   "10", "--val-fraction", "0.3", "--batch-size", "50", "--progress", "false", "--seeds", "0",
+                   "--controls", "continued", "--baseline.epochs", "0", "--representatives.clusters_per_class", "1",
+                   "--autoencoder.epochs", "1", "--transfer.epochs", "1", "--finetune.epochs", "0"]
+
+
+def test_compare_from_a_random_baseline_is_refused_unless_allowed(capsys, tmp_path, monkeypatch, caplog, one_thread):
+    """#24.15: `compare` with baseline.epochs = 0 and a random-init model put every row at chance and gave a
+    verdict without a word. The CLI refuses it before reading any data (exit 2, one line that says why and
+    how to go on); --allow-untrained-baseline lets it run, and compare then warns that the baseline it
+    compares from is at chance. (The library's own refusal: test_compare.py's
+    test_an_untrained_baseline_is_refused_before_any_other_row.)"""
+    real = cli.build_datasets
+    monkeypatch.setattr(cli, "build_datasets", lambda *a, **k: pytest.fail("data was read before the check"))
+    code, _, err = run(capsys, *_COMPARE_RANDOM, "--out", tmp_path / "refused")
+    assert code == 2 and _one_line(err) and "Traceback" not in err
+    assert "random weights" in err and "--baseline.epochs N" in err and "--allow-untrained-baseline" in err
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(cli, "build_datasets", real)
+    torch.set_num_threads(1)
+    with caplog.at_level(logging.WARNING, logger="encodenet_timm.compare"):
+        code, out, err = run(capsys, *_COMPARE_RANDOM, "--out", tmp_path / "allowed", "--allow-untrained-baseline")
+    assert code == 0, err
+    assert "within 5 points of chance" in caplog.text and "compared anyway" in caplog.text
+    assert "EncodeNet (the default recipe)" in out  # the verdict, with the warning above it
+    saved = json.loads((tmp_path / "allowed" / "compare.json").read_text())
+    assert saved["run"]["allow_untrained_baseline"] is True and saved["config"]["baseline"]["epochs"] == 0
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("split", "layer99", "split: 'last_stage' -> 'layer99'"),  # #24.2: not a stage of the model
+    ("split", "features", "split: 'last_stage' -> 'features'"),  # #24.3: valid, but the wrapper was built for another
+    ("input_size", (3, 16, 16), "input_size: None -> (3, 16, 16)"),
+    ("channels_last", True, "channels_last: False -> True"),
+    ("device", "meta", "device: 'cpu' -> 'meta'"),
+    ("decoder.width", 0.5, "decoder.width: 1.0 -> 0.5"),
+])
+def test_a_key_the_wrapper_was_built_with_changed_by_hand_is_refused_before_anything_runs(key, value, said, tmp_path,
+                                                                                          monkeypatch):
+    """#24.2, #24.3: a change to a key __init__ consumed would be recorded but not used: refused, nothing written."""
+    wrapper = _built()
+    _ = wrapper.decoder  # built already (as flops() or reconstruct build it): its settings are fixed too
+    section, _, name = key.rpartition(".")
+    setattr(getattr(wrapper.config, section) if section else wrapper.config, name, value)
+    calls = {"fit": lambda: wrapper.fit(_TWENTY, run_dir=tmp_path / "run"),
+             "a stage alone": lambda: wrapper.fit_baseline(_TWENTY)}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(said) + ".*EncodeNetWrapper\\(model, config\\)"):
+            call()
+    assert wrapper.history == {} and not (tmp_path / "run").exists()
+
+
+def test_a_run_records_the_split_it_ran_with(tmp_path):
+    """#24.3: what config.yaml and run.json say is what ran."""
+    wrapper = EncodeNetWrapper(make_model("resnet10t", num_classes=10), _cfg(split="features"))
+    assert wrapper.after_split == []
+    wrapper.fit(_TWENTY, run_dir=tmp_path / "run")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["split"] == "features"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["split"] == "features"
+
+
+def test_an_input_size_the_data_contradicts_is_refused_before_training(monkeypatch):
+    """#24.5: config.input_size=(3, 32, 32), the data 64x64."""
+    wrapper = _built(input_size=(3, 32, 32))
+    _forbid_stages(wrapper, monkeypatch)
+    loader = DataLoader(TensorDataset(torch.randn(20, 3, 64, 64), torch.arange(20) % 10), batch_size=10)
+    with pytest.raises(ValueError, match=re.escape("config.input_size is (3, 32, 32) but the images are "
+                                                   "(3, 64, 64)") + ".*input_size=None"):
+        wrapper.fit(loader)
+
+
+def test_a_plain_loader_of_another_length_is_refused_before_training(monkeypatch):
+    """#24.18"""
+    wrapper = _built()
+    _forbid_stages(wrapper, monkeypatch)
+    plain = DataLoader(TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10) % 10), batch_size=10)
+    with pytest.raises(ValueError, match=r"plain_loader's dataset has 10 images but train_loader's has 20"):
+        wrapper.fit(_TWENTY, plain_loader=plain)
+
+
+def test_fit_transfer_on_a_fresh_wrapper_warns(caplog):
+    """#24.14"""
+    wrapper = _built(**{"transfer.epochs": 1})
+    with caplog.at_level(logging.WARNING, logger="encodenet_timm.wrapper"):
+        wrapper.fit_transfer(_TWENTY)
+    assert "no autoencoder" in caplog.text and "fit()" in caplog.text
+
+
+def test_reconstruct_before_the_autoencoder_is_trained_is_refused():
+    """#24.19"""
+    with pytest.raises(ValueError, match=r"reconstruct needs the trained autoencoder.*fit_autoencoder"):
+        _built().reconstruct(torch.randn(2, 3, 32, 32))
+
+
+_IMAGES = ["--img-size", "16", "--batch-size", "4", "--val-fraction", "0", "--device", "cpu", "--progress", "false",
+           "--baseline.epochs", "1", "--representatives.clusters_per_class", "1", "--autoencoder.epochs", "1",
+           "--transfer.epochs", "1", "--finetune.epochs", "0"]
+
+
+def test_the_files_skip_unreadable_leaves_out_are_left_out_of_every_later_step(capsys, tmp_path):
+    """#24.1: the pictures, the evaluation and a resume see the training set fit trained on."""
+    make_image_folder(tmp_path / "data", {"train": 4, "test": 1}, size=16)
+    bad = tmp_path / "data" / "train" / "digit1" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # one truncated PNG among good ones
+    out = tmp_path / "run"
+    new = ["fit", "--model", "resnet10t", "--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--out", out,
+           "--data.skip_unreadable", "true", *_IMAGES]
+    for argv in (new, ["fit", "--out", out, "--resume"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert all((out / name).is_file() for name in ("representatives.png", "reconstructions.png", "curves.png"))
+        assert json.loads((out / "eval.json").read_text())["test"]["images"] == 3
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == "complete" and record["data"]["skipped"] == {"train": 1, "val": 0}
+        assert record["data"]["size"] == 11
+
+
+def test_a_truncated_checkpoint_says_which_folder_to_delete_and_the_run_goes_on(digits, tmp_path):
+    """#24.13: the newest checkpoint is damaged: the message names the file and the folder to delete, and after
+    deleting it the resume continues from the checkpoint before it."""
+    train, _ = digits
+    loader = DataLoader(Subset(train, range(30)), batch_size=10)
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="transfer stage: loss became"):  # fails in transfer: 4 stages checkpointed
+        EncodeNetWrapper(make_model("resnet10t"), _cfg(**{"transfer.lr": 1e30})).fit(loader, run_dir=out)
+    newest = next((out / "checkpoints" / "autoencoder").glob("epoch-*"))
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = next((out / "checkpoints" / "representatives").glob("epoch-*"))
+    with pytest.raises(ValueError) as info:
+        EncodeNetWrapper(make_model("resnet10t"), _cfg()).fit(loader, run_dir=out, resume=True)
+    message = str(info.value)
+    assert str(weights) in message and "corrupted or truncated" in message and "\n" not in message
+    assert f"delete {newest} and resume again" in message and f"continues from {before}" in message
+    shutil.rmtree(newest)
+    EncodeNetWrapper(make_model("resnet10t"), _cfg()).fit(loader, run_dir=out, resume=True)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"

@@ -8,6 +8,7 @@ from conftest import load_benchmark
 from test_data_cifar import make_image_zip
 
 
+@pytest.mark.slow  # the pre-compare benchmark; ablation.py's smoke test covers compare in the default run
 def test_benchmark_pipeline_end_to_end(tmp_path, one_thread):
     bench = load_benchmark("cifar")
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)

@@ -2,10 +2,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from conftest import load_benchmark
 
 
+@pytest.mark.slow  # a recorded benchmark's smoke run
 def test_scale_clustering_smoke(tmp_path):
     bench = load_benchmark("scale_clustering")
     out = tmp_path / "out"

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, NonFiniteLossError
 from encodenet_timm.errors import Interrupted
-from encodenet_timm.checkpoint import MANIFEST, RunDir, model_fingerprint
+from encodenet_timm.checkpoint import MANIFEST
+from encodenet_timm.run_dir import RunDir, model_fingerprint
 from encodenet_timm.files import load_state_into, load_tensors, save_tensors, write_atomic
 from encodenet_timm.data import digits_datasets
 from encodenet_timm.training import TrainState

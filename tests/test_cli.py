@@ -1,9 +1,14 @@
 import json
+import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm.cli import main
+from encodenet_timm.config import ControlsConfig
 from encodenet_timm.data import build_datasets
 from test_data_imagefolder import make_image_folder
 
@@ -53,6 +59,56 @@ def test_help(capsys):
     for option in ("--model", "--dataset", "--data-dir", "--out", "--resume", "--val-fraction", "--batch-size",
                    "--workers", "--img-size", "--no-download", "--set", "--transfer.lr", "--device"):
         assert option in out, option
+
+
+def test_help_says_what_every_config_key_does(capsys):
+    """Issue #25.3: each config key's help is its meaning and allowed values (the comment beside its field in
+    config.py), its type and its default, not "default: X" alone."""
+    from encodenet_timm.config import describe_keys
+    for command in ("fit", "compare", "config"):
+        code, out, _ = run(capsys, command, "--help")
+        flat = "".join(out.split())  # argparse wraps lines (and breaks words at hyphens)
+        for key, words in describe_keys().items():
+            assert not words.startswith("("), f"{key} has no comment in config.py"
+            assert "".join(f"--{key.replace('_', '-')} V {words}".split()) in flat, (command, key)
+    _, out, _ = run(capsys, "compare", "--help")
+    flat = "".join(out.split())
+    for key, words in describe_keys(ControlsConfig()).items():  # compare's --controls.KEY: the same
+        assert not words.startswith("("), f"ControlsConfig.{key} has no comment in config.py"
+        assert "".join(f"--controls.{key.replace('_', '-')} V {words}".split()) in flat, key
+    assert describe_keys()["transfer.lr"] == "peak learning rate (a number; default 0.01)"
+
+
+def test_options_take_dashes_and_underscores_and_help_shows_dashes(capsys):
+    """Issue #25.3: ``--batch-size`` sat beside ``--channels_last``; now every option takes both spellings,
+    config keys included (``--transfer.warmup-epochs``, ``--set transfer.warmup-epochs=2``)."""
+    from encodenet_timm.cli import build_parser
+    parser = build_parser()
+    dashes = parser.parse_args(["fit", "--out", "r", "--batch-size", "8", "--channels-last", "true",
+                                "--transfer.warmup-epochs", "2", "--model-arg", "in_chans=1", "--val-fraction=0.2"])
+    underscores = parser.parse_args(["fit", "--out", "r", "--batch_size", "8", "--channels_last", "true",
+                                     "--transfer.warmup_epochs", "2", "--model_arg", "in_chans=1",
+                                     "--val_fraction=0.2"])
+    assert vars(dashes) == vars(underscores)
+    assert (dashes.batch_size, dashes.val_fraction, dashes.model_arg) == (8, 0.2, ["in_chans=1"])  # values as given
+    for spelling in (["--transfer.warmup_epochs", "2"], ["--transfer.warmup-epochs", "2"],
+                     ["--set", "transfer.warmup_epochs=2"], ["--set", "transfer.warmup-epochs=2"]):
+        code, out, _ = run(capsys, "config", "--dump", *spelling)
+        assert code == 0 and EncodeNetConfig.from_yaml(out).transfer.warmup_epochs == 2, spelling
+    compare_dashes = parser.parse_args(["compare", "--out", "c", "--controls.warmup-epochs", "2", "--trials", "2",
+                                        "--checkpoint-every", "5", "--allow-untrained-baseline",
+                                        "--controls-config", "c.yaml", "--controls.kd-student-bn", "train"])
+    compare_underscores = parser.parse_args(["compare", "--out", "c", "--controls.warmup_epochs", "2", "--trials", "2",
+                                             "--checkpoint_every", "5", "--allow_untrained_baseline",
+                                             "--controls_config", "c.yaml", "--controls.kd_student_bn", "train"])
+    assert vars(compare_dashes) == vars(compare_underscores)
+    assert vars(compare_dashes)["ctl:warmup_epochs"] == "2" and compare_dashes.allow_untrained_baseline
+    for command in ("fit", "compare", "evaluate", "export", "config"):
+        _, out, _ = run(capsys, command, "--help")
+        flags = set(re.findall(r"(?<![\w-])--[a-z][\w.-]*", out))
+        assert flags and not [f for f in flags if "_" in f], command  # one spelling shown: dashes
+    _, out, _ = run(capsys, "export", "--help")
+    assert "--format timm" in out.split("\n\n")[0]  # the usage line names --format (#25.3)
 
 
 def test_console_script_help():
@@ -125,6 +181,11 @@ def test_fit_writes_the_run_dir(digits_run):
     assert test["images"] == 450 and test["accuracy"] > 0.3  # 10 classes: chance is 0.1
     for name in PICTURES:
         assert imread(digits_run / name).shape[0] > 50
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(digits_run)): stat.S_IMODE(p.stat().st_mode) for p in digits_run.rglob("*")
+             if p.is_file()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes  # weights too (#25.3: they were 0600)
 
 
 def test_evaluate(digits_run, capsys):
@@ -168,16 +229,24 @@ def test_rerun_and_resume_rules(digits_run, capsys, tmp_path):
     assert code == 2 and "--model" in err and "--batch-size" in err
     code, _, err = run(capsys, "fit", "--out", digits_run, "--resume", "--set", "transfer.lr=0.5")
     assert code == 2 and "transfer.lr" in err
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(digits_run, capsys, tmp_path):
+    """Issue #25.3: ``fit --resume`` on a complete run re-ran the last epoch's bookkeeping and evaluated
+    again; now it says "already complete" and exits 0, every file as it was."""
     copy = tmp_path / "copy"
     shutil.copytree(digits_run, copy)
-    weights = load_file(str(copy / "model.safetensors"))
-    before = json.loads((copy / "eval.json").read_text())["test"]
-    code, _, err = run(capsys, "fit", "--out", copy, "--resume", "--device", "cpu")  # finished: nothing to redo
-    assert code == 0, err
-    for name, tensor in load_file(str(copy / "model.safetensors")).items():
-        torch.testing.assert_close(tensor, weights[name])
-    after = json.loads((copy / "eval.json").read_text())["test"]  # evaluated again: the finished model
-    assert after["accuracy"] == pytest.approx(before["accuracy"])
+
+    def files():
+        return {str(p.relative_to(copy)): (p.stat().st_mtime_ns, p.read_bytes()) for p in copy.rglob("*")
+                if p.is_file()}
+    before = files()
+    code, out, err = run(capsys, "fit", "--out", copy, "--resume", "--device", "cpu", "--checkpoint-every", "5")
+    assert code == 0 and "already complete" in out and "encodenet evaluate" in out, err
+    assert files() == before
+    code, _, err = run(capsys, "fit", "--out", copy, "--resume", "--transfer.lr", "0.5")
+    assert code == 2 and "complete" in err and "transfer.lr" in err
+    assert files() == before
 
 
 def test_fit_on_an_image_folder(capsys, tmp_path):
@@ -227,7 +296,7 @@ def test_sigterm_and_sigint_stop_with_143_and_130_and_resume_to_the_same_weights
     before_int = signal.getsignal(signal.SIGINT)
     from timm.task import ClassificationTask
 
-    from encodenet_timm.checkpoint import RunDir
+    from encodenet_timm.run_dir import RunDir
     from encodenet_timm.wrapper import RUN_STAGES
 
     out = tmp_path / "run"
@@ -282,7 +351,8 @@ def test_the_run_dir_has_a_summary_csv_of_every_epoch(digits_run):
         rows = list(csv.DictReader(f))
     expected = [(stage, r) for stage, records in history.items() if isinstance(records, list) for r in records]
     assert len(rows) == len(expected) and len(rows) >= 3
-    assert [(r["stage"], int(r["epoch"])) for r in rows] == [(s, r["epoch"]) for s, r in expected]
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [(s, r["epoch"] + 1) for s, r in expected]
+    assert [int(r["epoch"]) for r in rows if r["stage"] == "baseline"] == [1, 2, 3]  # as the log counts (#25.3)
     assert all(float(r["loss"]) == pytest.approx(e["loss"]) for r, (_, e) in zip(rows, expected))
 
 
@@ -297,3 +367,43 @@ def test_export_format_timm_round_trips_through_local_dir(digits_run, tmp_path, 
     model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True)  # the zoo: registered on import
     saved = load_file(str(digits_run / "model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def _timm_accuracies(model: torch.nn.Module, transform, images: np.ndarray, labels: np.ndarray) -> Tuple[float, float]:
+    """Top-1 accuracy of `model` on grey images (N, H, W) in [0, 1] put through `transform` as float tensors
+    (C, H, W) and as 8-bit PIL images: (tensors, PIL)."""
+    from PIL import Image
+    tensors = [torch.from_numpy(im)[None].expand(3, -1, -1) for im in images]  # (3, H, W) each
+    pictures = [Image.fromarray(np.round(255 * im).astype(np.uint8)).convert("RGB") for im in images]
+    with torch.no_grad():
+        return tuple(float((model.eval()(torch.stack([transform(im) for im in inputs])).argmax(1).numpy()
+                            == labels).mean()) for inputs in (tensors, pictures))
+
+
+def test_both_exports_carry_the_runs_preprocessing_to_timm_alone(digits_run, tmp_path, capsys):
+    """Issue #25.1: the run records the mean/std, input size, interpolation and crop its images went through,
+    and both exports carry them: timm alone, with its own eval transform built from the export
+    (`resolve_model_data_config` + `create_transform`), scores the package's test accuracy on the raw digits
+    (given as float tensors: exactly; as 8-bit images, rounded: within a point). Before #25 it scored 11%."""
+    from encodenet_timm.data.digits import digits_images
+    spec = json.loads((digits_run / "cli.json").read_text())
+    assert len(spec["mean"]) == len(spec["std"]) == 3 and spec["input_size"] == [3, 32, 32]
+    assert (spec["interpolation"], spec["crop_pct"], spec["crop_mode"]) == ("bilinear", 1.0, "center")
+    expected = json.loads((digits_run / "eval.json").read_text())["test"]["accuracy"]
+    _, (images, labels) = digits_images(seed=0)  # the run's 450 test digits, 8x8, as scikit-learn has them
+
+    code, out, _ = run(capsys, "export", digits_run, "--to", tmp_path / "folder", "--format", "timm")
+    assert code == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'folder'}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    exact, rounded = _timm_accuracies(model, transform, images, labels)
+    assert exact == pytest.approx(expected) and rounded == pytest.approx(expected, abs=0.01)
+
+    code, out, _ = run(capsys, "export", digits_run, "--to", tmp_path / "digits.safetensors")
+    assert code == 0
+    keys = ("mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode")
+    assert {k: json.loads((tmp_path / "digits.json").read_text())[k] for k in keys} == {k: spec[k] for k in keys}
+    scope = {}
+    exec(out.split("To load it:\n", 1)[1], scope)  # the printed lines: model and transform
+    exact, rounded = _timm_accuracies(scope["model"], scope["transform"], images, labels)
+    assert exact == pytest.approx(expected) and rounded == pytest.approx(expected, abs=0.01)

@@ -1,6 +1,7 @@
 """compare(): EncodeNet against same-size controls at equal extra compute, end to end on real digits."""
 import importlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -109,6 +110,7 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread
                 controls_config=ControlsConfig(lr=0.02), **TOY)
 
 
+@pytest.mark.slow  # FlopCounterMode over every row; the default run checks each record's extra epochs
 def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monkeypatch, one_thread):
     """FLOPs measured on the real training of every row (FlopCounterMode) against the counted X."""
     torch.set_num_threads(1)
@@ -191,23 +193,31 @@ def test_result_round_trips_without_weights_kept():
         res.deltas("test")
 
 
-def test_cli_compare_and_resume(tmp_path, capsys, one_thread):
+def test_cli_compare_and_resume(tmp_path, capsys, one_thread, caplog):
+    """... and says what it does (#25.4): the FLOPs count is labelled as a count, the verdict says the kept
+    model is chosen on validation and how ties break, and --resume says which rows it kept and which it trains."""
     torch.set_num_threads(1)
     out = tmp_path / "cmp"
     argv = ["compare", "--model", "resnet20_cifar", "--dataset", "digits", "--per-class", "15", "--batch-size", "50",
             "--out", str(out), "--seeds", "0", "--controls", "continued,ema", "--progress", "false",
             "--baseline.epochs", "1", "--autoencoder.epochs", "1", "--transfer.epochs", "1", "--finetune.epochs", "1",
             "--representatives.clusters_per_class", "2", "--allow-untrained-baseline"]
-    assert cli_main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="encodenet_timm.compare"):
+        assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| continued |" in printed and "| ema |" in printed and "EncodeNet " in printed
+    assert "chosen on validation accuracy (a tie goes to the baseline, then to the first row" in printed
+    assert "counting each stage's FLOPs on one batch (nothing is trained)" in caplog.text
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["rows"]) == {"baseline", "encodenet", "continued", "ema"}
     assert cli_main(argv) == 2  # not over an existing comparison
     assert "already holds a comparison" in capsys.readouterr().err
     assert cli_main(["compare", "--out", str(out), "--resume", "--seeds", "1"]) == 2  # settings come from the dir
     (out / "runs" / "ema-seed0.json").unlink()  # as if stopped before its last row
-    assert cli_main(["compare", "--out", str(out), "--resume"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encodenet_timm.compare"):
+        assert cli_main(["compare", "--out", str(out), "--resume"]) == 0
+    assert "seed 0: kept (finished before): baseline, encodenet, continued; to train: ema" in caplog.text
     assert json.loads((out / "results.json").read_text())["rows"].keys() == saved["rows"].keys()
     assert cli_main(argv[:-3] + ["--out", str(tmp_path / "c2"), "--baseline.epochs", "0"]) == 2  # random baseline
     assert "baseline.epochs" in capsys.readouterr().err
@@ -285,7 +295,10 @@ def _timeless(history):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
-@pytest.mark.parametrize("stop_row", ["baseline", "continued", "kd", "encodenet"])
+# the controls' RowCheckpoints path (baseline, continued, kd) in the slow run; the default run resumes EncodeNet's
+@pytest.mark.parametrize("stop_row", [pytest.param("baseline", marks=pytest.mark.slow),
+                                      pytest.param("continued", marks=pytest.mark.slow),
+                                      pytest.param("kd", marks=pytest.mark.slow), "encodenet"])
 def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(loaders, tmp_path, monkeypatch,
                                                                                   one_thread, stop_row):
     """A process killed inside a row (here: an exception at its 3rd in-epoch checkpoint) loses at most
@@ -297,9 +310,9 @@ def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(
               checkpoint_every=1, **TOY)
     clean = compare(_model, train, val, out_dir=tmp_path / "clean", **kw)
     controls_mod = importlib.import_module("encodenet_timm.controls")
-    checkpoint_mod = importlib.import_module("encodenet_timm.checkpoint")
+    run_mod = importlib.import_module("encodenet_timm.run")
     saves = []
-    real = controls_mod.RowCheckpoints.save if stop_row != "encodenet" else checkpoint_mod.Run.save
+    real = controls_mod.RowCheckpoints.save if stop_row != "encodenet" else run_mod.Run.save
 
     def stopping(self, *a, **k):
         row = self.row if stop_row != "encodenet" else "encodenet"
@@ -308,7 +321,7 @@ def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(
             if len(saves) == 3:
                 raise _Stop
         return real(self, *a, **k)
-    target = controls_mod.RowCheckpoints if stop_row != "encodenet" else checkpoint_mod.Run
+    target = controls_mod.RowCheckpoints if stop_row != "encodenet" else run_mod.Run
     monkeypatch.setattr(target, "save", stopping)
     with pytest.raises(_Stop):
         compare(_model, train, val, out_dir=tmp_path / "stopped", **kw)
@@ -406,7 +419,7 @@ def test_sigterm_inside_a_row_checkpoints_it_and_interrupts(loaders, tmp_path, m
 
 
 def test_cli_compare_ctrl_c_prints_how_to_resume(tmp_path, capsys, monkeypatch):
-    cli_mod = importlib.import_module("encodenet_timm.cli")
+    cli_mod = importlib.import_module("encodenet_timm.cli.compare")
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -12,10 +12,18 @@ def _labels(dataset) -> list:
 def test_digits_subset_and_validation():
     data = build_datasets("digits", per_class=20, val_fraction=0.25, seed=1, img_size=16, in_chans=1)
     assert len(data.train) == 150 and len(data.val) == 50 and len(data.test) == 450
-    assert data.input_size == (1, 16, 16) and data.mean is None
-    assert np.bincount(_labels(data.val)).tolist() == [5] * 10
-    with pytest.raises(ValueError, match="no mean/std"):
-        data.denormalize(data.plain[0][0])
+    assert data.input_size == (1, 16, 16) and np.bincount(_labels(data.val)).tolist() == [5] * 10
+
+
+def test_digits_record_their_normalisation():
+    """Issue #25.1: the digits' mean/std (their training images') and how they were resized are recorded,
+    in timm's data-config keys, so an export can carry them."""
+    data = build_datasets("digits", per_class=20, seed=1, img_size=16, in_chans=3)
+    config = data.data_config
+    assert config["input_size"] == (3, 16, 16) and (config["interpolation"], config["crop_pct"]) == ("bilinear", 1.0)
+    assert len(set(config["mean"])) == 1 and len(config["mean"]) == len(config["std"]) == 3  # one grey image, 3x
+    x = data.denormalize(data.test[0][0])  # back to pixel values in [0, 1]
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.5
 
 
 def test_bad_arguments(tmp_path):

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from encodenet_timm import decoder as decoder_mod
 from encodenet_timm.config import DecoderConfig
-from encodenet_timm.decoder import _plan, build_decoder, count_flops, trace_shape_trail
+from encodenet_timm.decoder import _plan, build_decoder, count_flops
 from encodenet_timm.errors import UnsupportedModelError
 
 from conftest import FAMILIES, make_model
@@ -23,37 +22,6 @@ def test_decoder_restores_input_shape_within_encoder_flops(name, size):
     assert 0 < dec.flops <= dec.encoder_flops
     assert dec.light_blocks == 0 and not dec.light_head  # only tiny encoders need the light blocks
     assert dec.encoder_flops == count_flops(model.forward_features, torch.randn(1, 3, size, size))
-
-
-@pytest.mark.parametrize("name, layout", [("resnet18", "NCHW"), ("vit_tiny_patch16_224", "NLC"),
-                                          ("swin_tiny_patch4_window7_224", "NHWC")])
-def test_layouts_and_trails(name, layout):
-    trail = trace_shape_trail(make_model(name, size=64), (3, 64, 64))
-    assert trail.layout == layout
-    sizes = [h for _, h, _ in trail.trail]
-    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
-    if name == "vit_tiny_patch16_224":
-        assert trail.num_prefix_tokens == 1 and trail.trail[-1] == (192, 8, 8)
-    if name == "swin_tiny_patch4_window7_224":  # stage maps, not attention maps
-        assert trail.trail == [(96, 16, 16), (192, 8, 8), (384, 4, 4), (768, 2, 2)]
-    if name == "resnet18":
-        assert trail.trail == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
-
-
-def test_hook_fallback_when_fx_fails(monkeypatch):
-    model = make_model("resnet18")
-    fx_trail = trace_shape_trail(model, (3, 32, 32))
-
-    def broken(*a, **k):
-        raise RuntimeError("untraceable")
-
-    monkeypatch.setattr(decoder_mod, "_shapes_fx", broken)
-    hook_trail = trace_shape_trail(model, (3, 32, 32))
-    assert hook_trail.trace == "hooks" and fx_trail.trace == "fx"
-    assert hook_trail.trail == fx_trail.trail
-    dec = build_decoder(model, (3, 32, 32))
-    assert dec.trace_path == "hooks"
-    assert dec(model.forward_features(torch.randn(2, 3, 32, 32))).shape == (2, 3, 32, 32)
 
 
 def test_non_square_and_odd_sizes():

@@ -106,7 +106,8 @@ def test_cli_fit_and_resume_under_torchrun(tmp_path):
     assert len(json.loads((out / "run.json").read_text())["resumed"]) == 1
 
 
-@pytest.mark.parametrize("restart", ["relaunch", pytest.param("max-restarts", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("restart", [pytest.param("relaunch", marks=pytest.mark.slow),
+                                     pytest.param("max-restarts", marks=pytest.mark.slow)])
 def test_a_rank_killed_in_a_stage_stops_the_other_and_the_run_continues_to_the_uninterrupted_result(
         runs, tmp_path, restart):
     """Rank 1 SIGKILLs itself in step 5 of the autoencoder's epoch (checkpoints every 3 steps): rank 0
@@ -137,6 +138,7 @@ def test_a_rank_killed_in_a_stage_stops_the_other_and_the_run_continues_to_the_u
     assert killed.keys() == straight.keys() and all(torch.equal(killed[k], straight[k]) for k in killed)
 
 
+@pytest.mark.slow  # two torchrun ranks: the default run keeps test_ranks_hold_identical_weights
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     worker = Path(__file__).with_name("ddp_nan_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),

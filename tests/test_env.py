@@ -1,4 +1,4 @@
-"""env: the precision a run gets (amp -> autocast dtype on this device), and the machine facts records hold."""
+"""env: the device a name resolves to, the precision a run gets (amp -> autocast dtype on this device), and the machine facts records hold."""
 import pytest
 import timm
 import torch
@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm import env
-from encodenet_timm.env import autocast_dtype, machine, precision
+from encodenet_timm.env import autocast_dtype, machine, precision, resolve_device
 
 CPU = torch.device("cpu")
 
@@ -65,3 +65,11 @@ def test_every_stage_runs_under_the_asked_precision(digits, amp, expect):
         stages[stage] = set(seen)
     assert stages == {s: {expect} for s in stages}
     assert all(p.dtype == torch.float32 for p in w.model.parameters())
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -11,16 +11,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "encodenet_timm"
 # lowest first: each module is imported only by modules after it
 ORDER = [
     "models",                                    # the CIFAR zoo, registered into timm
-    "errors", "config", "env", "stats", "distributed",  # plain data, error types, machine facts, statistics, process-group glue
+    "errors",                                    # error types
+    "config_io",                                 # what every config shares: YAML round trip, dotted keys, help text
+    "config", "env", "seeding", "stats", "distributed",  # plain data, machine facts, seeds and RNG states, statistics, process-group glue
     "files",                                     # atomic files, safe reads, one writer per directory
     "stopping",                                  # SIGTERM/SIGINT handlers for the length of a run
     "device_data",                               # datasets held on the training device, batched there
-    "checks", "loaders",                         # input checks; every DataLoader the package builds
-    "split", "decoder",                          # encoder/head split; the mirrored decoder
+    "file_checks",                               # image files scanned before training, named when a read fails
+    "checks", "loaders",                         # the other input checks; every DataLoader the package builds
+    "split", "shape_trail", "decoder",           # encoder/head split; the encoder's shape trail; the mirrored decoder
     "feature_store", "clustering", "representatives",  # the representatives step, in its order
     "tasks", "training",                         # stage modules and tasks; the one loop
-    "checkpoint", "wrapper",                     # run directories and checkpoints; the stages in order
-    "controls", "result",                        # a resumable supervised row, its guard; a comparison's result
+    "checkpoint", "run_dir", "run", "export", "wrapper",  # stage checkpoints; run directories; one fit over one; timm folders; the stages in order
+    "controls", "row_names", "report", "result",  # a resumable supervised row, its guard; rows by name; a comparison's report; its result
     "compute", "rows", "compare",                # the recipe's cost; each row's training; the comparison
     "compat", "plots", "data", "cli",            # check_model; pictures; the CLI's datasets; the command
 ]
@@ -78,4 +81,4 @@ def test_no_module_imports_one_above_it():
 
 def test_the_loop_knows_no_method_step():
     imported = {name for name, _ in _imported(PACKAGE / "training.py")}
-    assert not imported & {"clustering", "representatives", "feature_store", "wrapper", "checkpoint"}, imported
+    assert not imported & {"clustering", "representatives", "feature_store", "wrapper", "checkpoint", "run_dir", "run"}, imported

@@ -13,7 +13,7 @@ from conftest import make_model
 NAMES = {"representatives.png", "reconstructions.png", "curves.png"}
 
 
-@pytest.fixture(scope="module", params=[3, 1], ids=["rgb", "grey"])
+@pytest.fixture(scope="module", params=[pytest.param(3, marks=pytest.mark.slow), 1], ids=["rgb", "grey"])  # rgb: slow run
 def fitted(request):
     """(wrapper fitted for one epoch per stage on 120 digits, its training set) at in_chans 3 or 1."""
     in_chans = request.param
@@ -78,3 +78,27 @@ def test_only_what_has_run_is_drawn(tmp_path):
     assert [p.name for p in paths] == ["curves.png"]
     _check_png(paths[0])
     assert not np.isnan(imread(paths[0])).any()
+
+
+def test_curves_keep_the_legend_off_the_lines_and_one_accuracy_scale():
+    """Issue #25.5: the legend covered the lines, loss and val_loss shared a colour, and each panel zoomed
+    its accuracy axis (one validation image looked like a cliff)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from encodenet_timm.plots import _curves_figure
+    stages = {"baseline": [{"epoch": e, "loss": 2.0 - 0.5 * e, "accuracy": 0.5 + 0.1 * e, "val_loss": 2.2 - 0.4 * e,
+                            "val_accuracy": 0.900 + 0.002 * e} for e in range(3)],
+              "autoencoder": [{"epoch": e, "loss": 0.5 - 0.1 * e} for e in range(2)]}
+    fig = _curves_figure(stages)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    axes = fig.axes
+    assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not any(legend.overlaps(ax.get_tightbbox(renderer)) for ax in axes)  # below every panel
+    loss, accuracy = axes[0], axes[2]  # (row, column) order: baseline's loss, then its accuracy below
+    assert loss.get_title() == "baseline" and len(loss.lines) == len(accuracy.lines) == 2
+    assert len({line.get_color() for line in loss.lines}) == 2  # training and validation: two colours
+    assert [line.get_color() for line in loss.lines] == [line.get_color() for line in accuracy.lines]
+    assert all(ax.get_ylim() == (0, 100) for ax in (axes[2], axes[3]))  # every accuracy panel: 0-100%
+    assert list(loss.lines[0].get_xdata()) == [1, 2, 3]  # epochs from 1, as the log and summary.csv count
+    assert accuracy.lines[1].get_ydata()[-1] == pytest.approx(90.4)

@@ -75,9 +75,12 @@ def test_headless_model_is_rejected():
 
 
 def test_forward_failure_names_the_input_size():
-    model = make_model("vit_tiny_patch16_224")  # built for 32x32, fixed size
-    with pytest.raises(UnsupportedModelError, match="input size"):
+    model = make_model("vit_tiny_patch16_224")  # built for 32x32, fixed size: it says how to build it for 48x48
+    with pytest.raises(ValueError, match=r"built for 32x32 images but runs here at 48x48.*img_size=48"):
         split_model(model, (3, 48, 48))
+    model.forward_features = lambda x: x[:, :, :, 0].mean()  # a forward that fails at any size
+    with pytest.raises(UnsupportedModelError, match="input size"):
+        split_model(model, (3, 32, 32))
 
 
 def test_model_input_size_reads_patch_embed():

@@ -3,18 +3,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from encodenet_timm.config import StageConfig
-from encodenet_timm.training import LoopOptions, resolve_device, train_stage
+from encodenet_timm.training import LoopOptions, train_stage
 from timm.task import ClassificationTask
 
 from conftest import make_model
-
-
-def test_device_resolution():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
 
 
 def test_loop_follows_the_timm_schedule_and_reduces_loss():
@@ -110,12 +102,6 @@ def test_resume_from_a_checkpoint_state_is_bitwise_exact(stop_at, generator):
     assert [h["accuracy"] for h in hist_resumed] == [h["accuracy"] for h in hist_full]
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
-
-
-def test_epoch_seed_depends_on_seed_and_epoch_only():
-    from encodenet_timm.training import epoch_seed
-    assert epoch_seed(0, 1) == epoch_seed(0, 1) != epoch_seed(0, 2) != epoch_seed(1, 2)
-    assert 0 <= epoch_seed(-5, 0) < 2 ** 63
 
 
 def test_zero_epochs_skips_the_stage_and_negative_is_an_error():

@@ -140,9 +140,9 @@ def test_same_seed_same_result_on_cpu(digits):
 def test_decoder_size_follows_data_until_trained(digits):
     wrapper = EncodeNetWrapper(make_model("resnet10t"), _cfg())
     assert wrapper.input_size == (3, 176, 176)  # resnet10t's default cfg
-    wrapper.reconstruct(torch.randn(2, 3, 32, 32))
+    wrapper.fit_autoencoder(_small(digits, n=100))  # 32x32 digits
     assert wrapper.input_size == (3, 32, 32) and wrapper.decoder.shape_trail.input_size == (3, 32, 32)
-    wrapper.fit_autoencoder(_small(digits, n=100))
+    assert wrapper.reconstruct(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="trained decoder"):
         wrapper.reconstruct(torch.randn(2, 3, 64, 64))
 

@@ -7,10 +7,11 @@
 * `splits`: stratified subsets, validation hold-outs and `denormalize`, shared by all of them.
 """
 from .cifar import CIFAR_DATASETS, CIFAR_STATS, CifarArrays, CifarDataset, load_cifar, read_image_zip
-from .digits import digits_datasets
-from .registry import DATASETS, DataSplits, build_datasets, make_loaders
+from .digits import digits_datasets, digits_images, digits_splits
+from .registry import DATA_CONFIG_KEYS, DATASETS, RESIZE, DataSplits, build_datasets, make_loaders
 from .splits import denormalize, stratified_subset, train_val_split
 
-__all__ = ["DATASETS", "DataSplits", "build_datasets", "make_loaders", "CIFAR_DATASETS", "CIFAR_STATS",
-           "CifarArrays", "CifarDataset", "load_cifar", "read_image_zip", "digits_datasets", "denormalize",
-           "stratified_subset", "train_val_split"]
+__all__ = ["DATASETS", "RESIZE", "DATA_CONFIG_KEYS", "DataSplits", "build_datasets", "make_loaders",
+           "CIFAR_DATASETS", "CIFAR_STATS", "CifarArrays", "CifarDataset", "load_cifar", "read_image_zip",
+           "digits_datasets", "digits_images", "digits_splits", "denormalize", "stratified_subset",
+           "train_val_split"]

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..device_data import DeviceArrayDataset
 from ..distributed import local_device
-from ..training import resolve_device
+from ..env import resolve_device
 from .cifar import CifarDataset
 
 __all__ = ["to_device_dataset", "device_splits", "on_cuda_device", "DEFAULT_BUDGET_BYTES"]

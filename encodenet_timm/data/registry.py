@@ -13,7 +13,7 @@ read it.
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -21,15 +21,19 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..device_data import device_loader_kwargs
 from ..loaders import seeded_loader
 from .cifar import CIFAR_DATASETS, cifar_splits
-from .digits import digits_datasets
+from .digits import digits_splits
 from .imagefolder import image_folder_splits
 from .splits import denormalize, stratified_subset, train_val_split
 
-__all__ = ["DATASETS", "DataSplits", "build_datasets", "make_loaders"]
+__all__ = ["DATASETS", "RESIZE", "DATA_CONFIG_KEYS", "DataSplits", "build_datasets", "make_loaders"]
 
 _logger = logging.getLogger(__name__)
 
 DATASETS = ("digits", *CIFAR_DATASETS, "imagefolder")
+# how every dataset here reaches its input size, in timm's data-config keys: the short side resized (bilinear)
+# to the input size, then a centre crop of that size (crop_pct 1.0: no margin); CIFAR is stored at 32x32
+RESIZE = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+DATA_CONFIG_KEYS = ("input_size", *RESIZE, "mean", "std")  # `DataSplits.data_config`'s keys
 
 
 @dataclass
@@ -43,8 +47,8 @@ class DataSplits:
             folder that also has ``test/``); None when there are none.
         test: the dataset's test split; None when it has none.
         classes: class names in label order.
-        mean, std: per-channel normalisation (pixel values in [0, 1]); None for digits, which come
-            normalised to mean 0 / std 1 over the whole training set.
+        mean, std: per-channel normalisation (pixel values in [0, 1]): the dataset's own statistics (digits:
+            its training images', CIFAR's, an image folder's sample) or those given to `build_datasets`.
     """
     train: Dataset
     plain: Dataset
@@ -62,6 +66,13 @@ class DataSplits:
     def input_size(self) -> Tuple[int, int, int]:
         """(C, H, W) of one image."""
         return tuple(self.plain[0][0].shape)
+
+    @property
+    def data_config(self) -> Dict[str, Any]:
+        """What every image went through, in timm's data-config keys (`timm.data.resolve_data_config`):
+        input_size (C, H, W), interpolation, crop_pct, crop_mode, mean and std. timm's eval transform
+        built from it (`timm.data.create_transform`) prepares an image as this dataset's test split does."""
+        return {"input_size": self.input_size, **RESIZE, "mean": self.mean, "std": self.std}
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (..., C, H, W) -> pixel values in [0, 1] (clamped), for display."""
@@ -86,7 +97,7 @@ def build_datasets(name: str, data_dir: Optional[Union[str, Path]] = None, *, im
         seed: fixes the subset and the validation split.
         download: let torchvision download CIFAR when `data_dir` lacks it.
         mean, std: normalisation to use; None: the dataset's own (CIFAR's, or computed from up to
-            1,000 training images of an image folder). Ignored by ``"digits"``.
+            1,000 training images of an image folder). Ignored by ``"digits"`` (its training images').
 
     Raises:
         ValueError: an unknown name or a setting the dataset cannot take.
@@ -102,9 +113,9 @@ def build_datasets(name: str, data_dir: Optional[Union[str, Path]] = None, *, im
         if not Path(data_dir).exists() and not (download and name in ("cifar10", "cifar100")):
             raise FileNotFoundError(f"data dir {data_dir} does not exist")
     if name == "digits":
-        train, test = digits_datasets(size=img_size, in_chans=in_chans, seed=seed)
+        train, test, mean, std = digits_splits(size=img_size, in_chans=in_chans, seed=seed)
         augmented, plain, labels, val = train, train, train.tensors[1].numpy(), None
-        classes, mean, std = [str(d) for d in range(10)], None, None
+        classes = [str(d) for d in range(10)]
     elif name == "imagefolder":
         augmented, plain, labels, val, test, classes, mean, std = image_folder_splits(
             Path(data_dir), img_size, in_chans, seed, mean, std)

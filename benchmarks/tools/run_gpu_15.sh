@@ -16,8 +16,8 @@ python -m pytest -q -m gpu tests/
 #    with a host read of the losses every step, against the loop's default of every 16)
 python benchmarks/data_path.py --device cuda --data-dir "$DATA" --batch-size 512 --stage-epochs 5
 # 3. where the autoencoder epoch goes on the GPU (torch.profiler, full training set)
-python benchmarks/profile_autoencoder.py --device cuda --data-dir "$DATA" --images 50000 --batch-size 512
+python benchmarks/tools/profile_autoencoder.py --device cuda --data-dir "$DATA" --images 50000 --batch-size 512
 # 4. FAISS k-means GPU vs CPU (and AMP/channels_last/compile rows at 32x32)
-python benchmarks/gpu_paths.py --device cuda --model resnet20_cifar --img-size 32 --batch-size 512 --steps 50
+python benchmarks/tools/gpu_paths.py --device cuda --model resnet20_cifar --img-size 32 --batch-size 512 --steps 50
 # 5. the gpu profile of benchmarks/cifar.py, 3 seeds (device data path by default on CUDA)
 python benchmarks/cifar.py --dataset cifar10-jpeg --data-dir "$DATA" --profile gpu --seeds 0 1 2 --device cuda

@@ -1,6 +1,6 @@
 """Pin the package's behaviour: SHA-256 digests of a fixed, seeded CPU run (issue #12's acceptance check).
 
-    OMP_NUM_THREADS=1 python benchmarks/digest.py            # prints one "name sha256" line per digest
+    OMP_NUM_THREADS=1 python benchmarks/tools/digest.py            # prints one "name sha256" line per digest
 
 1. `EncodeNetWrapper.fit` on scikit-learn's digits (3x32x32, `resnet10t`), every stage enabled (baseline,
    representatives, autoencoder, transfer, fine-tune, one epoch each), into a run directory: the exported
@@ -95,14 +95,14 @@ def cli_digest(work: Path) -> Dict[str, str]:
 def _image_zip(path: Path) -> None:
     """The tests' zip in the cifar10-jpeg layout (tests/test_data_cifar.make_image_zip), 4 classes."""
     spec = importlib.util.spec_from_file_location("test_data_cifar",
-                                                  Path(__file__).parents[1] / "tests" / "test_data_cifar.py")
+                                                  Path(__file__).parents[2] / "tests" / "test_data_cifar.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.make_image_zip(path, classes=("a", "b", "c", "d"), n_train=12, n_test=5)
 
 
 def ablation_digest(work: Path) -> Dict[str, str]:
-    spec = importlib.util.spec_from_file_location("benchmark_ablation", Path(__file__).parent / "ablation.py")
+    spec = importlib.util.spec_from_file_location("benchmark_ablation", Path(__file__).parents[1] / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     _image_zip(work / "cifar10-jpeg.zip")

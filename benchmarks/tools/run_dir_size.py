@@ -1,7 +1,7 @@
 """How much disk a finished run directory takes, as a multiple of the model's weights (issue #16.7).
 
-    python benchmarks/run_dir_size.py                      # resnet20_cifar on digits (seconds)
-    python benchmarks/run_dir_size.py --model resnet18 --baseline-opt sgd
+    python benchmarks/tools/run_dir_size.py                      # resnet20_cifar on digits (seconds)
+    python benchmarks/tools/run_dir_size.py --model resnet18 --baseline-opt sgd
 
 Runs ``encodenet fit`` through every stage (1 epoch each) into a temporary directory, then writes
 ``benchmarks/results/run-dir-size.{json,md}``: every file's size, grouped (final weights, the kept
@@ -19,7 +19,7 @@ from encodenet_timm.files import write_json
 from encodenet_timm.cli import main as encodenet
 from encodenet_timm.env import machine, versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _group(rel: Path) -> str:

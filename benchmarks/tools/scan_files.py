@@ -1,10 +1,10 @@
 """What the image-file scan before training costs (`data.scan`, issue #16.4), per image and for ImageNet.
 
-    python benchmarks/scan_files.py                                # 4,000 JPEGs at 500x375 (ImageNet's typical size)
-    python benchmarks/scan_files.py --images 200 --size 64 --out-dir /tmp/scan   # smoke
+    python benchmarks/tools/scan_files.py                                # 4,000 JPEGs at 500x375 (ImageNet's typical size)
+    python benchmarks/tools/scan_files.py --images 200 --size 64 --out-dir /tmp/scan   # smoke
 
 Writes `--images` JPEGs (random colour fields with pixel noise, quality 90) of `--size` pixels into a temporary
-image folder, then times `checks.scan_files` in each mode ("verify": headers and checksums, "decode":
+image folder, then times `file_checks.scan_files` in each mode ("verify": headers and checksums, "decode":
 every pixel) against one plain PIL decode pass over the same files, and writes
 ``results.json`` + ``results.md`` under ``--out-dir`` (default ``benchmarks/results/scan-files``) with
 the seconds per 1,000 images and the extrapolation to ImageNet-1k's 1,281,167 training images. The
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from encodenet_timm.checks import scan_files
+from encodenet_timm.file_checks import scan_files
 from encodenet_timm.env import machine, versions
 from encodenet_timm.files import write_json
 
@@ -61,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--size", type=int, nargs="+", default=[500, 375], help="width [height] of each JPEG")
-    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results" / "scan-files")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "scan-files")
     args = p.parse_args(argv)
     size = args.size * 2 if len(args.size) == 1 else args.size[:2]
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 "plain PIL decode, one thread": _timed(lambda: _decode_all(files))}
     out = {name: {"seconds": s, "s_per_1000": s / args.images * 1000,
                   "imagenet_minutes": s / args.images * IMAGENET_TRAIN / 60} for name, s in rows.items()}
-    res = {"command": "python benchmarks/scan_files.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None
+    res = {"command": "python benchmarks/tools/scan_files.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None
                                                                       else argv)),
            "images": args.images, "size": size, "megabytes": mb, "rows": out, "machine": machine(),
            "versions": versions()}

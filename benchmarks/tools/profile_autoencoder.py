@@ -1,7 +1,7 @@
 """torch.profiler of one autoencoder epoch against one baseline epoch (resnet20_cifar, CIFAR-10, default config).
 
-    python benchmarks/profile_autoencoder.py --images 1000 --threads 1               # CPU
-    python benchmarks/profile_autoencoder.py --images 50000 --device cuda            # GPU (H100/H200)
+    python benchmarks/tools/profile_autoencoder.py --images 1000 --threads 1               # CPU
+    python benchmarks/tools/profile_autoencoder.py --images 50000 --device cuda            # GPU (H100/H200)
 
 Runs `EncodeNetWrapper` stage methods with the default config (1 baseline epoch, representatives,
 1 autoencoder epoch) under `torch.profiler.profile`, per-sample (`CifarDataset`) or device-batched
@@ -23,7 +23,7 @@ from encodenet_timm import EncodeNetConfig, EncodeNetWrapper
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset
 from encodenet_timm.data.device import to_device_dataset
 from encodenet_timm.device_data import device_collate
-from encodenet_timm.training import resolve_device
+from encodenet_timm.env import resolve_device
 
 
 def main(argv=None):
@@ -57,7 +57,7 @@ def main(argv=None):
     wrapper.fit_baseline(loader)  # warm-up (and the weights the autoencoder starts from)
     reps = wrapper.select_representatives(loader)
     lines = [f"# Profile: one baseline epoch vs one autoencoder epoch, resnet20_cifar, {len(train)} CIFAR-10 images, "
-             f"{device} ({args.path} data)", "", f"`python benchmarks/profile_autoencoder.py {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
+             f"{device} ({args.path} data)", "", f"`python benchmarks/tools/profile_autoencoder.py {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
     seconds = {}
     for stage, run in (("baseline", lambda: wrapper.fit_baseline(loader)),
                        ("autoencoder", lambda: wrapper.fit_autoencoder(loader, reps))):
@@ -68,7 +68,7 @@ def main(argv=None):
         lines += [f"## {stage}: {seconds[stage]:.2f} s", "", "```",
                   prof.key_averages().table(sort_by=sort, row_limit=args.top), "```", ""]
     lines.insert(4, f"autoencoder / baseline epoch (under the profiler): {seconds['autoencoder'] / seconds['baseline']:.3f}\n")
-    out = Path(args.out_dir or Path(__file__).parent / "results" / f"profile-autoencoder-{device.type}")
+    out = Path(args.out_dir or Path(__file__).parents[1] / "results" / f"profile-autoencoder-{device.type}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -1,7 +1,7 @@
 """GPU paths: training img/s with and without AMP, channels_last and torch.compile; FAISS k-means on GPU vs CPU.
 
-    python benchmarks/gpu_paths.py --device cuda                   # on a GPU machine: resnet50 at 224
-    python benchmarks/gpu_paths.py --device cpu --smoke --out-dir /tmp/gp   # the test: tiny, CPU rows only
+    python benchmarks/tools/gpu_paths.py --device cuda                   # on a GPU machine: resnet50 at 224
+    python benchmarks/tools/gpu_paths.py --device cpu --smoke --out-dir /tmp/gp   # the test: tiny, CPU rows only
 
 * Throughput: `encodenet_timm.training.train_stage` (the loop every stage runs) with timm's
   `ClassificationTask` on synthetic images held on the device (no data loading in the figure). Each
@@ -29,10 +29,10 @@ import torch
 from timm.task import ClassificationTask
 from torch.utils.data import DataLoader, TensorDataset
 
-from encodenet_timm.env import machine, versions
+from encodenet_timm.env import machine, resolve_device, versions
 from encodenet_timm.clustering import _import_faiss, cluster_per_class
 from encodenet_timm.config import StageConfig
-from encodenet_timm.training import resolve_device, train_stage
+from encodenet_timm.training import train_stage
 
 SETTINGS = [  # (amp, channels_last, compile)
     ("none", False, False), ("none", True, False), ("bf16", False, False), ("bf16", True, False),
@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         args.model, args.img_size, args.batch_size, args.steps, args.no_compile = "resnet10t", 32, 8, 2, True
         args.cluster = (3, 40, 16)
     device = resolve_device(args.device)
-    out = Path(args.out_dir or Path(__file__).parent / "results" / f"gpu-paths-{device.type}")
+    out = Path(args.out_dir or Path(__file__).parents[1] / "results" / f"gpu-paths-{device.type}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=1000 if not args.smoke else 10)
@@ -142,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(rows[-1], flush=True)
     classes, per_class, dim = args.cluster
     res = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]) if argv is None
-           else "python benchmarks/gpu_paths.py " + " ".join(argv),
+           else "python benchmarks/tools/gpu_paths.py " + " ".join(argv),
            "args": vars(args), "machine": machine(device), "versions": versions(), "throughput": rows,
            "clustering": clustering(classes, per_class, dim, k=5, niter=25, nredo=3)}
     (out / "results.json").write_text(json.dumps(res, indent=1))

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_paths.py: the CPU rows run and are recorded; GPU-only rows are skipped with a reason."""
+"""benchmarks/tools/gpu_paths.py: the CPU rows run and are recorded; GPU-only rows are skipped with a reason."""
 import json
 
 
@@ -6,7 +6,7 @@ from conftest import load_benchmark
 
 
 def test_smoke_on_cpu(tmp_path, one_thread):
-    res = load_benchmark("gpu_paths").main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)])
+    res = load_benchmark("tools/gpu_paths").main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)])
     rows = {(r["amp"], r["channels_last"]): r for r in res["throughput"]}
     for key in (("none", False), ("none", True)):  # fp32, NCHW and NHWC: measured
         assert rows[key]["img_per_s"] > 0 and rows[key]["seconds"] > 0
