@@ -19,6 +19,9 @@ Protocol (fixed before any run):
   equal, each given the default recipe's extra compute X (FLOPs counted on the real stage code). A
   variant's own extra compute is reported beside it: one that costs more than X is marked.
 * Selection: the EncodeNet row (default or variant) with the highest mean validation accuracy.
+* ``--phase anchor``: the sanity anchor, before any other row: the test accuracy of each finished baseline
+  (``anchor.json``; the full regime asks for a 3-seed mean of at least 90.0%). It reads the test set for the
+  baseline alone, which no choice depends on; the rows are still chosen on validation and tested once.
 
 Runs are resumable per (row, seed): ``runs/*.json`` are committed as they finish, with the baselines'
 weights (``weights/baseline-seed*.safetensors``; the other rows' weights are git-ignored). Outputs go to ``benchmarks/results/ablation-<regime>/``.
@@ -35,16 +38,18 @@ from typing import Dict, List, Optional
 import numpy as np
 import timm
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
 from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
-from encodenet_timm.row_names import row_what
+from encodenet_timm.row_names import row_what, weights_path
 from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, resolve_device, versions
+from encodenet_timm.files import load_state_into
 from encodenet_timm.training import evaluate
 
 _logger = logging.getLogger("benchmarks.ablation")
@@ -288,6 +293,33 @@ def validate(ctx):
     return run_compare(ctx, ctx["args"].seeds, rows=rows)  # the test: once, after the choice over every seed
 
 
+ANCHOR = 0.90  # the full regime's sanity anchor: 3-seed mean test accuracy of the E baseline
+
+
+def anchor(ctx) -> Dict:
+    """The test accuracy of every finished baseline (its committed weights), their mean and whether the mean is
+    at least `ANCHOR` (``anchor.json``): the check before the other rows. Trains nothing."""
+    args, data, out = ctx["args"], ctx["data"], ctx["out"]
+    device = resolve_device(args.device)
+    tests = {}
+    for seed in args.seeds:
+        path = weights_path(out, "baseline", seed)
+        if not (out / "runs" / f"baseline-seed{seed}.json").is_file() or not path.is_file():
+            _logger.info("anchor: seed %d's baseline has not finished", seed)
+            continue
+        model = _model_fn(args, ctx["num_classes"])()
+        load_state_into(model, load_file(str(path)), str(path))
+        model = model.to(device).to(memory_format=torch.channels_last)
+        tests[str(seed)] = evaluate(model, data.test, device, channels_last=True, amp=ctx["regime"].amp)["accuracy"]
+        _logger.info("anchor: seed %d's baseline: test %.4f", seed, tests[str(seed)])
+    mean = float(np.mean(list(tests.values()))) if tests else None
+    found = {"test_accuracy": tests, "mean": mean, "threshold": ANCHOR, "seeds_finished": len(tests),
+             "holds": None if len(tests) < 3 else mean >= ANCHOR,
+             "note": "the baselines' test accuracy only (the sanity anchor); every other row waits for the choice"}
+    write_json(out / "anchor.json", found)
+    return found
+
+
 def load_result(ctx) -> CompareResult:
     """The finished records as a `CompareResult` (`CompareResult.load`), training and evaluating nothing: the
     rows finished on every seed asked for; the sealed test once all of them have (compare wrote test.json)."""
@@ -336,6 +368,12 @@ def report(ctx, result: CompareResult) -> Dict:
                                f"Chosen E = **{conv.get('chosen')}** ({conv.get('rule')}).")
     if evid is not None:
         lines += _length_table("Convergence evidence: from-scratch lengths beside E (seed 0)", evid["runs"], None)
+    anch = json.loads((out / "anchor.json").read_text()) if (out / "anchor.json").is_file() else None
+    if anch is not None and anch["test_accuracy"]:
+        verdict = {True: "holds", False: "**does not hold**", None: "waits for 3 seeds"}[anch["holds"]]
+        lines += ["## Sanity anchor: the baselines' test accuracy (read before the rows)", "",
+                  f"Per seed: {', '.join(f'{k}: {100 * v:.2f}%' for k, v in anch['test_accuracy'].items())}; mean "
+                  f"{100 * anch['mean']:.2f}% against at least {100 * anch['threshold']:.1f}%: {verdict}.", ""]
     lines += ["## Validation (chooses; the test set is not read here)", "",
               f"Extra compute in supervised epochs of FLOPs beyond the baseline. The controls get X = {X:.2f}, the "
               f"default recipe's; a variant that costs more than X is marked †. Differences vs the default are "
@@ -385,10 +423,10 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--model", default="resnet20_cifar")
     p.add_argument("--regime", choices=sorted(REGIMES), default="converged")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--phase", choices=("converge", "baselines", "evidence", "validate", "report", "all"),
+    p.add_argument("--phase", choices=("converge", "baselines", "evidence", "anchor", "validate", "report", "all"),
                    default="all", help="converge: choose E by rule (regimes with convergence_epochs); baselines: "
                    "only each seed's baseline; evidence: the from-scratch lengths beside a fixed E; validate: every "
-                   "row; report: trains nothing")
+                   "row; anchor: the finished baselines' test accuracy (the sanity anchor); report: trains nothing")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/ablation-<regime>)")
     p.add_argument("--cache-dir", default=None, help="decoded cifar10-jpeg cache (default ~/.cache/encodenet_timm)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -435,6 +473,8 @@ def main(argv: Optional[List[str]] = None):
         return baselines(ctx)
     if args.phase == "evidence":
         return evidence(ctx)
+    if args.phase == "anchor":
+        return anchor(ctx)
     if args.phase in ("validate", "all"):
         if regime.convergence_epochs and args.baseline_epochs is None and not (out / "converge.json").is_file():
             converge(ctx)

@@ -1,7 +1,7 @@
 """CPU training speed: fp32 against bf16 autocast (and torch.compile), as ratios measured in one run.
 
-    python benchmarks/cpu_speed.py --data-dir ../shared/data --threads 2              # speed rows + profile
-    python benchmarks/cpu_speed.py --data-dir ../shared/data --threads 2 --parity     # + bf16 accuracy parity
+    python benchmarks/cpu_speed.py --data-dir ../shared/data --threads 2 --profile    # speed rows + profile
+    python benchmarks/cpu_speed.py --data-dir ../shared/data --threads 1 --parity     # bf16 accuracy parity
     python benchmarks/cpu_speed.py --smoke --out-dir /tmp/cs                          # the test: tiny, synthetic
 
 Speed rows (training img/s through the package's own loop, `train_stage`): per model and setting, rounds
@@ -13,12 +13,14 @@ a small ViT at 32 px (synthetic batches), and the autoencoder stage of ``resnet2
 package's `ConvertingAutoencoderTask` on the real data). The first round of a setting (compile's
 tracing, oneDNN's kernel choice) is a warm-up and not counted.
 
-``--profile``: `torch.profiler` over a few bf16 steps of resnet20_cifar (data path included): the ops
-that take the time. ``--parity``: resnet20_cifar trained on a CIFAR-10 subset in fp32 and in bf16, the
-same seeds, validation accuracy paired seed by seed.
+``--profile``: `torch.profiler` over one round of bf16 training of resnet20_cifar (data path included) and of
+its autoencoder stage: the ops that take the time. ``--parity`` (instead of the speed rows; it needs no idle
+cores): resnet20_cifar trained on a CIFAR-10 subset in fp32 and in bf16, the same seeds, validation accuracy
+paired seed by seed.
 
-Results: ``--out-dir`` (default benchmarks/results/cpu-speed): results.json and results.md with the command,
-the machine (CPU flags as torch sees them) and versions.
+Results: ``--out-dir`` (default benchmarks/results/cpu-speed): results.json and results.md (speed, written
+after every workload, so a stopped run keeps what it finished), parity.json and parity.md, each with the
+command, the machine (CPU flags as torch sees them) and versions.
 """
 import argparse
 import dataclasses
@@ -43,6 +45,7 @@ from encodenet_timm.device_data import DeviceArrayDataset, device_collate
 from encodenet_timm.env import machine, precision, versions
 from encodenet_timm.seeding import seed_everything
 from encodenet_timm.stats import paired_difference
+from encodenet_timm.tasks import ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask
 from encodenet_timm.training import LoopOptions, evaluate, train_stage
 
 CPU = torch.device("cpu")
@@ -64,7 +67,8 @@ def load_data(args) -> Data:
         return Data(g.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8), g.integers(0, 10, 256).astype(np.int64),
                     (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     a = load_cifar("cifar10-jpeg", args.data_dir, download=False)
-    return Data(a.train_images, a.train_labels, a.mean, a.std)
+    order = np.random.default_rng(0).permutation(len(a.train_labels))  # the files are by class: "the first n" mixes them
+    return Data(a.train_images[order], a.train_labels[order], a.mean, a.std)
 
 
 def _loader(data: Data, path: str, batch: int, n: int) -> DataLoader:
@@ -112,25 +116,39 @@ def classification_round(name: str, loader: DataLoader, setting: str) -> Callabl
 
 
 def autoencoder_round(data: Data, setting: str, batch: int, n: int) -> Callable[[], float]:
-    """One autoencoder epoch of resnet20_cifar through the wrapper (real data, representatives picked once)."""
+    """A closure that runs one autoencoder epoch of resnet20_cifar (the wrapper's encoder, decoder and task on
+    real data, representatives picked once) and returns its img/s; like a real multi-epoch stage, the task is
+    built and compiled once and persists across calls."""
     torch.manual_seed(0)
-    cfg = EncodeNetConfig(device="cpu", progress=False, channels_last=True, amp=SETTINGS[setting]["amp"],
-                          compile=SETTINGS[setting]["compile"], input_size=(3, 32, 32)).override(
-        {"autoencoder.epochs": 1, "representatives.clusters_per_class": 1})  # k does not change an epoch's cost
+    amp, compile_ = SETTINGS[setting]["amp"], SETTINGS[setting]["compile"]
+    cfg = EncodeNetConfig(device="cpu", progress=False, channels_last=True, amp=amp, input_size=(3, 32, 32)).override(
+        {"representatives.clusters_per_class": 1})  # k does not change an epoch's cost
     w = EncodeNetWrapper(_model("resnet20_cifar"), cfg, copy=False)
-    train = _loader(data, "per_sample", batch, n)
     plain = DataLoader(CifarDataset(data.images[:n], data.labels[:n], data.mean, data.std), batch_size=256)
-    w.select_representatives(plain)
+    reps = w.select_representatives(plain)
+    train = _loader(data, "per_sample", batch, n)
+    loader = DataLoader(ClusterTargets(train.dataset, reps.cluster_ids), batch_size=batch, shuffle=True,
+                        generator=torch.Generator().manual_seed(0), drop_last=True)
+    decoder = w.decoder.to(memory_format=torch.channels_last)
+    task = ConvertingAutoencoderTask(ConvertingAutoencoder(w.encoder, decoder), reps.images, device=CPU,
+                                     cluster_labels=reps.cluster_labels)
+    stage = dataclasses.replace(cfg.autoencoder, epochs=1, sched="none")
+    options = LoopOptions(CPU, amp=amp, channels_last=True, progress=False)
+    state = {"compiled": False}
 
     def run() -> float:
+        if compile_ and not state["compiled"]:
+            task.compile()
+            state["compiled"] = True
         start = time.perf_counter()
-        w.fit_autoencoder(train)
-        return len(train) * batch / (time.perf_counter() - start)
+        train_stage(task, loader, stage, stage=f"autoencoder-{setting}", options=options)
+        return len(loader) * batch / (time.perf_counter() - start)
     return run
 
 
-def speed(args, data: Data) -> List[Dict[str, Any]]:
-    """Rows: (workload, setting) -> median img/s over rounds and the median per-round ratio to fp32."""
+def speed(args, data: Data, rows: List[Dict[str, Any]], save: Callable[[], None]) -> None:
+    """Append rows (workload, setting) -> median img/s over rounds and the median per-round ratio to fp32,
+    calling `save` after each workload (a stopped run keeps the workloads it finished)."""
     n = args.steps * args.batch_size
     settings = [s for s in args.settings.split(",") if s]
     workloads: Dict[str, Callable[[str], Callable[[], float]]] = {
@@ -139,14 +157,13 @@ def speed(args, data: Data) -> List[Dict[str, Any]]:
         "resnet20_cifar (CIFAR-10, device loader)": lambda s: classification_round(
             "resnet20_cifar", _loader(data, "device", args.batch_size, n), s),
         "resnet10t (synthetic)": lambda s: classification_round("resnet10t", _synthetic(args.batch_size, args.steps), s),
+        "autoencoder stage, resnet20_cifar (CIFAR-10)": lambda s: autoencoder_round(data, s, args.batch_size, n),
         "vit_tiny, patch 4 at 32 px (synthetic)": lambda s: classification_round(
             "vit_tiny_patch16_224", _synthetic(args.batch_size, args.steps), s),
-        "autoencoder stage, resnet20_cifar (CIFAR-10)": lambda s: autoencoder_round(data, s, args.batch_size, n),
     }
     if args.workloads:
         keep = args.workloads.split(",")
         workloads = {k: v for k, v in workloads.items() if any(k.startswith(w) for w in keep)}
-    rows = []
     for workload, make in workloads.items():
         runs = {s: make(s) for s in settings}
         for s in settings:  # warm-up round, not counted
@@ -162,18 +179,24 @@ def speed(args, data: Data) -> List[Dict[str, Any]]:
                          "ratio_range": [min(ratios), max(ratios)] if ratios else None})
             print(f"{workload:48s} {s:13s} {rows[-1]['img_per_s']:8.0f} img/s  x{rows[-1]['ratio_to_fp32'] or 0:.2f}",
                   file=sys.stderr)
-    return rows
+        save()
 
 
-def profile(args, data: Data) -> str:
-    """The ops that take the time in bf16 training of resnet20_cifar (data path included), as a table."""
+def profile(args, data: Data) -> Dict[str, str]:
+    """The ops that take the time in bf16 training of resnet20_cifar (data path included) and of its autoencoder
+    stage, as tables."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    loader = _loader(data, "per_sample", args.batch_size, args.batch_size * 8)
-    run = classification_round("resnet20_cifar", loader, "bf16")
-    run()  # warm-up
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    n = args.steps * args.batch_size
+    runs = {"resnet20_cifar": classification_round("resnet20_cifar", _loader(data, "per_sample", args.batch_size, n),
+                                                   "bf16"),
+            "autoencoder": autoencoder_round(data, "bf16", args.batch_size, n)}
+    tables = {}
+    for name, run in runs.items():
+        run()  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    return tables
 
 
 def parity(args, data: Data) -> Dict[str, Any]:
@@ -205,9 +228,12 @@ def parity(args, data: Data) -> Dict[str, Any]:
     return out
 
 
+def _header(res: Dict[str, Any]) -> List[str]:
+    return [f"`{res['command']}`", "", f"Machine: {res['machine']}. Versions: {res['versions']}.", ""]
+
+
 def markdown(res: Dict[str, Any]) -> str:
-    lines = ["# CPU training speed: fp32 against bf16 autocast (and torch.compile)", "",
-             f"`{res['command']}`", "", f"Machine: {res['machine']}. Versions: {res['versions']}.", "",
+    lines = ["# CPU training speed: fp32 against bf16 autocast (and torch.compile)", "", *_header(res),
              f"Batch {res['batch_size']}, channels_last, {res['threads']} torch thread(s); {res['steps']} steps a "
              f"round, {res['rounds']} counted rounds after one warm-up, settings interleaved in every round. "
              f"img/s is the median over rounds; the ratio is the median of the per-round ratios to fp32 "
@@ -217,21 +243,24 @@ def markdown(res: Dict[str, Any]) -> str:
         ratio = "" if r["ratio_to_fp32"] is None else (f"{r['ratio_to_fp32']:.2f} ({r['ratio_range'][0]:.2f}.."
                                                          f"{r['ratio_range'][1]:.2f})")
         lines.append(f"| {r['workload']} | {r['setting']} | {r['img_per_s']:.0f} | {ratio} |")
-    if res.get("parity"):
-        p = res["parity"]
-        d = p["bf16_minus_fp32"]
-        lines += ["", f"## bf16 parity: resnet20_cifar, {p['train_images']} training images, {p['epochs']} epochs, "
-                      f"{p['val_images']} validation images", "",
-                  "| precision | val accuracy (%) per seed | mean |", "|---|---|---:|"]
-        for k, v in p["val_accuracy"].items():
-            lines.append(f"| {k} | {', '.join(f'{100 * a:.2f}' for a in v)} | {100 * np.mean(v):.2f} |")
-        ci = "" if d["ci"] is None else f", 95% CI {100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
-        pval = "" if d["p"] is None else f", p={d['p']:.3f}"
-        lines += ["", f"bf16 - fp32, paired by seed: {100 * d['mean']:+.2f} points (per seed "
-                      f"{', '.join(f'{100 * x:+.2f}' for x in d['diffs'])}{ci}{pval})."]
-    if res.get("profile"):
-        lines += ["", "## Where the time goes (bf16, resnet20_cifar, per-sample loader, torch.profiler)", "",
-                  "```", res["profile"], "```"]
+    for name, table in (res.get("profile") or {}).items():
+        lines += ["", f"## Where the time goes: bf16 {name} (per-sample loader, torch.profiler)", "",
+                  "```", table, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def parity_markdown(res: Dict[str, Any]) -> str:
+    p = res["parity"]
+    d = p["bf16_minus_fp32"]
+    lines = [f"# bf16 parity: resnet20_cifar, {p['train_images']} training images, {p['epochs']} epochs, "
+             f"{p['val_images']} validation images", "", *_header(res),
+             "| precision | val accuracy (%) per seed | mean |", "|---|---|---:|"]
+    for k, v in p["val_accuracy"].items():
+        lines.append(f"| {k} | {', '.join(f'{100 * a:.2f}' for a in v)} | {100 * np.mean(v):.2f} |")
+    ci = "" if d["ci"] is None else f", 95% CI {100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
+    pval = "" if d["p"] is None else f", p={d['p']:.3f}"
+    lines += ["", f"bf16 - fp32, paired by seed: {100 * d['mean']:+.2f} points (per seed "
+                  f"{', '.join(f'{100 * x:+.2f}' for x in d['diffs'])}{ci}{pval})."]
     return "\n".join(lines) + "\n"
 
 
@@ -245,7 +274,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--settings", default="fp32,bf16,bf16+compile", help=f"comma-separated, of {list(SETTINGS)}")
     p.add_argument("--workloads", default=None, help="comma-separated prefixes of the workloads to run (default all)")
     p.add_argument("--profile", action="store_true", help="also profile bf16 training (torch.profiler)")
-    p.add_argument("--parity", action="store_true", help="also train fp32 and bf16 to compare accuracy")
+    p.add_argument("--parity", action="store_true",
+                   help="instead of speed: train fp32 and bf16 to compare accuracy (parity.json, parity.md)")
     p.add_argument("--parity-per-class", type=int, default=500)
     p.add_argument("--parity-epochs", type=int, default=15)
     p.add_argument("--parity-seeds", type=int, default=3)
@@ -257,17 +287,24 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.smoke:
         args.steps, args.rounds, args.batch_size, args.parity_epochs, args.parity_seeds = 2, 1, 16, 1, 2
     data = load_data(args)
-    res = {"command": "python benchmarks/cpu_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": machine(), "versions": versions(), "batch_size": args.batch_size, "steps": args.steps,
-           "rounds": args.rounds, "threads": torch.get_num_threads(), "speed": speed(args, data)}
-    if args.profile:
-        res["profile"] = profile(args, data)
-    if args.parity:
-        res["parity"] = parity(args, data)
     out = Path(args.out_dir or Path(__file__).parent / "results" / "cpu-speed")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(res))
+    res = {"command": "python benchmarks/cpu_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "machine": machine(), "versions": versions(), "threads": torch.get_num_threads()}
+    if args.parity:
+        res["parity"] = parity(args, data)
+        (out / "parity.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "parity.md").write_text(parity_markdown(res))
+        return res
+    res.update({"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "speed": []})
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "results.md").write_text(markdown(res))
+    if args.profile:  # first: a short step, and kept if a long compile below is stopped
+        res["profile"] = profile(args, data)
+        save()
+    speed(args, data, res["speed"], save)
     return res
 
 

@@ -10,11 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .checks import check_input_size
 from .config import DecoderConfig
 from .errors import UnsupportedModelError
 from .shape_trail import ShapeTrail, trace_shape_trail
 
-__all__ = ["MirroredDecoder", "build_decoder", "count_flops"]
+__all__ = ["MirroredDecoder", "build_decoder", "count_flops", "size_for_data"]
 
 _logger = logging.getLogger(__name__)
 
@@ -213,3 +214,18 @@ def build_decoder(model: nn.Module, input_size: Tuple[int, int, int],
                  "%.3g MFLOPs)", type(model).__name__, trail.trail, trail.trace, width, light_blocks,
                  ", 1x1 output conv" if light_head else "", dec_flops / 1e6, enc_flops / 1e6)
     return decoder.train()
+
+
+def size_for_data(x: torch.Tensor, input_size: Tuple[int, int, int], config_input_size: Optional[Tuple[int, int, int]],
+                  *, trained: bool) -> Optional[Tuple[int, int, int]]:
+    """The (C, H, W) to rebuild a decoder built at `input_size` for images `x` (B, C, H, W) of another (H, W), or
+    None where it fits them (or their channels differ: the batch checks name that). A set ``config.input_size``
+    is checked against the data; a `trained` decoder is never rebuilt (ValueError)."""
+    size = (input_size[0], *x.shape[2:])
+    if tuple(size) == tuple(input_size) or x.shape[1] != input_size[0]:
+        return None
+    check_input_size(x, config_input_size)
+    if trained:
+        raise ValueError(f"images are {tuple(x.shape[1:])} but the trained decoder expects {tuple(input_size)}")
+    _logger.info("data is %s, not %s: building the decoder for the data's size", tuple(size), tuple(input_size))
+    return tuple(size)

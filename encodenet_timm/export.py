@@ -1,16 +1,25 @@
 """The exported model as timm's own folder (`timm.models.save_for_hf`): config.json with its data config
 (input size, interpolation, crop, mean/std) and model.safetensors, loadable by timm alone."""
 import logging
+from copy import deepcopy
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 from .files import follow_umask
 
-__all__ = ["export_timm"]
+__all__ = ["plain_model", "export_timm"]
 
 _logger = logging.getLogger(__name__)
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """A deep copy of trained `model` as a user gets it: on CPU, eval mode, every parameter trainable, contiguous."""
+    exported = deepcopy(model).cpu().eval()
+    exported.requires_grad_(True)
+    return exported.to(memory_format=torch.contiguous_format)
 
 
 def export_timm(model: nn.Module, directory: Union[str, Path], *, input_size: Tuple[int, int, int],

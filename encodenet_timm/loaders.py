@@ -13,6 +13,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               Sampler, SequentialSampler, Subset)
 
 from . import distributed
+from .checks import check_data, check_loader, check_plain_loader, check_run_options
 from .file_checks import NamedReads, check_files, dataset_files
 
 __all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "epoch_batches", "shard_batches",
@@ -272,3 +273,17 @@ def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataL
         if loader is not None and isinstance(loader.dataset, NamedReads) and scan != "none":
             loader.dataset.scanned = scan
     return train, val, plain, ({"train": len(drop), "val": len(drop_val)} if drop or drop_val else {})
+
+
+def fit_inputs(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *, config, model: torch.nn.Module,
+               device: torch.device, in_chans: int, run_dir, resume: bool, checkpoint_every: int
+               ) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader], Dict[str, int]]:
+    """`fit`'s loaders and run options checked before any stage, and its loaders made `readable` (image files
+    scanned as ``config.data`` says): (train, val, plain, files left out). Raises as `EncodeNetWrapper.fit` says."""
+    check_loader(train, "train_loader", map_style=True)
+    check_plain_loader(plain, train)
+    check_run_options(run_dir, resume, checkpoint_every)
+    train, val, plain, skipped = readable(train, val, plain, scan=config.data.scan, skip=config.data.skip_unreadable)
+    check_data(train, model, device, in_chans=in_chans, clusters_per_class=config.representatives.clusters_per_class,
+               input_size=config.input_size)
+    return train, val, plain, skipped

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .device_data import DeviceBatch
 
 __all__ = ["ConvertingAutoencoder", "ClusterTargets", "ConvertingAutoencoderTask", "FrozenEncoderClassifier",
-           "PartlyFrozenClassifier", "modules_state", "snapshot_modules", "restore_modules", "reconstruct_images"]
+           "PartlyFrozenClassifier", "transfer_module", "modules_state", "snapshot_modules", "restore_modules", "reconstruct_images"]
 
 
 class ConvertingAutoencoder(nn.Module):
@@ -114,6 +114,14 @@ class PartlyFrozenClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def transfer_module(model: nn.Module, encoder: nn.Module, head: nn.Module, after_split: Sequence[str]) -> nn.Module:
+    """What transfer trains: the head on the frozen encoder, or with a split inside the encoder (`after_split`
+    names its modules after the split) those modules and the head on the frozen rest."""
+    if after_split:
+        return PartlyFrozenClassifier(model, list(after_split) + head.part_names)
+    return FrozenEncoderClassifier(encoder, head.requires_grad_(True))
 
 
 def modules_state(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:

@@ -15,19 +15,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .checkpoint import Checkpoint, load_model_file
-from .checks import (batch_checker, built_with, check_batch, check_built_keys, check_data, check_input_size,
-                     check_loader, check_plain_loader, check_run_options, checked_config)
+from .checks import batch_checker, built_with, check_batch, check_built_keys, check_loader, checked_config
 from .config import EncodeNetConfig
-from .decoder import MirroredDecoder, build_decoder
-from .export import export_timm
+from .decoder import MirroredDecoder, build_decoder, size_for_data
+from .export import export_timm, plain_model
 from .files import load_state_into
-from .loaders import make_loader, named_reads, readable
+from .loaders import fit_inputs, make_loader, named_reads
 from .representatives import Representatives, select_representatives
 from .run import Run, load_parts, run_facts
 from .seeding import seed_everything
 from .split import Encoder, Head, check_timm_classifier, model_input_size, modules_after, split_model
-from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
-                    PartlyFrozenClassifier, reconstruct_images, restore_modules, snapshot_modules)
+from .tasks import (ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask, reconstruct_images,
+                    restore_modules, snapshot_modules, transfer_module)
 from .training import LoopOptions, TrainState, evaluate, train_stage
 
 __all__ = ["EncodeNetWrapper"]
@@ -89,16 +88,10 @@ class EncodeNetWrapper:
         return self._decoder
 
     def _match_input_size(self, x: torch.Tensor) -> None:
-        """Rebuild the (still untrained) decoder if the data's (H, W) differs from `input_size` (and from
-        no ``config.input_size``: one set is checked against the data)."""
-        size = (self.input_size[0], *x.shape[2:])
-        if tuple(size) == tuple(self.input_size) or x.shape[1] != self.input_size[0]:
-            return
-        check_input_size(x, self.config.input_size)
-        if self._decoder_trained:
-            raise ValueError(f"images are {tuple(x.shape[1:])} but the trained decoder expects {self.input_size}")
-        _logger.info("data is %s, not %s: building the decoder for the data's size", tuple(size), self.input_size)
-        self.input_size, self._decoder = tuple(size), None
+        """Rebuild the (still untrained) decoder at the data's size where it differs (`decoder.size_for_data`)."""
+        size = size_for_data(x, self.input_size, self.config.input_size, trained=self._decoder_trained)
+        if size is not None:
+            self.input_size, self._decoder = size, None
 
     def flops(self) -> Dict[str, float]:
         """FLOPs of one image through encoder and decoder at `input_size`, and their ratio."""
@@ -174,16 +167,10 @@ class EncodeNetWrapper:
                 how to resume.
             RankLostError: under torchrun, another rank died or stopped answering.
         """
-        check_loader(train_loader, "train_loader", map_style=True)
-        check_plain_loader(plain_loader, train_loader)
         self._settings()  # before any stage: a value set by hand on wrapper.config since __init__
-        check_run_options(run_dir, resume, checkpoint_every)
-        train_loader, val_loader, plain_loader, skipped = readable(  # image files scanned (config.data)
-            train_loader, val_loader, plain_loader, scan=self.config.data.scan,
-            skip=self.config.data.skip_unreadable)
-        check_data(train_loader, self.model, self.device, in_chans=self.input_size[0],
-                   clusters_per_class=self.config.representatives.clusters_per_class,
-                   input_size=self.config.input_size)
+        train_loader, val_loader, plain_loader, skipped = fit_inputs(
+            train_loader, val_loader, plain_loader, config=self.config, model=self.model, device=self.device,
+            in_chans=self.input_size[0], run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every)
         self.plain_dataset = (plain_loader or train_loader).dataset  # the plots' images
         c = self.config
         plan = (("baseline", c.baseline.epochs > 0, lambda: self.fit_baseline(train_loader, val_loader)),
@@ -324,13 +311,10 @@ class EncodeNetWrapper:
                             "head of the model as it is; call fit() to run the stages in order (or "
                             "fit_autoencoder first)")
         seed_everything(self.config.seed + _SEED_OFFSET["transfer"])
-        if self.after_split:
-            if not self._run.resumes("transfer"):  # a resumed transfer already trains the restored modules
-                self._restore_after_split()
-            trainable = PartlyFrozenClassifier(self.model, self.after_split + self.head.part_names)
-        else:
-            trainable = FrozenEncoderClassifier(self.encoder, self.head.requires_grad_(True))
-        task = ClassificationTask(trainable, criterion_kwargs=dict(smoothing=cfg.smoothing),
+        if self.after_split and not self._run.resumes("transfer"):  # a resumed transfer already trains them
+            self._restore_after_split()
+        task = ClassificationTask(transfer_module(self.model, self.encoder, self.head, self.after_split),
+                                  criterion_kwargs=dict(smoothing=cfg.smoothing),
                                   device=self.device, verbose=False)
         try:
             hist = self._train(task, train_loader, "transfer", check=self._check(), val_fn=self._val_fn(val_loader))
@@ -387,9 +371,7 @@ class EncodeNetWrapper:
 
         Same class and parameter count as the model passed in; it holds no encodenet_timm object.
         """
-        exported = _deepcopy(self.model).cpu().eval()
-        exported.requires_grad_(True)
-        return exported.to(memory_format=torch.contiguous_format)
+        return plain_model(self.model)
 
     def export_timm(self, directory: Union[str, Path], *, label_names: Optional[Sequence[str]] = None,
                     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,

@@ -61,6 +61,11 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
     assert ab.main(argv)["result"].records == result.records
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
+    # --phase anchor: the finished baselines' test accuracy from their kept weights, the same as compare's test
+    anchor = ab.main(argv + ["--phase", "anchor"])
+    assert [anchor["test_accuracy"][s] for s in ("0", "1")] == result.accuracy("baseline", "test")
+    assert anchor["holds"] is None and anchor["seeds_finished"] == 2  # 3 seeds decide
+    assert json.loads((out / "anchor.json").read_text()) == anchor
     # --phase report trains nothing: it reports the rows finished on the seeds asked for
     assert ab.main(argv + ["--phase", "report"])["result"].tests == result.tests
     (out / "runs" / "kd-seed1.json").unlink()
@@ -68,5 +73,5 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     assert part.seeds == [0] and "kd" in part.rows
     part = ab.main(argv + ["--phase", "report"])["result"]
     assert part.seeds == [0, 1] and "kd" not in part.rows and "partial" in part.notes[0] and not part.tests
-    assert "partial" in (out / "ablation.md").read_text()
+    assert "partial" in (out / "ablation.md").read_text() and "Sanity anchor" in (out / "ablation.md").read_text()
     assert not (out / "runs" / "kd-seed1.json").exists()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from encodenet_timm.config import DecoderConfig
-from encodenet_timm.decoder import _plan, build_decoder, count_flops
+from encodenet_timm.decoder import _plan, build_decoder, count_flops, size_for_data
 from encodenet_timm.errors import UnsupportedModelError
 
 from conftest import FAMILIES, make_model
@@ -59,3 +59,14 @@ def test_wrong_encoder_output_is_a_clear_error():
     dec = build_decoder(model, (3, 32, 32))
     with pytest.raises(ValueError, match="decoder expects"):
         dec(model.forward_features(torch.randn(2, 3, 64, 64)))
+
+
+def test_size_for_data_rebuilds_only_an_untrained_decoder_for_another_hw():
+    x = torch.zeros(2, 3, 40, 48)
+    assert size_for_data(torch.zeros(2, 3, 32, 32), (3, 32, 32), None, trained=False) is None  # it fits
+    assert size_for_data(torch.zeros(2, 1, 40, 48), (3, 32, 32), None, trained=False) is None  # channels: check_batch's
+    assert size_for_data(x, (3, 32, 32), None, trained=False) == (3, 40, 48)
+    with pytest.raises(ValueError, match="trained decoder expects"):
+        size_for_data(x, (3, 32, 32), None, trained=True)
+    with pytest.raises(ValueError, match="config.input_size is"):
+        size_for_data(x, (3, 32, 32), (3, 32, 32), trained=False)

@@ -3,7 +3,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encodenet_timm.split import Encoder, Head, split_model
-from encodenet_timm.tasks import ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier
+from encodenet_timm.tasks import (ConvertingAutoencoder, ConvertingAutoencoderTask, FrozenEncoderClassifier,
+                                  PartlyFrozenClassifier, transfer_module)
 
 from conftest import make_model
 
@@ -43,3 +44,17 @@ def test_autoencoder_module_shapes():
     model, encoder, _ = _views()
     ae = ConvertingAutoencoder(encoder, build_decoder(model, (3, 32, 32)))
     assert ae(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_transfer_module_trains_the_head_or_the_modules_after_the_split_with_it():
+    model, enc, head = _views()
+    whole = transfer_module(model, enc, head, [])
+    assert isinstance(whole, FrozenEncoderClassifier)
+    after = ["stages.3"]
+    part = transfer_module(model, enc, head, after)
+    assert isinstance(part, PartlyFrozenClassifier)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("stages.3.", *(f"{h}." for h in head.part_names))) for n in trained)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.allclose(whole(x), model(x)) and torch.allclose(part(x), model(x))
