@@ -265,24 +265,28 @@ def evidence(ctx) -> Dict:
     args, regime, data, out = ctx["args"], ctx["regime"], ctx["data"], ctx["out"]
     path = out / "evidence.json"
     found = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    amp = args.evidence_amp or regime.amp
+    tag = "" if amp == regime.amp else f"-{amp}"  # another precision than the regime's: its own run, beside
     for length in args.epochs or regime.evidence_epochs:
-        if str(length) in found["runs"]:
+        if f"{length}{tag}" in found["runs"]:
             continue
-        folder = out / "evidence" / f"E{length}"
-        res = compare(_model_fn(args, ctx["num_classes"]), data.train, data.val,
-                      config=regime_config(regime, baseline_epochs=length), controls=(), seeds=[0],
+        folder = out / "evidence" / f"E{length}{tag}"
+        config = regime_config(regime, baseline_epochs=length).override({"amp": amp})
+        res = compare(_model_fn(args, ctx["num_classes"]), data.train, data.val, config=config, controls=(), seeds=[0],
                       plain_loader=data.plain, out_dir=folder, controls_config=ctx["controls_config"],
                       checkpoint_every=args.checkpoint_every, rows=["baseline"])
         record = res.records["baseline"][0]
         model = res.model("baseline", 0).to(resolve_device(args.device))
         found = json.loads(path.read_text()) if path.is_file() else found  # another process may have added one
-        found["runs"][str(length)] = {
-            "epochs": length, "val_accuracy": record["val_accuracy"], "seconds": record["seconds"],
+        found["runs"][f"{length}{tag}"] = {
+            "epochs": length, "precision": record["precision"], "val_accuracy": record["val_accuracy"],
+            "seconds": record["seconds"],
             "train_accuracy": evaluate(model, data.plain, resolve_device(args.device), channels_last=True,
-                                       amp=regime.amp)["accuracy"],
+                                       amp=amp)["accuracy"],
             "final_train_loss": record["history"][-1]["loss"], "folder": str(folder.relative_to(out))}
         write_json(path, found)
-        _logger.info("evidence: %d epochs from scratch -> val %.4f", length, record["val_accuracy"])
+        _logger.info("evidence: %d epochs from scratch (%s) -> val %.4f", length, record["precision"],
+                     record["val_accuracy"])
     return found
 
 
@@ -290,7 +294,8 @@ def validate(ctx):
     rows = ctx["args"].rows.split(",") if ctx["args"].rows else None
     for seed in ctx["args"].seeds:  # one seed at a time: every row of a seed finishes before the next seed
         run_compare(ctx, [seed], rows=rows, test=False)
-    return run_compare(ctx, ctx["args"].seeds, rows=rows)  # the test: once, after the choice over every seed
+    # the test: once, after the choice over every seed (--no-test: a process that trains some seeds' rows)
+    return run_compare(ctx, ctx["args"].seeds, rows=rows, test=not ctx["args"].no_test)
 
 
 ANCHOR = 0.90  # the full regime's sanity anchor: 3-seed mean test accuracy of the E baseline
@@ -345,7 +350,8 @@ def _per_seed(values: List[float]) -> str:
 def _length_table(title: str, runs: Dict, rule: Optional[str]) -> List[str]:
     lines = [f"## {title}", "", "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |",
              "|---:|---:|---:|---:|"]
-    for e, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
+    for e, r in sorted(runs.items(), key=lambda kv: (int(kv[0].split("-")[0]), kv[0])):
+        e = e if "-" not in e else f"{e.split('-')[0]} ({e.split('-', 1)[1]})"  # another precision than the regime's
         lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |")
     return lines + ([""] + ([rule, ""] if rule else []))
 
@@ -434,7 +440,13 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--variants", default=None, help="comma-separated variant rows (default: the regime's)")
     p.add_argument("--epochs", type=int, nargs="+", default=None,
                    help="converge phase: train these lengths (default: the regime's convergence_epochs)")
+    p.add_argument("--evidence-amp", default=None, choices=("none", "bf16", "auto"),
+                   help="evidence: train the lengths in this precision instead of the regime's (runs named "
+                        "E<L>-<amp>, beside the regime's): e.g. none to see what bf16 costs at full length")
     p.add_argument("--rows", default=None, help="validate: train only these rows (comma-separated; default all)")
+    p.add_argument("--no-test", action="store_true",
+                   help="validate: train these seeds' rows and read no test set (processes that share a regime's "
+                        "seeds; the last call, over every seed, reads it)")
     p.add_argument("--trials", type=int, default=1, help="validation trials per side (compare's trials)")
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="optimizer steps between checkpoints inside a row (a stopped process loses at most these)")

@@ -11,8 +11,8 @@ Importing the package also registers its CIFAR model zoo (``resnet20_cifar`` ...
 from . import models  # noqa: F401  (registers the CIFAR zoo in timm)
 from .compare import CompareResult, compare
 from .compat import check_model
-from .config import (AutoencoderConfig, DataConfig, DecoderConfig, EncodeNetConfig, RepresentativesConfig,
-                     StageConfig)
+from .config import (AutoencoderConfig, ControlsConfig, DataConfig, DecoderConfig, EncodeNetConfig,
+                     RepresentativesConfig, StageConfig)
 from .errors import (DataError, EncodeNetError, Interrupted, NonFiniteLossError, RankLostError,
                      UnsupportedModelError)
 from .feature_store import FeatureStore
@@ -29,6 +29,7 @@ __all__ = [
     "RepresentativesConfig",
     "DecoderConfig",
     "DataConfig",
+    "ControlsConfig",
     "Representatives",
     "FeatureStore",
     "check_model",

@@ -1,6 +1,7 @@
 """End to end: benchmarks/ablation.py on a tiny synthetic zip in the cifar10-jpeg layout (smoke regime)."""
 import json
 
+import pytest
 import timm
 
 from conftest import load_benchmark
@@ -61,6 +62,11 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
     assert ab.main(argv)["result"].records == result.records
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
+    # --no-test: the rows of these seeds and no test read (a process sharing the regime's seeds)
+    (out / "test.json").unlink()
+    assert not ab.main(argv + ["--phase", "validate", "--no-test"])["result"].tests
+    assert not (out / "test.json").exists()
+    assert ab.main(argv + ["--phase", "validate"])["result"].tests == result.tests  # the last call reads it
     # --phase anchor: the finished baselines' test accuracy from their kept weights, the same as compare's test
     anchor = ab.main(argv + ["--phase", "anchor"])
     assert [anchor["test_accuracy"][s] for s in ("0", "1")] == result.accuracy("baseline", "test")
@@ -75,3 +81,19 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     assert part.seeds == [0, 1] and "kd" not in part.rows and "partial" in part.notes[0] and not part.tests
     assert "partial" in (out / "ablation.md").read_text() and "Sanity anchor" in (out / "ablation.md").read_text()
     assert not (out / "runs" / "kd-seed1.json").exists()
+
+
+@pytest.mark.slow  # a benchmark option the long runs use; the default run keeps the pipeline test
+def test_evidence_runs_beside_in_another_precision(tmp_path, one_thread):
+    ab = load_benchmark("ablation")
+    make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--regime", "smoke", "--out-dir",
+            str(out), "--threads", "1", "--phase", "evidence", "--epochs", "1"]
+    ab.main(argv)
+    found = ab.main(argv + ["--evidence-amp", "bf16"])["runs"]
+    assert set(found) == {"1", "1-bf16"}  # the smoke regime trains in fp32: bf16 is a run of its own
+    assert (found["1"]["precision"], found["1-bf16"]["precision"]) == ("fp32", "bf16")
+    assert (out / "evidence" / "E1-bf16").is_dir() and ab.main(argv + ["--evidence-amp", "bf16"])["runs"] == found
+    table = "\n".join(ab._length_table("t", found, None))
+    assert "| 1 | " in table and "| 1 (bf16) | " in table

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from scipy import stats
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -93,7 +93,6 @@ def test_representatives_are_min_entropy_members_of_their_cluster(fitted):
         members = torch.nonzero(reps.cluster_ids == c).flatten()
         assert reps.rep_indices[c] == members[reps.entropy[members].argmin()]
         assert (reps.labels[members] == reps.cluster_labels[c]).all()
-    train = wrapper_dataset = None  # noqa: F841 (images are the dataset's own)
 
 
 def test_transfer_freezes_the_encoder_bitwise(digits):
