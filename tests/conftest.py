@@ -6,6 +6,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
+from encodenet_timm.cli import main
 from encodenet_timm.data import digits_datasets
 
 # (timm name, create kwargs for a 32x32 input, same for 64x64): the families the core must cover
@@ -59,3 +60,31 @@ def one_thread():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+# ---- the command line (tests/test_cli_*.py) ---------------------------------------------------------------
+TINY = ["--batch-size", "32", "--device", "cpu", "--set", "progress=false", "--representatives.clusters_per_class",
+        "2", "--autoencoder.epochs", "1", "--transfer.epochs", "1"]
+
+PICTURES = ("representatives.png", "reconstructions.png", "curves.png")
+
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of ``encodenet *argv`` run in-process."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A finished digits run (shared by the fit, evaluate and export tests; they leave it as they found it): resnet20_cifar, 3 baseline epochs (adamw) on 60 images per class."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    code = main(["fit", "--model", "resnet20_cifar", "--dataset", "digits", "--out", str(out), "--per-class", "60",
+                 "--baseline.epochs", "3", "--baseline.opt", "adamw", "--baseline.lr", "3e-3",
+                 "--set", "transfer.lr=0.02", *TINY])
+    assert code == 0
+    return out
+
