@@ -148,22 +148,38 @@ def train_stage(task: nn.Module, loader: DataLoader, cfg: StageConfig, *, stage:
         return []
     if not any(p.requires_grad for p in task.get_trainable_module().parameters()):
         raise ValueError(f"{stage}: nothing to train (every parameter is frozen)")
-    if options.compile:
-        task.compile()
     device = options.device
+    unfused = _unfuse_attention(task, device, options.amp)
     in_group = distributed.is_distributed()
-    if in_group:
-        loader = train_loader(loader, seed if seed is not None else 0)
-        task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
-    loader = full_last_batch(loader)
-    check = check_once(check, loader)  # a device dataset: checked whole here, not per batch
     try:
+        if options.compile:
+            task.compile()
+        if in_group:
+            loader = train_loader(loader, seed if seed is not None else 0)
+            task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
+        loader = full_last_batch(loader)
+        check = check_once(check, loader)  # a device dataset: checked whole here, not per batch
         return _train_epochs(task, loader, cfg, options, stage=stage, check=check, val_fn=val_fn, seed=seed,
                              resume=resume, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every,
                              stop=stop)
     finally:
         if in_group:  # drop the DDP wrapper: a later stage wraps the same modules anew
             task.trainable_module = task.trainable_module.module
+        for m in unfused:
+            m.fused_attn = True
+
+
+def _unfuse_attention(task: nn.Module, device: torch.device, amp: str) -> List[nn.Module]:
+    """On a CPU in bf16, switch timm's attention modules from `F.scaled_dot_product_attention` (``fused_attn``) to
+    their explicit matmul + softmax for the stage, and return them to be switched back after it: the same
+    computation, but torch's CPU flash-attention backward in bf16 is about 10x slower than in fp32, which cancels
+    bf16's gain (vit_tiny at 32 px: 1.0x with it, 2.4x without; benchmarks/results/cpu-speed/)."""
+    if device.type != "cpu" or autocast_dtype(device, amp) != torch.bfloat16:
+        return []
+    switched = [m for m in task.modules() if getattr(m, "fused_attn", None) is True]
+    for m in switched:
+        m.fused_attn = False
+    return switched
 
 
 def _train_epochs(task, loader, cfg, options: LoopOptions, *, stage, check, val_fn, seed, resume,

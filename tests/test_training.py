@@ -179,3 +179,21 @@ def test_a_nan_loss_is_named_at_its_step_and_no_checkpoint_holds_its_update(read
         _read_run(read_every, nan_at=7, checkpoints=checkpoints)
     assert (info.value.epoch, info.value.step) == (2, 1)
     assert [c.epoch for c in checkpoints] == [1, 2]
+
+
+@pytest.mark.parametrize("amp, fused_while_training", [("bf16", False), ("none", True)])
+def test_cpu_bf16_trains_timm_attention_unfused_and_switches_it_back(amp, fused_while_training):
+    """torch's CPU flash-attention backward is slow in bf16: a bf16 stage on the CPU runs timm's attention as
+    explicit matmul + softmax, and every module is as it was after the stage (fp32 keeps the fused path)."""
+    model = make_model("vit_tiny_patch16_224")
+    blocks = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    assert blocks  # timm fuses attention by default
+    seen = []
+    blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.fused_attn) if m.training else None)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    hist = train_stage(ClassificationTask(model, verbose=False), DataLoader(data, batch_size=8),
+                       StageConfig(epochs=1, lr=0.01, opt="sgd", sched="none"), stage="t",
+                       options=LoopOptions(torch.device("cpu"), amp=amp, progress=False))
+    assert len(seen) == 2 and set(seen) == {fused_while_training} and hist[0]["loss"] > 0
+    assert all(m.fused_attn is True for m in blocks)
