@@ -425,6 +425,8 @@ def report(ctx, result: CompareResult) -> Dict:
 def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10-jpeg", help="cifar10-jpeg (../shared/data zip) or cifar10")
+    p.add_argument("--download", action="store_true",
+                   help="--dataset cifar10: download the original files into --data-dir when they are not there")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--model", default="resnet20_cifar")
     p.add_argument("--regime", choices=sorted(REGIMES), default="converged")
@@ -472,7 +474,7 @@ def main(argv: Optional[List[str]] = None):
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    arrays = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=False)
+    arrays = load_cifar(args.dataset, args.data_dir, cache_dir=args.cache_dir, download=args.download)
     out = Path(args.out_dir or Path(__file__).parent / "results" / f"ablation-{args.regime}")
     out.mkdir(parents=True, exist_ok=True)
     controls_config = (ControlsConfig.from_yaml(args.controls_config) if args.controls_config else
