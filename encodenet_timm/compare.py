@@ -34,7 +34,7 @@ from . import distributed
 from .checks import check_data, check_loader
 from .compute import count_compute
 from .config import ControlsConfig, EncodeNetConfig
-from .env import precision, resolve_device
+from .env import precision
 from .errors import RunDirInUseError
 from .files import DirLock, read_json, write_json
 from .loaders import readable
@@ -247,7 +247,7 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
     compute.setdefault("variants", {})
     _logger.info("compare: EncodeNet's extra compute is %.2f supervised epochs; each control gets the same",
                  compute["extra_epochs"])
-    device = resolve_device(config.device)
+    device = distributed.training_device(config.device, config.amp)  # as the wrapper's (torchrun: this rank's)
     common = {"model": type(probe).__name__, "params": int(sum(p.numel() for p in probe.parameters())),
               "num_classes": int(probe.num_classes),
               "data": {"train": len(train_loader.dataset), "val": len(val_loader.dataset)},

@@ -18,10 +18,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from timm.task import ClassificationTask
 
+from . import distributed
 from .checks import check_batch
 from .config import ControlsConfig, EncodeNetConfig
 from .controls import DistillationTask, RowCheckpoints, budget_loader, divergence, non_finite, train_row
-from .env import precision, resolve_device
+from .env import precision
 from .errors import NonFiniteLossError
 from .files import read_json, write_atomic, write_json
 from .row_names import TRIAL_FACTORS, base_row, record_path, trial_name, weights_path
@@ -109,7 +110,7 @@ class Rows:
         self.model_fn, self.train, self.val, self.plain = model_fn, train_loader, val_loader, plain_loader
         self.config, self.controls, self.out_dir, self.compute = config, controls, out_dir, compute
         self.common, self.recipes, self.checkpoint_every, self.stop = common, recipes, checkpoint_every, stop
-        self.device = resolve_device(config.device)
+        self.device = distributed.training_device(config.device, config.amp)
         self.n = len(train_loader.dataset)
         self.weights: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
         self.records: Dict[str, Dict[int, Dict[str, Any]]] = {}
