@@ -38,18 +38,16 @@ from typing import Dict, List, Optional
 import numpy as np
 import timm
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
 from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
-from encodenet_timm.row_names import row_what, weights_path
+from encodenet_timm.row_names import row_what
 from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, resolve_device, versions
-from encodenet_timm.files import load_state_into
 from encodenet_timm.training import evaluate
 
 _logger = logging.getLogger("benchmarks.ablation")
@@ -308,13 +306,11 @@ def anchor(ctx) -> Dict:
     device = resolve_device(args.device)
     tests = {}
     for seed in args.seeds:
-        path = weights_path(out, "baseline", seed)
-        if not (out / "runs" / f"baseline-seed{seed}.json").is_file() or not path.is_file():
+        if not (out / "runs" / f"baseline-seed{seed}.json").is_file():
             _logger.info("anchor: seed %d's baseline has not finished", seed)
             continue
-        model = _model_fn(args, ctx["num_classes"])()
-        load_state_into(model, load_file(str(path)), str(path))
-        model = model.to(device).to(memory_format=torch.channels_last)
+        finished = CompareResult.load(out, seeds=[seed], model_fn=_model_fn(args, ctx["num_classes"]))
+        model = finished.model("baseline", seed).to(device).to(memory_format=torch.channels_last)
         tests[str(seed)] = evaluate(model, data.test, device, channels_last=True, amp=ctx["regime"].amp)["accuracy"]
         _logger.info("anchor: seed %d's baseline: test %.4f", seed, tests[str(seed)])
     mean = float(np.mean(list(tests.values()))) if tests else None

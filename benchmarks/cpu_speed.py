@@ -45,7 +45,7 @@ from encodenet_timm.device_data import DeviceArrayDataset, device_collate
 from encodenet_timm.env import machine, precision, versions
 from encodenet_timm.seeding import seed_everything
 from encodenet_timm.stats import paired_difference
-from encodenet_timm.tasks import ClusterTargets, ConvertingAutoencoder, ConvertingAutoencoderTask
+from encodenet_timm.tasks import ClusterTargets
 from encodenet_timm.training import LoopOptions, evaluate, train_stage
 
 CPU = torch.device("cpu")
@@ -129,9 +129,7 @@ def autoencoder_round(data: Data, setting: str, batch: int, n: int) -> Callable[
     train = _loader(data, "per_sample", batch, n)
     loader = DataLoader(ClusterTargets(train.dataset, reps.cluster_ids), batch_size=batch, shuffle=True,
                         generator=torch.Generator().manual_seed(0), drop_last=True)
-    decoder = w.decoder.to(memory_format=torch.channels_last)
-    task = ConvertingAutoencoderTask(ConvertingAutoencoder(w.encoder, decoder), reps.images, device=CPU,
-                                     cluster_labels=reps.cluster_labels)
+    task = w.autoencoder_task(reps)  # the stage's own task: MSE + the default CE weight through the head
     stage = dataclasses.replace(cfg.autoencoder, epochs=1, sched="none")
     options = LoopOptions(CPU, amp=amp, channels_last=True, progress=False)
     state = {"compiled": False}

@@ -6,7 +6,8 @@ The others keep the caller's loader but for one change each: a full last batch (
 that name their file (`named_reads`), unreadable files left out (`without`, `readable`).
 """
 import logging
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
@@ -14,6 +15,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 
 from . import distributed
 from .checks import check_data, check_loader, check_plain_loader, check_run_options
+from .config import EncodeNetConfig
 from .file_checks import NamedReads, check_files, dataset_files
 
 __all__ = ["make_loader", "seeded_loader", "reseed_loader", "train_loader", "set_epoch", "epoch_batches", "shard_batches",
@@ -275,8 +277,9 @@ def readable(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataL
     return train, val, plain, ({"train": len(drop), "val": len(drop_val)} if drop or drop_val else {})
 
 
-def fit_inputs(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *, config, model: torch.nn.Module,
-               device: torch.device, in_chans: int, run_dir, resume: bool, checkpoint_every: int
+def fit_inputs(train: DataLoader, val: Optional[DataLoader], plain: Optional[DataLoader], *,
+               config: EncodeNetConfig, model: torch.nn.Module, device: torch.device, in_chans: int,
+               run_dir: Optional[Union[str, Path]], resume: bool, checkpoint_every: int
                ) -> Tuple[DataLoader, Optional[DataLoader], Optional[DataLoader], Dict[str, int]]:
     """`fit`'s loaders and run options checked before any stage, and its loaders made `readable` (image files
     scanned as ``config.data`` says): (train, val, plain, files left out). Raises as `EncodeNetWrapper.fit` says."""

@@ -278,25 +278,29 @@ class EncodeNetWrapper:
         dataset = train_loader.dataset
         reps.check_covers(dataset)
         self._match_input_size(reps.images)
-        cfg = self.config.autoencoder
         seed_everything(self.config.seed + _SEED_OFFSET["autoencoder"])
         loader = make_loader(ClusterTargets(dataset, reps.cluster_ids), train_loader, shuffle=True,
                              seed=self.config.seed + _SEED_OFFSET["autoencoder"])
-        decoder = self.decoder
-        if self.config.channels_last:
-            decoder.to(memory_format=torch.channels_last)
         self._snapshot_after_split()
-        self.encoder.requires_grad_(True)
-        decoder.requires_grad_(True)
-        head = self.head.requires_grad_(True) if cfg.ce_weight > 0 else None
-        task = ConvertingAutoencoderTask(ConvertingAutoencoder(self.encoder, decoder, head), reps.images,
-                                         device=self.device, cluster_labels=reps.cluster_labels,
-                                         ce_weight=cfg.ce_weight)
+        task = self.autoencoder_task(reps)
         hist = self._train(task, loader, "autoencoder",  # 0 epochs: train_stage skips it
                            check=self._check(image_size=self.input_size[1:], labels=False))
         self._decoder_trained = True
         self.history["autoencoder"] = hist
         return hist
+
+    def autoencoder_task(self, reps: Representatives) -> ConvertingAutoencoderTask:
+        """The autoencoder stage's task as `fit_autoencoder` trains it: encoder + decoder (+ the head when
+        ``autoencoder.ce_weight`` > 0) trainable, the decoder channels_last when the config asks, targets
+        `reps.images` (K, C, H, W) indexed by cluster id."""
+        ce_weight = self.config.autoencoder.ce_weight
+        decoder = self.decoder.requires_grad_(True)
+        if self.config.channels_last:
+            decoder.to(memory_format=torch.channels_last)
+        head = self.head.requires_grad_(True) if ce_weight > 0 else None
+        return ConvertingAutoencoderTask(ConvertingAutoencoder(self.encoder.requires_grad_(True), decoder, head),
+                                         reps.images, device=self.device, cluster_labels=reps.cluster_labels,
+                                         ce_weight=ce_weight)
 
     def fit_transfer(self, train_loader: DataLoader, val_loader: Optional[DataLoader] = None) -> List[Dict]:
         """Freeze the encoder (no gradient, BatchNorm statistics fixed) and retrain the head.

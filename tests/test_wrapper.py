@@ -119,6 +119,21 @@ def test_autoencoder_trains_encoder_and_decoder_not_head(digits):
     assert any(not torch.equal(v, enc_before[k]) for k, v in wrapper.encoder.state_dict().items())
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 1.0])
+def test_autoencoder_task_is_what_fit_autoencoder_trains(digits, ce_weight):
+    """The task the stage builds (and benchmarks reuse): the head joins only with a CE term, every part trainable."""
+    cfg = _cfg()
+    cfg.autoencoder.ce_weight = ce_weight
+    wrapper = EncodeNetWrapper(make_model("resnet10t"), cfg)
+    wrapper.encoder.requires_grad_(False)  # as the transfer stage leaves it
+    task = wrapper.autoencoder_task(wrapper.select_representatives(_small(digits)))
+    trainable = {id(p) for p in task.parameters() if p.requires_grad}
+    assert {id(p) for p in wrapper.encoder.parameters()} <= trainable
+    assert {id(p) for p in wrapper.decoder.parameters()} <= trainable
+    head = {id(p) for p in wrapper.head.parameters()}
+    assert (head <= trainable) if ce_weight else not (head & {id(p) for p in task.parameters()})
+
+
 def test_same_seed_same_result_on_cpu(digits):
     results = []
     for _ in range(2):
