@@ -63,30 +63,35 @@ def save(result, directory: Union[str, Path]) -> Path:
 
 
 def plot(result, path: Union[str, Path]) -> None:
-    """One line per row: each seed's accuracy (dots) and the mean ± std (bar), on the split the verdict
-    uses (rows without a test accuracy are shown on validation, marked); the extra compute in each label."""
+    """One line per row: each seed's accuracy (dots) and the mean ± std (diamond), the extra compute in each
+    label. With a test set, two panels on the same rows: validation (every row; what chose) and test (only the
+    rows declared before the choice), never one axis mixing the two splits."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    split = result.verdict_split
+    splits = ["val", "test"] if result.verdict_split == "test" else ["val"]
     rows = list(reversed(result.rows))  # the table's first row on top
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
-    for y, r in enumerate(rows):
-        on = split if (split == "val" or r in result.tests) else "val"
-        acc = 100 * np.asarray(result.accuracy(r, on))
-        control = r == "baseline" or base_row(r)[0] in CONTROLS
-        color = "tab:red" if result.diverged(r) else "tab:gray" if control else "tab:blue"
-        ax.scatter(acc, [y] * len(acc), s=14, color=color, alpha=0.6, zorder=3)
-        std = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        ax.errorbar(acc.mean(), y, xerr=std, fmt="D" if on == split else "o", mfc="white" if on != split else color,
-                    color=color, capsize=3, zorder=4)
-    labels = [f"{r}  (+{result.extra_epochs(r):.1f} ep){'' if split == 'val' or r in result.tests else '  [val]'}"
-              f"{'  [diverged]' if result.diverged(r) else ''}" for r in rows]
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.set_xlabel(f"{'test' if split == 'test' else 'validation'} accuracy (%): dots = seeds, diamond = mean ± std")
-    ax.set_title(f"EncodeNet vs same-size controls at equal extra compute ({len(result.seeds)} seed"
-                 f"{'s' * (len(result.seeds) != 1)}, {split})", fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 + 3.5 * len(splits), 0.45 * len(rows) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for y, r in enumerate(rows):
+            if split == "test" and r not in result.tests:
+                ax.text(0.01, y, "no test: not declared before the choice", fontsize=7, color="tab:gray",
+                        va="center", transform=ax.get_yaxis_transform())
+                continue
+            acc = 100 * np.asarray(result.accuracy(r, split))
+            control = r == "baseline" or base_row(r)[0] in CONTROLS
+            color = "tab:red" if result.diverged(r) else "tab:gray" if control else "tab:blue"
+            ax.scatter(acc, [y] * len(acc), s=14, color=color, alpha=0.6, zorder=3)
+            std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+            ax.errorbar(acc.mean(), y, xerr=std, fmt="D", color=color, capsize=3, zorder=4)
+        ax.set_xlabel(f"{'test' if split == 'test' else 'validation'} accuracy (%): dots = seeds, diamond = mean ± std",
+                      fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    labels = [f"{r}  (+{result.extra_epochs(r):.1f} ep){'  [diverged]' if result.diverged(r) else ''}" for r in rows]
+    axes[0][0].set_yticks(range(len(rows)), labels, fontsize=8)
+    fig.suptitle(f"EncodeNet vs same-size controls at equal extra compute ({len(result.seeds)} seed"
+                 f"{'s' * (len(result.seeds) != 1)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -191,6 +191,25 @@ def test_result_round_trips_without_weights_kept():
         res.deltas("test")
 
 
+def test_plot_keeps_validation_and_test_on_separate_panels(tmp_path, monkeypatch):
+    """A variant row has no test accuracy: it appears on the validation panel only, never on the test axis."""
+    import matplotlib.figure
+    from matplotlib.collections import PathCollection
+    rec = {"extra_epochs": 1.0}
+    records = {"baseline": {0: {**rec, "val_accuracy": 0.50}}, "encodenet": {0: {**rec, "val_accuracy": 0.60}},
+               "ce_3": {0: {**rec, "val_accuracy": 0.70}}}
+    res = CompareResult(records=records, compute={"extra_epochs": 1.0, "note": ""}, seeds=[0], controls=[],
+                        config={}, notes=[], tests={"baseline": {0: 0.40}, "encodenet": {0: 0.45}})
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    res.plot(tmp_path / "p.png")
+    val_ax, test_ax = figures[0].axes
+    xs = lambda ax: sorted(float(x) for c in ax.collections if isinstance(c, PathCollection)  # noqa: E731
+                          for x, _ in c.get_offsets())  # the seeds' dots
+    assert xs(val_ax) == [50.0, 60.0, 70.0] and xs(test_ax) == [40.0, 45.0]
+    assert "test" in test_ax.get_xlabel() and "validation" in val_ax.get_xlabel()
+
+
 def test_a_record_made_before_a_config_key_existed_stays_valid():
     """A key added to EncodeNetConfig since a record was written counts at its default (records committed
     by long benchmark runs survive a new option); a changed value still does not match. Records written
