@@ -22,6 +22,8 @@ Protocol (fixed before any run):
 * ``--phase anchor``: the sanity anchor, before any other row: the test accuracy of each finished baseline
   (``anchor.json``; the full regime asks for a 3-seed mean of at least 90.0%). It reads the test set for the
   baseline alone, which no choice depends on; the rows are still chosen on validation and tested once.
+* ``--phase evidence``: from-scratch runs of other lengths beside E (seed 0; ``evidence.json``). Their test
+  accuracy is read only after the rows' sealed test (``test.json``), by the phase that reads or reports it.
 
 Runs are resumable per (row, seed): ``runs/*.json`` are committed as they finish, with the baselines'
 weights (``weights/baseline-seed*.safetensors``; the other rows' weights are git-ignored). Outputs go to ``benchmarks/results/ablation-<regime>/``.
@@ -288,6 +290,25 @@ def evidence(ctx) -> Dict:
     return found
 
 
+def evidence_test(ctx) -> Optional[Dict]:
+    """The evidence runs' test accuracy, read only once the declared rows' test has been (compare's test.json):
+    they were fixed before the choice and take no part in it (from-scratch references; the longest is the
+    from-scratch row at more than E + X). Added to evidence.json; None while the test is sealed."""
+    args, regime, data, out = ctx["args"], ctx["regime"], ctx["data"], ctx["out"]
+    path = out / "evidence.json"
+    if not (out / "test.json").is_file() or not path.is_file():
+        return None
+    found, device = json.loads(path.read_text()), resolve_device(args.device)
+    for key, run in found["runs"].items():
+        if "test_accuracy" not in run:
+            amp = key.split("-", 1)[1] if "-" in key else regime.amp  # "60-none": that run's own precision
+            finished = CompareResult.load(out / run["folder"], seeds=[0], model_fn=_model_fn(args, ctx["num_classes"]))
+            model = finished.model("baseline", 0).to(device).to(memory_format=torch.channels_last)
+            run["test_accuracy"] = evaluate(model, data.test, device, channels_last=True, amp=amp)["accuracy"]
+    write_json(path, found)
+    return found
+
+
 def validate(ctx):
     rows = ctx["args"].rows.split(",") if ctx["args"].rows else None
     for seed in ctx["args"].seeds:  # one seed at a time: every row of a seed finishes before the next seed
@@ -344,11 +365,14 @@ def _per_seed(values: List[float]) -> str:
 
 
 def _length_table(title: str, runs: Dict, rule: Optional[str]) -> List[str]:
-    lines = [f"## {title}", "", "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |",
-             "|---:|---:|---:|---:|"]
+    tested = any("test_accuracy" in r for r in runs.values())  # read only after the rows' sealed test
+    lines = [f"## {title}", "", "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |"
+             + (" test accuracy (%) |" if tested else ""), "|---:|---:|---:|---:|" + ("---:|" if tested else "")]
     for e, r in sorted(runs.items(), key=lambda kv: (int(kv[0].split("-")[0]), kv[0])):
         e = e if "-" not in e else f"{e.split('-')[0]} ({e.split('-', 1)[1]})"  # another precision than the regime's
-        lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |")
+        test = (f" {100 * r['test_accuracy']:.2f} |" if "test_accuracy" in r else " |") if tested else ""
+        lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |"
+                     + test)
     return lines + ([""] + ([rule, ""] if rule else []))
 
 
@@ -491,6 +515,8 @@ def main(argv: Optional[List[str]] = None):
         result = validate(ctx)
     else:  # report (and test): what has finished, training nothing; the sealed test once every row has
         result = load_result(ctx)
+    if result.has_test:
+        evidence_test(ctx)
     return {"result": result, **report(ctx, result)}
 
 

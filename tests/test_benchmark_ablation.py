@@ -58,6 +58,15 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
     if result.chosen != "ce_3":
         assert "ce_3" not in md.split("## Test")[1]  # a variant not chosen never shows a test accuracy
     assert (out / "accuracy_vs_compute.png").stat().st_size > 1000
+    # an evidence run (from scratch, another length) is tested only once the rows' test has been read
+    (out / "test.json").rename(out / "test.sealed")
+    assert "test_accuracy" not in ab.main(argv + ["--phase", "evidence", "--epochs", "2"])["runs"]["2"]
+    ab.main(argv + ["--phase", "report"])
+    assert "test_accuracy" not in json.loads((out / "evidence.json").read_text())["runs"]["2"]
+    (out / "test.sealed").rename(out / "test.json")
+    ab.main(argv + ["--phase", "report"])
+    evid = json.loads((out / "evidence.json").read_text())["runs"]
+    assert 0 <= evid["2"]["test_accuracy"] <= 1 and "test accuracy (%)" in (out / "ablation.md").read_text()
     # finished runs are skipped on a rerun, and the numbers do not move
     before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
     assert ab.main(argv)["result"].records == result.records
