@@ -216,7 +216,7 @@ class CompareResult:
         best = self.best
         same_size = (f". The most accurate same-size model here, chosen on validation accuracy (a tie goes to the "
                      f"baseline, then to the first row in the table), is {best!r}")
-        return " ".join(sentences) + tail + "".join(f". {x}" for x in left_out) + same_size
+        return " ".join(sentences) + tail + "".join(f". {x}" for x in left_out) + same_size + "."
 
     def _sentence(self, split: str, best_of: bool) -> str:
         deltas = self.comparisons(split, best_of)

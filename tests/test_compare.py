@@ -185,6 +185,7 @@ def test_result_round_trips_without_weights_kept():
     res = CompareResult(records={"baseline": {0: rec}, "encodenet": {0: {**rec, "val_accuracy": 0.6}}},
                         compute={"extra_epochs": 1.0, "note": ""}, seeds=[0], controls=[], config={}, notes=[])
     assert res.best == "encodenet" and not res.has_test
+    assert res.verdict.endswith("is 'encodenet'.")  # the verdict's last sentence ends like the others
     with pytest.raises(ValueError, match="model_fn"):
         res.model()
     with pytest.raises(ValueError, match="split must be"):
