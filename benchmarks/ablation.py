@@ -294,19 +294,26 @@ def evidence_test(ctx) -> Optional[Dict]:
     """The evidence runs' test accuracy, read only once the declared rows' test has been (compare's test.json):
     they were fixed before the choice and take no part in it (from-scratch references; the longest is the
     from-scratch row at more than E + X). Added to evidence.json; None while the test is sealed."""
-    args, regime, data, out = ctx["args"], ctx["regime"], ctx["data"], ctx["out"]
+    out = ctx["out"]
     path = out / "evidence.json"
     if not (out / "test.json").is_file() or not path.is_file():
         return None
-    found, device = json.loads(path.read_text()), resolve_device(args.device)
-    for key, run in found["runs"].items():
-        if "test_accuracy" not in run:
-            amp = key.split("-", 1)[1] if "-" in key else regime.amp  # "60-none": that run's own precision
-            finished = CompareResult.load(out / run["folder"], seeds=[0], model_fn=_model_fn(args, ctx["num_classes"]))
-            model = finished.model("baseline", 0).to(device).to(memory_format=torch.channels_last)
-            run["test_accuracy"] = evaluate(model, data.test, device, channels_last=True, amp=amp)["accuracy"]
-    write_json(path, found)
+    found = json.loads(path.read_text())
+    untested = {key: run for key, run in found["runs"].items() if "test_accuracy" not in run}
+    for key, run in untested.items():
+        amp = key.split("-", 1)[1] if "-" in key else ctx["regime"].amp  # "60-none": that run's own precision
+        run["test_accuracy"] = _baseline_test(ctx, out / run["folder"], 0, amp)
+    if untested:
+        write_json(path, found)
     return found
+
+
+def _baseline_test(ctx, folder: Path, seed: int, amp: str) -> float:
+    """Test accuracy of `seed`'s finished baseline in the compare folder `folder`, from its kept weights."""
+    device = resolve_device(ctx["args"].device)
+    finished = CompareResult.load(folder, seeds=[seed], model_fn=_model_fn(ctx["args"], ctx["num_classes"]))
+    model = finished.model("baseline", seed).to(device).to(memory_format=torch.channels_last)
+    return evaluate(model, ctx["data"].test, device, channels_last=True, amp=amp)["accuracy"]
 
 
 def validate(ctx):
@@ -323,16 +330,13 @@ ANCHOR = 0.90  # the full regime's sanity anchor: 3-seed mean test accuracy of t
 def anchor(ctx) -> Dict:
     """The test accuracy of every finished baseline (its committed weights), their mean and whether the mean is
     at least `ANCHOR` (``anchor.json``): the check before the other rows. Trains nothing."""
-    args, data, out = ctx["args"], ctx["data"], ctx["out"]
-    device = resolve_device(args.device)
+    args, out = ctx["args"], ctx["out"]
     tests = {}
     for seed in args.seeds:
         if not (out / "runs" / f"baseline-seed{seed}.json").is_file():
             _logger.info("anchor: seed %d's baseline has not finished", seed)
             continue
-        finished = CompareResult.load(out, seeds=[seed], model_fn=_model_fn(args, ctx["num_classes"]))
-        model = finished.model("baseline", seed).to(device).to(memory_format=torch.channels_last)
-        tests[str(seed)] = evaluate(model, data.test, device, channels_last=True, amp=ctx["regime"].amp)["accuracy"]
+        tests[str(seed)] = _baseline_test(ctx, out, seed, ctx["regime"].amp)
         _logger.info("anchor: seed %d's baseline: test %.4f", seed, tests[str(seed)])
     mean = float(np.mean(list(tests.values()))) if tests else None
     found = {"test_accuracy": tests, "mean": mean, "threshold": ANCHOR, "seeds_finished": len(tests),
