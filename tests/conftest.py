@@ -54,9 +54,10 @@ def load_benchmark(name: str):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """Benchmarks' --threads sets torch's global thread count; put it back afterwards."""
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """Every test: put torch's global thread count back afterwards (benchmarks' --threads sets it, and a test
+    left at 1 thread made a later bit-for-bit comparison against a 2-thread subprocess depend on test order)."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

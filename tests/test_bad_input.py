@@ -764,7 +764,7 @@ _COMPARE_RANDOM = ["compare", "--model", "resnet20_cifar", "--dataset", "digits"
                    "--autoencoder.epochs", "1", "--transfer.epochs", "1", "--finetune.epochs", "0"]
 
 
-def test_compare_from_a_random_baseline_is_refused_unless_allowed(capsys, tmp_path, monkeypatch, caplog, one_thread):
+def test_compare_from_a_random_baseline_is_refused_unless_allowed(capsys, tmp_path, monkeypatch, caplog):
     """#24.15: `compare` with baseline.epochs = 0 and a random-init model put every row at chance and gave a
     verdict without a word. The CLI refuses it before reading any data (exit 2, one line that says why and
     how to go on); --allow-untrained-baseline lets it run, and compare then warns that the baseline it

@@ -34,7 +34,7 @@ def test_convergence_rule():
     assert ab.choose_epochs(runs({40: 0.6, 60: 0.62, 80: 0.64, 120: 0.65, 180: 0.652})) == 120
 
 
-def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
+def test_ablation_pipeline_end_to_end(tmp_path):
     ab = load_benchmark("ablation")
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)
     out = tmp_path / "out"
@@ -93,7 +93,7 @@ def test_ablation_pipeline_end_to_end(tmp_path, one_thread):
 
 
 @pytest.mark.slow  # a benchmark option the long runs use; the default run keeps the pipeline test
-def test_evidence_runs_beside_in_another_precision(tmp_path, one_thread):
+def test_evidence_runs_beside_in_another_precision(tmp_path):
     ab = load_benchmark("ablation")
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from test_data_cifar import make_image_zip
 
 
 @pytest.mark.slow  # the pre-compare benchmark; ablation.py's smoke test covers compare in the default run
-def test_benchmark_pipeline_end_to_end(tmp_path, one_thread):
+def test_benchmark_pipeline_end_to_end(tmp_path):
     bench = load_benchmark("cifar")
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c", "d"), n_train=12, n_test=5)
     out = tmp_path / "out"

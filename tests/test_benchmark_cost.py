@@ -8,7 +8,7 @@ from conftest import load_benchmark
 
 
 @pytest.mark.slow  # a recorded benchmark's smoke run
-def test_cost_smoke_writes_every_stage_and_both_clustering_rows(tmp_path, one_thread):
+def test_cost_smoke_writes_every_stage_and_both_clustering_rows(tmp_path):
     cost = load_benchmark("cost")
     res = cost.main(["--smoke", "--threads", "1", "--epochs-per-stage", "2", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())

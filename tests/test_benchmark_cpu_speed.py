@@ -8,7 +8,7 @@ from conftest import load_benchmark
 
 
 @pytest.mark.slow  # a recorded benchmark's smoke run
-def test_cpu_speed_smoke_writes_rows_profiles_and_parity(tmp_path, one_thread):
+def test_cpu_speed_smoke_writes_rows_profiles_and_parity(tmp_path):
     cs = load_benchmark("cpu_speed")
     res = cs.main(["--smoke", "--settings", "fp32,bf16", "--workloads", "resnet20,autoencoder", "--profile",
                    "--out-dir", str(tmp_path)])

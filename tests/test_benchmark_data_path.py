@@ -4,7 +4,7 @@ import json
 from conftest import load_benchmark
 
 
-def test_smoke_on_cpu(tmp_path, one_thread):
+def test_smoke_on_cpu(tmp_path):
     res = load_benchmark("data_path").main(["--device", "cpu", "--smoke", "--threads", "1", "--out-dir", str(tmp_path)])
     assert res["loader"]["per_sample"]["images"] == res["loader"]["device"]["images"] == 200
     assert res["loader"]["device"]["img_per_s"] > 0 and res["training"]["img_per_s"] > 0

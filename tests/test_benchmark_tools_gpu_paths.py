@@ -5,7 +5,7 @@ import json
 from conftest import load_benchmark
 
 
-def test_smoke_on_cpu(tmp_path, one_thread):
+def test_smoke_on_cpu(tmp_path):
     res = load_benchmark("tools/gpu_paths").main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)])
     rows = {(r["amp"], r["channels_last"]): r for r in res["throughput"]}
     for key in (("none", False), ("none", True)):  # fp32, NCHW and NHWC: measured

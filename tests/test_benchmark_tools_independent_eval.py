@@ -12,7 +12,7 @@ from encodenet_timm.training import evaluate
 from test_data_cifar import make_image_zip
 
 
-def test_agrees_with_the_package_on_a_tiny_zip(tmp_path, one_thread):
+def test_agrees_with_the_package_on_a_tiny_zip(tmp_path):
     """A model that learnt the classes' tints (channel c per class c): a swapped channel or label order in
     either path would show as a different accuracy."""
     make_image_zip(tmp_path / "cifar10-jpeg.zip", classes=("a", "b", "c"), n_train=4, n_test=8)

@@ -7,7 +7,7 @@ import torch
 from encodenet_timm.cli import main as cli_main
 
 
-def test_cli_compare_and_resume(tmp_path, capsys, one_thread, caplog):
+def test_cli_compare_and_resume(tmp_path, capsys, caplog):
     """... and says what it does (#25.4): the FLOPs count is labelled as a count, the verdict says the kept
     model is chosen on validation and how ties break, and --resume says which rows it kept and which it trains."""
     torch.set_num_threads(1)

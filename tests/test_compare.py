@@ -43,7 +43,7 @@ def loaders(digits):
 TOY = dict(allow_untrained_baseline=True)
 
 
-def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread):
+def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     train, val, test = loaders
     out = tmp_path / "cmp"
@@ -109,7 +109,7 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch, one_thread
 
 
 @pytest.mark.slow  # FlopCounterMode over every row; the default run checks each record's extra epochs
-def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monkeypatch, one_thread):
+def test_each_row_trains_the_recipes_extra_flops_within_5_percent(loaders, monkeypatch):
     """FLOPs measured on the real training of every row (FlopCounterMode) against the counted X."""
     torch.set_num_threads(1)
     train, val, _ = loaders
@@ -147,7 +147,7 @@ def test_count_compute_adds_up_the_stages(loaders):
     assert c["kd_step"] > c["train_step"]  # the teacher's forward pass is extra
 
 
-def test_a_trained_baseline_drops_equal_and_says_so(loaders, one_thread):
+def test_a_trained_baseline_drops_equal_and_says_so(loaders):
     torch.set_num_threads(1)
     train, val, _ = loaders
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def _timeless(history):
                                       pytest.param("continued", marks=pytest.mark.slow),
                                       pytest.param("kd", marks=pytest.mark.slow), "encodenet"])
 def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(loaders, tmp_path, monkeypatch,
-                                                                                  one_thread, stop_row):
+                                                                                  stop_row):
     """A process killed inside a row (here: an exception at its 3rd in-epoch checkpoint) loses at most
     `checkpoint_every` steps: the next compare continues the row from its checkpoint, to the weights and
     history of a run that was never stopped."""
@@ -320,7 +320,7 @@ def test_a_row_stopped_inside_continues_from_its_checkpoint_to_the_same_weights(
         assert clean.records[row][0]["val_accuracy"] == again.records[row][0]["val_accuracy"], row
 
 
-def test_the_baseline_row_is_the_wrappers_baseline(loaders, one_thread):
+def test_the_baseline_row_is_the_wrappers_baseline(loaders):
     """compare trains its baseline as EncodeNetWrapper.fit_baseline does: same task, seed and weights."""
     torch.set_num_threads(1)
     train, val, _ = loaders
@@ -334,7 +334,7 @@ def test_the_baseline_row_is_the_wrappers_baseline(loaders, one_thread):
     assert "has not finished" in res.verdict
 
 
-def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(loaders, tmp_path, one_thread):
+def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(loaders, tmp_path):
     torch.set_num_threads(1)
     train, val, test = loaders
     res = compare(_model, train, val, config=_config(), controls=("continued", "ema"), seeds=(0,), trials=2,
@@ -358,7 +358,7 @@ def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(l
     assert "not tested" in res.table() and "best of 2 on validation" in res.verdict
 
 
-def test_a_diverging_row_is_marked_and_left_out_of_the_verdict(loaders, one_thread):
+def test_a_diverging_row_is_marked_and_left_out_of_the_verdict(loaders):
     torch.set_num_threads(1)
     train, val, _ = loaders
     res = compare(_model, train, val, config=_config(), controls=("continued", "ema"), seeds=(0,),
@@ -376,7 +376,7 @@ def test_an_untrained_baseline_is_refused_before_any_other_row(loaders, monkeypa
         compare(_model, train, val, config=_config(**{"baseline.epochs": 0}), controls=("continued",), seeds=(0,))
 
 
-def test_sigterm_inside_a_row_checkpoints_it_and_interrupts(loaders, tmp_path, monkeypatch, one_thread):
+def test_sigterm_inside_a_row_checkpoints_it_and_interrupts(loaders, tmp_path, monkeypatch):
     """With an out_dir, SIGTERM inside a supervised row finishes the step, writes the row's checkpoint and
     raises Interrupted; the next compare continues the row from there."""
     import os

@@ -124,7 +124,7 @@ def _fit(train, device_path, **cfg_kw):
     return wrapper
 
 
-def test_wrapper_fit_on_the_device_path_gives_the_per_sample_weights_bit_for_bit(digits, one_thread):
+def test_wrapper_fit_on_the_device_path_gives_the_per_sample_weights_bit_for_bit(digits):
     """Every stage (check_data's probe, the feature pass, the representative gather, _ClusterTargets,
     the autoencoder, transfer) reads the device dataset; with no augmentation it is the same data."""
     train, _ = digits
@@ -135,7 +135,7 @@ def test_wrapper_fit_on_the_device_path_gives_the_per_sample_weights_bit_for_bit
         assert torch.equal(va, vb), k
 
 
-def test_resume_is_exact_with_device_augmentation(tmp_path, one_thread):
+def test_resume_is_exact_with_device_augmentation(tmp_path):
     """A run killed after its first autoencoder epoch and resumed ends with the uninterrupted weights."""
     images, labels = _arrays(n=60, h=32, w=32)
     labels = np.arange(60) % 10
