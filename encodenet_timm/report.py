@@ -22,7 +22,7 @@ def table(result) -> str:
         val = _pct(result.accuracy(r))
         if result.diverged(r):
             val += " (diverged)"
-        cells = [r + (" (chosen)" if r == result.chosen and r != result.default else ""),
+        cells = [r + (" (EncodeNet's choice)" if r == result.chosen and r != result.default else ""),
                  row_what(r, result.described), f"{result.extra_epochs(r):.2f}", val]
         if test:
             cells.append(_pct(result.accuracy(r, "test")) if r in result.tests else "not tested (not declared)")

@@ -228,7 +228,8 @@ class CompareResult:
             why = ("has not finished on every seed yet" if mine not in self.records else
                    f"diverged: {self.diverged(mine)}" if self.diverged(mine) else "has no other row to compare with")
             return f"{who} {why}."
-        return f"{who} " + "; ".join(describe(d, d["p_holm"], o) for o, d in deltas.items()) + "."
+        # under MIN_SEEDS seeds the verdict's bracket says "means only" once, not after every comparison
+        return f"{who} " + "; ".join(describe(d, d["p_holm"], o, seeds_note=False) for o, d in deltas.items()) + "."
 
     # ---- reports (report.py)
     def table(self) -> str:

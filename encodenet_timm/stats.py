@@ -81,13 +81,17 @@ def seeds_needed(std: float, effect: float, alpha: float = ALPHA, power: float =
     return None
 
 
-def describe(d: Dict[str, Any], p_adjusted: Optional[float], other: str, points: float = 100.0) -> str:
+def describe(d: Dict[str, Any], p_adjusted: Optional[float], other: str, points: float = 100.0,
+             seeds_note: bool = True) -> str:
     """One comparison in words, in points: "beats X (+0.52, p=0.012 Holm, 95% CI +0.10..+0.94 uncorrected)",
     "no significant difference from X (...; could detect 0.61)", or, under `MIN_SEEDS` seeds,
-    "above X by +0.30 (2 seeds: no test; N seeds needed for one)"."""
+    "above X by +0.30 (2 seeds: no test below 3)" (without the bracket when `seeds_note` is False: a verdict
+    that says it once for every comparison)."""
     mean = points * d["mean"]
     if d["n"] < MIN_SEEDS or d["p"] is None:
         word = "above" if mean > 0 else "below" if mean < 0 else "level with"
+        if d["n"] < MIN_SEEDS and not seeds_note:
+            return f"{word} {other} by {mean:+.2f}"
         why = (f"{d['n']} seed{'s' * (d['n'] != 1)}: no test below {MIN_SEEDS}" if d["n"] < MIN_SEEDS
                else "identical differences on every seed: no spread to test")
         return f"{word} {other} by {mean:+.2f} ({why})"

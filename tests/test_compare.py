@@ -70,6 +70,7 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch):
         assert d["diffs"] == pytest.approx(expect.tolist())
     assert all(other in res.verdict for other in deltas) and res.verdict.startswith("EncodeNet ")
     assert "2 seeds: means only" in res.verdict and "beats" not in res.verdict and "loses" not in res.verdict
+    assert "no test below" not in res.verdict  # said once, in the bracket, not after every comparison
     # the sealed test: written apart from the runs, once, for the rows declared before the choice
     sealed = json.loads((out / "test.json").read_text())
     assert set(sealed["test"]) == set(rows) and sealed["choice"]["chosen"] == "encodenet"
@@ -356,6 +357,9 @@ def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(l
         with pytest.raises(ValueError, match="only the rows declared before the choice"):
             res.accuracy(row, "test")
     assert "not tested" in res.table() and "best of 2 on validation" in res.verdict
+    marked = [line for line in res.table().splitlines() if "(EncodeNet's choice)" in line]
+    assert marked == ([] if res.chosen == "encodenet" else [l for l in marked if l.startswith(f"| {res.chosen} (")])
+    assert len(marked) == (res.chosen != "encodenet")  # the marker names EncodeNet's pick, not the overall winner
 
 
 def test_a_diverging_row_is_marked_and_left_out_of_the_verdict(loaders):

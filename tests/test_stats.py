@@ -25,6 +25,7 @@ def test_two_seeds_never_beat_or_lose_however_small_p():
     text = describe(d, d["p"], "baseline")
     assert "beats" not in text and "loses" not in text
     assert text.startswith("below baseline by -0.26") and f"no test below {MIN_SEEDS}" in text
+    assert describe(d, d["p"], "baseline", seeds_note=False) == "below baseline by -0.26"  # a verdict says it once
 
 
 def test_three_seeds_with_a_clear_effect_beat_with_an_interval_and_a_corrected_p():
