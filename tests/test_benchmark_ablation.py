@@ -1,5 +1,6 @@
 """End to end: benchmarks/ablation.py on a tiny synthetic zip in the cifar10-jpeg layout (smoke regime)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -23,6 +24,25 @@ def test_every_variant_is_a_valid_config_at_the_regime_lengths():
     assert ab.regime_config(regime, variant="ce_3").autoencoder.ce_weight == 3.0
     assert ab.regime_config(regime, variant="split_last_no_ae").autoencoder.epochs == 0
     assert timm.create_model("resnet20_cifar").feature_info  # last_stage splits inside it
+
+
+def test_a_variant_chosen_over_the_default_is_paired_against_each_control_on_test():
+    """The test section's second look: EncodeNet's choice (here a variant) minus the baseline and each control,
+    per seed, Holm-corrected over those comparisons; nothing when validation chose the default recipe."""
+    ab = load_benchmark("ablation")
+    acc = {"baseline": [0.880, 0.876, 0.875], "encodenet": [0.878, 0.874, 0.879], "no_ae": [0.881, 0.879, 0.878],
+           "continued": [0.879, 0.876, 0.876], "kd": [0.882, 0.880, 0.881]}
+    result = SimpleNamespace(chosen="no_ae", default="encodenet", tests=list(acc), chosen_trials={},
+                             controls=["continued", "kd"], diverged=lambda row: None,
+                             accuracy=lambda row, split: acc[row])
+    lines = ab._choice_against_controls(result)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| no_ae - ")}
+    assert list(rows) == ["no_ae - baseline", "no_ae - continued", "no_ae - kd"]
+    assert rows["no_ae - kd"][1] == "-0.17" and rows["no_ae - kd"][3] == "-0.10, -0.10, -0.30"
+    p_values = [float(r[4].rstrip(" |")) for r in rows.values()]
+    assert all(0 < p <= 1 for p in p_values) and "Holm" in lines[0]
+    result.chosen = "encodenet"
+    assert ab._choice_against_controls(result) == []
 
 
 def test_convergence_rule():
@@ -57,6 +77,8 @@ def test_ablation_pipeline_end_to_end(tmp_path):
     assert "Chosen on validation" in md and "| ce_3 |" in md and "encodenet - continued" in md
     if result.chosen != "ce_3":
         assert "ce_3" not in md.split("## Test")[1]  # a variant not chosen never shows a test accuracy
+    # a variant chosen over the default recipe is also paired against each control on test
+    assert ("Holm over these comparisons" in md) == (result.chosen != "encodenet")
     assert (out / "accuracy_vs_compute.png").stat().st_size > 1000
     # an evidence run (from scratch, another length) is tested only once the rows' test has been read
     (out / "test.json").rename(out / "test.sealed")
