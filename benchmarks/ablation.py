@@ -47,7 +47,7 @@ from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
 from encodenet_timm.row_names import row_what
-from encodenet_timm.stats import holm, paired_difference
+from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, resolve_device, versions
 from encodenet_timm.training import evaluate
@@ -380,25 +380,30 @@ def _length_table(title: str, runs: Dict, rule: Optional[str]) -> List[str]:
     return lines + ([""] + ([rule, ""] if rule else []))
 
 
+def _paired_table(title: str, deltas: Dict[str, Dict]) -> List[str]:
+    """Markdown: one row per comparison of `CompareResult.comparisons` (mean, 95% CI and minimal detectable
+    difference from 3 seeds on, per-seed differences, Holm-corrected p), in points, under `title`."""
+    lines = [title, "", "| comparison | mean | 95% CI | per seed | p (Holm) | detectable |", "|---|---:|---|---|---:|---:|"]
+    for other, d in deltas.items():
+        ci = "" if d["ci"] is None or d["n"] < 3 else f"{100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
+        p = "" if d["p_holm"] is None else f"{d['p_holm']:.3f}"
+        det = "" if d["detectable"] is None or d["n"] < 3 else f"{100 * d['detectable']:.2f}"
+        lines.append(f"| {d['row']} - {other} | {100 * d['mean']:+.2f} | {ci} | "
+                     f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {p} | {det} |")
+    return lines + [""]
+
+
 def _choice_against_controls(result: CompareResult) -> List[str]:
     """When validation chose a variant over the default recipe: that variant against the baseline and each
-    control on test, paired over seeds, Holm-corrected over these comparisons. A second look, beside the
-    verdict (which speaks for the default recipe): does *any* EncodeNet configuration beat a control?"""
+    control (its chosen trial) on test, paired over seeds, Holm-corrected over these comparisons. A second
+    look, beside the verdict (which speaks for the default recipe): does *any* EncodeNet configuration beat a
+    control?"""
     mine = result.chosen
     if mine == result.default or mine not in result.tests:
         return []
-    others = [o for o in ["baseline"] + [result.chosen_trials.get(c, c) for c in result.controls]
-              if o in result.tests and not result.diverged(o)]
-    deltas = [paired_difference(result.accuracy(mine, "test"), result.accuracy(o, "test")) for o in others]
-    adjusted = holm([d["p"] if d["n"] >= 3 else None for d in deltas])
-    lines = [f"EncodeNet's choice on validation (**{mine}**) against the baseline and each control, paired test "
-             f"differences (points; Holm over these comparisons):", "",
-             "| comparison | mean | 95% CI | per seed | p (Holm) |", "|---|---:|---|---|---:|"]
-    for other, d, p in zip(others, deltas, adjusted):
-        ci = "" if d["ci"] is None or d["n"] < 3 else f"{100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
-        lines.append(f"| {mine} - {other} | {100 * d['mean']:+.2f} | {ci} | "
-                     f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {'' if p is None else f'{p:.3f}'} |")
-    return lines + [""]
+    return _paired_table(f"EncodeNet's choice on validation (**{mine}**) against the baseline and each control, "
+                         f"paired test differences (points; Holm over these comparisons):",
+                         result.comparisons("test", best_of=True, mine=mine))
 
 
 def report(ctx, result: CompareResult) -> Dict:
@@ -452,15 +457,8 @@ def report(ctx, result: CompareResult) -> Dict:
             lines.append(f"| {r} | {_pct(result.accuracy(r, 'test'))} | {_per_seed(result.accuracy(r, 'test'))} |")
         lines += ["", f"**Verdict (test):** {result.verdict}", ""]
         for best_of in ((False, True) if result.trials > 1 and result.chosen_trials else (False,)):
-            lines += [f"Paired test differences{' (best of k against best of k)' if best_of else ''} (points):", "",
-                      "| comparison | mean | 95% CI | per seed | p (Holm) | detectable |", "|---|---:|---|---|---:|---:|"]
-            for other, d in result.comparisons("test", best_of).items():
-                ci = "" if d["ci"] is None or d["n"] < 3 else f"{100 * d['ci'][0]:+.2f}..{100 * d['ci'][1]:+.2f}"
-                p = "" if d["p_holm"] is None else f"{d['p_holm']:.3f}"
-                det = "" if d["detectable"] is None or d["n"] < 3 else f"{100 * d['detectable']:.2f}"
-                lines.append(f"| {d['row']} - {other} | {100 * d['mean']:+.2f} | {ci} | "
-                             f"{', '.join(f'{100 * v:+.2f}' for v in d['diffs'])} | {p} | {det} |")
-            lines.append("")
+            lines += _paired_table(f"Paired test differences{' (best of k against best of k)' if best_of else ''} "
+                                   f"(points):", result.comparisons("test", best_of))
         lines += _choice_against_controls(result)
     else:
         lines += ["## Test", "", "Not read yet: the test set is read once every row has finished on every seed.", ""]

@@ -178,12 +178,14 @@ class CompareResult:
             raise ValueError(f"split must be 'val' or 'test' (test only when compare got a test_loader), got {split!r}")
         return split
 
-    def comparisons(self, split: Optional[str] = None, best_of: bool = False) -> Dict[str, Dict[str, Any]]:
-        """The EncodeNet row (the default; with `best_of`, the chosen one) minus the baseline and each control
-        (its default; with `best_of`, its chosen trial), paired over seeds on `split`, with Holm-corrected
-        p-values across these comparisons (``p_holm``). Diverged rows are left out."""
+    def comparisons(self, split: Optional[str] = None, best_of: bool = False,
+                    mine: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+        """The EncodeNet row (the default; with `best_of`, the chosen one; or the row `mine`) minus the baseline
+        and each control (its default; with `best_of`, its chosen trial), paired over seeds on `split`, with
+        Holm-corrected p-values across these comparisons (``p_holm``). Diverged rows are left out."""
         split = self._split(split)
-        mine = self.chosen_trials.get("encodenet", self.default) if best_of else self.default
+        if mine is None:
+            mine = self.chosen_trials.get("encodenet", self.default) if best_of else self.default
         others = ["baseline"] + [self.chosen_trials.get(c, c) if best_of else c for c in self.controls]
         others = [o for o in others if o in self.records and o != mine and not self.diverged(o)]
         if mine not in self.records or self.diverged(mine):
