@@ -39,7 +39,7 @@ from .errors import RunDirInUseError
 from .files import DirLock, read_json, write_json
 from .loaders import readable
 from .result import CompareResult, _choose_on_val
-from .row_names import CONTROLS, TRIAL_FACTORS, base_row, declared_rows, trial_name
+from .row_names import CONTROLS, TRIAL_FACTORS, base_row, declared_rows, ordered_rows, trial_name
 from .rows import Rows
 from .split import check_timm_classifier
 from .stats import paired_difference
@@ -189,10 +189,10 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
     controls_config = ControlsConfig() if controls_config is None else controls_config
     if not isinstance(controls_config, ControlsConfig):
         raise TypeError(f"controls_config must be a ControlsConfig, got {type(controls_config).__name__}")
-    controls = list(dict.fromkeys(controls))
     unknown = [c for c in controls if c not in CONTROLS]
     if unknown:
         raise ValueError(f"unknown controls {unknown}; choose from {', '.join(CONTROLS)}")
+    controls = [c for c in CONTROLS if c in controls]  # one order, whatever order they were given in
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ValueError("seeds is empty: give at least one (three or more for a verdict)")
@@ -221,8 +221,8 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: DataLoader, val_loa
         {f"{s}.lr": getattr(config, s).lr * TRIAL_FACTORS[t] for s in ("autoencoder", "transfer", "finetune")})
         for t in range(trials)}
     recipes.update(variants)
-    all_rows = ["baseline", *recipes] + [trial_name(c, t) for c in controls
-                                         for t in range(1 if c == "equal" else trials)]
+    all_rows = ordered_rows(["baseline", *recipes] + [trial_name(c, t) for c in controls
+                                                      for t in range(1 if c == "equal" else trials)], list(variants))
     unknown_rows = [r for r in (rows or ()) if r not in all_rows]
     if unknown_rows:
         raise ValueError(f"rows {unknown_rows} are not rows of this comparison ({', '.join(all_rows)})")

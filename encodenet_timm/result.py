@@ -21,7 +21,7 @@ from . import report
 from .controls import divergence
 from .env import machine, versions
 from .files import read_json
-from .row_names import CONTROLS, base_row, declared_rows, row_what, trial_name, weights_path
+from .row_names import CONTROLS, base_row, declared_rows, ordered_rows, row_what, trial_name, weights_path
 from .seeding import seed_everything
 from .stats import MIN_SEEDS, describe, holm, paired_difference
 
@@ -83,8 +83,8 @@ class CompareResult:
         if "baseline" not in records:
             raise ValueError(f"{directory / 'runs'} holds no baseline record: nothing to report")
         seeds = sorted(records["baseline"]) if seeds is None else [int(s) for s in seeds]
-        order = ["baseline", *[r for r in records if base_row(r)[0] not in ("baseline", *CONTROLS)],
-                 *[r for c in CONTROLS for r in records if base_row(r)[0] == c]]
+        compute = read_json(directory / "compute.json") if (directory / "compute.json").is_file() else {}
+        order = ordered_rows(records, [v for v in (compute.get("variants") or {}) if v != default])
         finished = [r for r in order if all(s in records[r] for s in seeds)]
         notes = []
         if len(finished) < len(order):
@@ -121,7 +121,6 @@ class CompareResult:
                 values = [_sealed_test(sealed, records, r, s) for s in seeds]
                 if all(v is not None for v in values):
                     tests[r] = dict(zip(seeds, values))
-        compute = read_json(directory / "compute.json") if (directory / "compute.json").is_file() else {}
         legacy_x = ((compute.get("variants") or {}).get(default) or {})
         compute.setdefault("extra_epochs", legacy_x.get("extra_epochs", float("nan")) if isinstance(legacy_x, dict)
                            else float("nan"))  # older folders counted each recipe row's compute separately

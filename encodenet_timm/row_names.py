@@ -1,10 +1,10 @@
 """A comparison's rows by name: the controls, the trials of the lr grid (``row@t<k>``), what each row is,
 which rows the test reads, and where each (row, seed) keeps its record and weights."""
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["CONTROLS", "TRIAL_FACTORS", "trial_name", "base_row", "row_what", "declared_rows", "weights_path",
-           "record_path"]
+__all__ = ["CONTROLS", "TRIAL_FACTORS", "trial_name", "base_row", "ordered_rows", "row_what", "declared_rows",
+           "weights_path", "record_path"]
 
 CONTROLS = ("continued", "kd", "ema", "equal")
 TRIAL_FACTORS = (1.0, 1 / 3, 3.0, 1 / 9, 9.0)  # trial t scales the side's lrs by TRIAL_FACTORS[t]
@@ -27,6 +27,24 @@ def base_row(name: str) -> Tuple[str, int]:
     """``"kd@t2"`` -> ("kd", 2); ``"kd"`` -> ("kd", 0)."""
     row, _, trial = name.partition("@t")
     return row, int(trial) if trial else 0
+
+
+def ordered_rows(rows: Iterable[str], variants: Sequence[str] = ()) -> List[str]:
+    """`rows` in the one order every table and report uses, whoever lists them: baseline, EncodeNet, the
+    variants (in `variants`' order, others by name), then the controls in ``CONTROLS`` order; each side's
+    trials by number. A live `compare` and `CompareResult.load` of its folder thus agree row for row."""
+    variants = list(variants)
+
+    def key(name: str) -> Tuple[int, int, str, int]:
+        row, trial = base_row(name)
+        if row == "baseline":
+            return 0, 0, "", trial
+        if row == "encodenet":
+            return 1, 0, "", trial
+        if row in CONTROLS:
+            return 3, CONTROLS.index(row), "", trial
+        return 2, variants.index(row) if row in variants else len(variants), row, trial
+    return sorted(rows, key=key)
 
 
 def row_what(name: str, described: Optional[Dict[str, str]] = None) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, compare
+from encodenet_timm import CompareResult, EncodeNetConfig, EncodeNetWrapper, compare
 from encodenet_timm.cli import main as cli_main
 from encodenet_timm.compare import CompareResult, count_compute
 from encodenet_timm.config import ControlsConfig
@@ -338,12 +338,15 @@ def test_the_baseline_row_is_the_wrappers_baseline(loaders):
 def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(loaders, tmp_path):
     torch.set_num_threads(1)
     train, val, test = loaders
-    res = compare(_model, train, val, config=_config(), controls=("continued", "ema"), seeds=(0,), trials=2,
+    res = compare(_model, train, val, config=_config(), controls=("ema", "continued"), seeds=(0,), trials=2,
                   variants={"ce_3": _config(**{"autoencoder.ce_weight": 3.0}),
                             "ft_0": _config(**{"finetune.epochs": 0})},
                   test_loader=test, out_dir=tmp_path / "cmp", **TOY)
     assert res.rows == ["baseline", "encodenet", "encodenet@t1", "ce_3", "ft_0", "continued", "continued@t1", "ema",
-                        "ema@t1"]
+                        "ema@t1"]  # the controls in CONTROLS order, whatever order they were given in
+    loaded = CompareResult.load(tmp_path / "cmp")  # the same rows, table and verdict, read back from the folder
+    assert loaded.rows == res.rows and loaded.controls == res.controls
+    assert loaded.table() == res.table() and loaded.verdict == res.verdict
     assert set(res.chosen_trials) == {"encodenet", "continued", "ema"}
     for side, row in res.chosen_trials.items():  # each side's best of 2 on validation
         assert row == max([side, f"{side}@t1"], key=lambda r: res.accuracy(r)[0])
