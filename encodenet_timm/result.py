@@ -28,6 +28,15 @@ from .stats import MIN_SEEDS, describe, holm, paired_difference
 __all__ = ["CompareResult"]
 
 
+def _described_before(directory: Path) -> Dict[str, str]:
+    """What each variant row is, as the folder's last report (results.json) said: a report regenerated
+    without the variants' descriptions keeps them."""
+    path = directory / "results.json"
+    rows = (read_json(path).get("rows") or {}) if path.is_file() else {}
+    return {r: v["what"] for r, v in rows.items() if "@t" not in r and isinstance(v, dict)
+            and isinstance(v.get("what"), str) and base_row(r)[0] not in ("baseline", "encodenet", *CONTROLS)}
+
+
 @dataclasses.dataclass
 class CompareResult:
     """Every row's validation accuracy per seed, the sealed test of the declared rows, and the verdict.
@@ -71,7 +80,8 @@ class CompareResult:
         and evaluating nothing: the rows finished on every one of `seeds` (default: every seed with a
         baseline). Test accuracy is read only for the rows declared before the choice, once every row has
         finished, from test.json, or, for records written before the test was sealed, from the value each
-        measured blind at its end. Control rows written before `ControlsConfig` existed are marked as such
+        measured blind at its end. Variants keep the descriptions a previous `save` wrote (results.json)
+        unless `described` gives others. Control rows written before `ControlsConfig` existed are marked as such
         in `notes`, and a row whose history shows a divergence (`controls.divergence`) is marked diverged.
         """
         directory = Path(directory)
@@ -128,7 +138,8 @@ class CompareResult:
         config = (records.get(default, {}).get(seeds[0], {}).get("fingerprint") or {}).get("config", {})
         return cls(records=records, compute=compute, seeds=seeds, controls=controls, config=config, notes=notes,
                    tests=tests, chosen=chosen, chosen_trials=chosen_trials, trials=trials,
-                   described=dict(described or {}), default=default, model_fn=model_fn, out_dir=directory)
+                   described={**_described_before(directory), **(described or {})}, default=default,
+                   model_fn=model_fn, out_dir=directory)
 
     # ---- rows and numbers
     @property

@@ -341,10 +341,12 @@ def test_trials_give_each_side_its_best_of_k_and_only_declared_rows_are_tested(l
     res = compare(_model, train, val, config=_config(), controls=("ema", "continued"), seeds=(0,), trials=2,
                   variants={"ce_3": _config(**{"autoencoder.ce_weight": 3.0}),
                             "ft_0": _config(**{"finetune.epochs": 0})},
-                  test_loader=test, out_dir=tmp_path / "cmp", **TOY)
+                  described={"ce_3": "autoencoder loss MSE + 3 x CE"}, test_loader=test, out_dir=tmp_path / "cmp", **TOY)
     assert res.rows == ["baseline", "encodenet", "encodenet@t1", "ce_3", "ft_0", "continued", "continued@t1", "ema",
                         "ema@t1"]  # the controls in CONTROLS order, whatever order they were given in
+    res.save(tmp_path / "cmp")
     loaded = CompareResult.load(tmp_path / "cmp")  # the same rows, table and verdict, read back from the folder
+    assert "| autoencoder loss MSE + 3 x CE |" in loaded.table()  # ce_3, as the last report described it
     assert loaded.rows == res.rows and loaded.controls == res.controls
     assert loaded.table() == res.table() and loaded.verdict == res.verdict
     assert set(res.chosen_trials) == {"encodenet", "continued", "ema"}
