@@ -1,4 +1,5 @@
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def test_zip_is_decoded_in_label_order_and_cached(tmp_path):
     assert np.array_equal(again[0], data.train_images) and again[4] == data.classes
     # the zip itself can be passed too
     assert load_cifar("cifar10-jpeg", zip_path, cache_dir=tmp_path / "cache").train_images.shape[0] == 18
+    # the cache follows the zip's content: a new modification time (a copy, a re-mount) reuses it...
+    os.utime(zip_path, (1e9, 1e9))
+    read_image_zip(zip_path, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").glob("*.npz")) == cached
+    # ...other images are decoded anew
+    make_image_zip(zip_path, seed=1)
+    other = read_image_zip(zip_path, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2 and not np.array_equal(other[0], data.train_images)
 
 
 def test_missing_zip_and_unknown_dataset(tmp_path):
