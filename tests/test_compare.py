@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from encodenet_timm import CompareResult, EncodeNetConfig, EncodeNetWrapper, compare
+from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, compare
 from encodenet_timm.cli import main as cli_main
 from encodenet_timm.compare import CompareResult, count_compute
 from encodenet_timm.config import ControlsConfig
