@@ -46,6 +46,7 @@ from encodenet_timm import EncodeNetConfig, EncodeNetWrapper, StageConfig
 from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
+from encodenet_timm.controls import train_seconds
 from encodenet_timm.row_names import row_what
 from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
@@ -280,7 +281,7 @@ def evidence(ctx) -> Dict:
         found = json.loads(path.read_text()) if path.is_file() else found  # another process may have added one
         found["runs"][f"{length}{tag}"] = {
             "epochs": length, "precision": record["precision"], "val_accuracy": record["val_accuracy"],
-            "seconds": record["seconds"],
+            "seconds": record["seconds"], "train_seconds": record["train_seconds"],
             "train_accuracy": evaluate(model, data.plain, resolve_device(args.device), channels_last=True,
                                        amp=amp)["accuracy"],
             "final_train_loss": record["history"][-1]["loss"], "folder": str(folder.relative_to(out))}
@@ -368,16 +369,51 @@ def _per_seed(values: List[float]) -> str:
     return ", ".join(f"{100 * a:.2f}" for a in values)
 
 
+def _add_train_seconds(evid: Dict, out: Path) -> bool:
+    """Give each evidence run written before records kept it its training time over every process
+    (`train_seconds`, from its record's history); True if any was added."""
+    added = False
+    for run in evid["runs"].values():
+        record = out / run["folder"] / "runs" / "baseline-seed0.json"
+        if "train_seconds" not in run and record.is_file():
+            run["train_seconds"], added = train_seconds(json.loads(record.read_text())["history"]), True
+    return added
+
+
 def _length_table(title: str, runs: Dict, rule: Optional[str]) -> List[str]:
     tested = any("test_accuracy" in r for r in runs.values())  # read only after the rows' sealed test
-    lines = [f"## {title}", "", "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | seconds |"
+    lines = [f"## {title}", "", "| epochs | val accuracy (%) | train accuracy (%, unaugmented) | training seconds |"
              + (" test accuracy (%) |" if tested else ""), "|---:|---:|---:|---:|" + ("---:|" if tested else "")]
     for e, r in sorted(runs.items(), key=lambda kv: (int(kv[0].split("-")[0]), kv[0])):
         e = e if "-" not in e else f"{e.split('-')[0]} ({e.split('-', 1)[1]})"  # another precision than the regime's
         test = (f" {100 * r['test_accuracy']:.2f} |" if "test_accuracy" in r else " |") if tested else ""
-        lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {r['seconds']:.0f} |"
+        seconds = r.get("train_seconds", r["seconds"])  # every process's epochs (a run resumed after stops)
+        lines.append(f"| {e} | {100 * r['val_accuracy']:.2f} | {100 * r['train_accuracy']:.2f} | {seconds:.0f} |"
                      + test)
     return lines + ([""] + ([rule, ""] if rule else []))
+
+
+def _equal_from_evidence(result: CompareResult, evid: Dict) -> List[str]:
+    """The longest from-scratch evidence run (the regime's precision) that trained at least the rows' total
+    E + X epochs is the from-scratch `equal` row: its test against each declared row's, on seed 0 (the only
+    seed it has: means only). Empty until the rows' test has been read and that run's test with it."""
+    base = result.records["baseline"].get(0)
+    if not result.has_test or base is None:
+        return []
+    E, X = len(base["history"]), result.compute["extra_epochs"]
+    runs = [r for key, r in evid["runs"].items() if "-" not in key and r["epochs"] >= E + X and "test_accuracy" in r]
+    if not runs:
+        return []
+    run = max(runs, key=lambda r: r["epochs"])
+    t = run["test_accuracy"]
+    lines = ["## From scratch at more than the rows' compute (the `equal` row, seed 0 only)", "",
+             f"One schedule of {run['epochs']} epochs from scratch: {run['epochs'] / (E + X):.2f}x the rows' total "
+             f"(E + X = {E} + {X:.2f} epochs), so more compute than any row, not equal to it. Validation "
+             f"{100 * run['val_accuracy']:.2f}%, test {100 * t:.2f}%. One seed: differences are means, no test.", "",
+             "| row | test, seed 0 (%) | equal - row (points) |", "|---|---:|---:|"]
+    lines += [f"| {r} | {100 * result.tests[r][0]:.2f} | {100 * (t - result.tests[r][0]):+.2f} |"
+              for r in result.tests if 0 in result.tests[r]]
+    return lines + [""]
 
 
 def _paired_table(title: str, deltas: Dict[str, Dict]) -> List[str]:
@@ -413,6 +449,8 @@ def report(ctx, result: CompareResult) -> Dict:
     result.save(out)
     conv = json.loads((out / "converge.json").read_text()) if (out / "converge.json").is_file() else None
     evid = json.loads((out / "evidence.json").read_text()) if (out / "evidence.json").is_file() else None
+    if evid is not None and _add_train_seconds(evid, out):
+        write_json(out / "evidence.json", evid)
     X = result.compute["extra_epochs"]
     lines = [f"# Ablation: {ctx['args'].dataset} / {ctx['args'].model} / regime `{ctx['args'].regime}`", "",
              f"`python benchmarks/ablation.py {' '.join(ctx['args'].argv)}`", "",
@@ -460,6 +498,7 @@ def report(ctx, result: CompareResult) -> Dict:
             lines += _paired_table(f"Paired test differences{' (best of k against best of k)' if best_of else ''} "
                                    f"(points):", result.comparisons("test", best_of))
         lines += _choice_against_controls(result)
+        lines += _equal_from_evidence(result, evid) if evid is not None else []
     else:
         lines += ["## Test", "", "Not read yet: the test set is read once every row has finished on every seed.", ""]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")

@@ -32,7 +32,7 @@ from .run_dir import RunDir
 from .stopping import StopSignals
 from .training import LoopOptions, TrainState, train_stage
 
-__all__ = ["budget_loader", "RowCheckpoints", "train_row", "divergence", "DistillationTask"]
+__all__ = ["budget_loader", "RowCheckpoints", "train_row", "divergence", "train_seconds", "DistillationTask"]
 
 _logger = logging.getLogger(__name__)
 
@@ -140,6 +140,14 @@ def train_row(task: nn.Module, loader: DataLoader, cfg, *, row: str, seed: int, 
         return train_stage(task, loader, cfg, stage=row, options=options, check=check, seed=seed, resume=resume,
                            on_checkpoint=lambda state: checkpoints.save(state, cfg.epochs, modules),
                            checkpoint_every=checkpoint_every, stop=stop)
+
+
+def train_seconds(history: Any) -> float:
+    """Seconds of the training epochs in `history` (a stage's list of epochs, or stage -> list), summed over
+    every process that trained them: a row resumed after a stop counts the epochs before the stop too."""
+    stages = history.values() if isinstance(history, dict) else [history]
+    return float(sum(e.get("seconds", 0.0) for stage in stages if isinstance(stage, list) for e in stage
+                     if isinstance(e, dict)))
 
 
 def divergence(history: List[Dict[str, float]], start_accuracy: Optional[float] = None,

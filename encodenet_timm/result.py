@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from . import report
-from .controls import divergence
+from .controls import divergence, train_seconds
 from .env import machine, versions
 from .files import read_json
 from .row_names import CONTROLS, base_row, declared_rows, ordered_rows, row_what, trial_name, weights_path
@@ -42,7 +42,8 @@ class CompareResult:
     """Every row's validation accuracy per seed, the sealed test of the declared rows, and the verdict.
 
     Attributes:
-        records: row -> seed -> record (val_accuracy, extra_epochs, seconds, history, diverged, ...).
+        records: row -> seed -> record (val_accuracy, extra_epochs, history, diverged, train_seconds: the
+            training epochs' time over every process, seconds: the finishing process's wall time, ...).
         compute: `count_compute`'s figures for the recipe (and ``variants``: the same per variant row).
         seeds: the seeds every row finished.
         controls: the control rows asked for (trial 0 names).
@@ -108,6 +109,7 @@ class CompareResult:
                 rec = records[r][s]
                 rec.setdefault("diverged", None)
                 hist = rec.get("history")
+                rec.setdefault("train_seconds", train_seconds(hist))  # records written before it was kept
                 if rec["diverged"] is None and isinstance(hist, list) and hist and r != "baseline":
                     start = _last_accuracy(records["baseline"][s]) if base_row(r)[0] != "equal" else None
                     rec["diverged"] = divergence(hist, start)  # the loss from the row's first epoch

@@ -21,7 +21,8 @@ from timm.task import ClassificationTask
 from . import distributed
 from .checks import check_batch
 from .config import ControlsConfig, EncodeNetConfig
-from .controls import DistillationTask, RowCheckpoints, budget_loader, divergence, non_finite, train_row
+from .controls import (DistillationTask, RowCheckpoints, budget_loader, divergence, non_finite, train_row,
+                       train_seconds)
 from .env import precision
 from .errors import NonFiniteLossError
 from .files import read_json, write_atomic, write_json
@@ -144,7 +145,8 @@ class Rows:
         """Evaluate on validation (never test: see `test_rows`), write the record and the weights."""
         metrics = evaluate(model, self.val, self.device, channels_last=self.config.channels_last, amp=self.config.amp)
         record = {"row": row, "seed": seed, "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
-                  "precision": precision(self.device, self.config.amp), "diverged": None, **record}
+                  "precision": precision(self.device, self.config.amp), "diverged": None, **record,
+                  "train_seconds": train_seconds(record.get("history"))}
         state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
         if self.out_dir is not None:
             record["fingerprint"] = self.fingerprint(row)

@@ -48,6 +48,26 @@ def test_a_variant_chosen_over_the_default_is_paired_against_each_control_on_tes
     assert ab._choice_against_controls(result) == []
 
 
+def test_the_longest_from_scratch_run_past_e_plus_x_is_the_equal_row_on_seed_0():
+    """The 180-epoch evidence run (at least E + X) is set against each declared row's seed-0 test; a run shorter
+    than E + X, one in another precision, or one whose test is still sealed is not."""
+    ab = load_benchmark("ablation")
+    result = SimpleNamespace(has_test=True, compute={"extra_epochs": 22.0},
+                             records={"baseline": {0: {"history": [{}] * 120}}},
+                             tests={"baseline": {0: 0.8799, 1: 0.87}, "encodenet": {0: 0.8783, 1: 0.86}})
+    evid = {"runs": {"60": {"epochs": 60, "val_accuracy": 0.88, "test_accuracy": 0.87},
+                     "180-none": {"epochs": 180, "val_accuracy": 0.85, "test_accuracy": 0.85},
+                     "180": {"epochs": 180, "val_accuracy": 0.8888, "test_accuracy": 0.8844}}}
+    lines = ab._equal_from_evidence(result, evid)
+    assert "1.27x the rows' total (E + X = 120 + 22.00 epochs)" in lines[2] and "test 88.44%" in lines[2]
+    assert [line for line in lines if line.startswith("| ") and "%" not in line] == [
+        "| baseline | 87.99 | +0.45 |", "| encodenet | 87.83 | +0.61 |"]
+    del evid["runs"]["180"]["test_accuracy"]  # sealed: nothing yet
+    assert ab._equal_from_evidence(result, evid) == []
+    evid["runs"]["140"] = {"epochs": 140, "val_accuracy": 0.88, "test_accuracy": 0.88}  # under E + X = 142
+    assert ab._equal_from_evidence(result, evid) == []
+
+
 def test_convergence_rule():
     ab = load_benchmark("ablation")
     runs = lambda accs: {str(e): {"val_accuracy": a} for e, a in accs.items()}

@@ -57,6 +57,9 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch):
             rec = res.records[row][seed]
             assert 0.0 <= rec["val_accuracy"] <= 1.0 and 0.0 <= res.tests[row][seed] <= 1.0, row
             assert "test_accuracy" not in rec and rec["precision"] == "fp32", row  # the test is sealed apart
+            hist = rec["history"] if isinstance(rec["history"], list) else [
+                e for stage in rec["history"].values() for e in stage]
+            assert rec["train_seconds"] == pytest.approx(sum(e["seconds"] for e in hist)) and hist, row
             # each control trains X supervised epochs of FLOPs beyond the baseline, to the image
             expected = 0.0 if row == "baseline" else X
             assert rec["extra_epochs"] == pytest.approx(expected, rel=0.02, abs=0.01), row

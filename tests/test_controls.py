@@ -6,7 +6,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from encodenet_timm.controls import DistillationTask, budget_loader, divergence
+from encodenet_timm.controls import DistillationTask, budget_loader, divergence, train_seconds
 
 
 def _pair():
@@ -62,3 +62,11 @@ def test_the_budget_loader_sees_exactly_the_images_it_is_given():
     assert epochs == 3 and len(loader.sampler) == 83  # round(250 / 3) a epoch, without replacement within one
     seen = [int(v) for x, _ in loader for v in x]
     assert len(seen) == 83 and len(set(seen)) == 83
+
+
+def test_train_seconds_sums_every_epoch_of_every_stage():
+    """A row resumed after a stop keeps the stopped process's epochs in its history: they count."""
+    assert train_seconds([{"epoch": 0, "seconds": 60.5}, {"epoch": 1, "seconds": 70.0}]) == 130.5
+    assert train_seconds({"autoencoder": [{"seconds": 10.0}] * 3, "transfer": [{"seconds": 2.0}],
+                          "representatives": {"seconds": 99.0}}) == 32.0  # stages that are lists of epochs
+    assert train_seconds(None) == 0.0 and train_seconds([]) == 0.0
