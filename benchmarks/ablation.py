@@ -47,7 +47,7 @@ from encodenet_timm.config import ControlsConfig
 from encodenet_timm.files import write_json
 from encodenet_timm.compare import CONTROLS, CompareResult, compare
 from encodenet_timm.controls import train_seconds
-from encodenet_timm.row_names import row_what
+from encodenet_timm.row_names import record_path, row_what
 from encodenet_timm.stats import paired_difference
 from encodenet_timm.data import CifarDataset, load_cifar, stratified_subset, train_val_split
 from encodenet_timm.env import machine, resolve_device, versions
@@ -374,7 +374,7 @@ def _add_train_seconds(evid: Dict, out: Path) -> bool:
     (`train_seconds`, from its record's history); True if any was added."""
     added = False
     for run in evid["runs"].values():
-        record = out / run["folder"] / "runs" / "baseline-seed0.json"
+        record = record_path(out / run["folder"], "baseline", 0)
         if "train_seconds" not in run and record.is_file():
             run["train_seconds"], added = train_seconds(json.loads(record.read_text())["history"]), True
     return added

@@ -134,6 +134,7 @@ class Rows:
             raise ValueError(f"{path} was made with other settings (model, data, precision, the baseline's schedule "
                              f"or the row's own); use another out_dir, or delete that record (and "
                              f"{self.out_dir / 'checkpoints'}) to train the row again")
+        record.setdefault("train_seconds", train_seconds(record.get("history")))  # as CompareResult.load does
         self.records.setdefault(row, {})[seed] = record
         return True
 

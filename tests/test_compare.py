@@ -103,6 +103,12 @@ def test_compare_end_to_end_on_digits(loaders, tmp_path, monkeypatch):
     again = compare(_model, train, val, config=_config(), seeds=(0, 1), test_loader=test, out_dir=out, **TOY)
     assert not calls and again.records == res.records and again.tests == res.tests
     assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
+    # a record written before records kept train_seconds gets it from its history, as CompareResult.load does
+    old = json.loads((out / "runs" / "kd-seed1.json").read_text())
+    del old["train_seconds"]
+    (out / "runs" / "kd-seed1.json").write_text(json.dumps(old))
+    kept = compare(_model, train, val, config=_config(), seeds=(0, 1), test_loader=test, out_dir=out, **TOY)
+    assert not calls and kept.records["kd"][1]["train_seconds"] == res.records["kd"][1]["train_seconds"]
     # other settings of a row in the same directory are refused, not mixed in
     with pytest.raises(ValueError, match="other settings"):
         compare(_model, train, val, config=_config(**{"transfer.lr": 0.5}), seeds=(0,), test_loader=test,
